@@ -1,0 +1,238 @@
+"""The offline, in-process engine: `Engine(model_path=...).generate(...)`.
+
+The runtime loop runs on a background thread, so many caller threads (a frontend `run_batch`, say) can submit at
+once and all of them are batched together. Requests are tokenized and validated on the caller's thread: a bad
+request raises there and never reaches the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.engine_core import EngineCore
+from radixflow.runtime.request import LogprobOptions, Req
+from radixflow.runtime.sampling_params import InvalidRequestError, SamplingParams
+from radixflow.runtime.scheduler.output import RequestOutput
+
+
+class Engine:
+    """In-process engine. Keyword arguments are the fields of the config dataclasses (see `radixflow --help`)."""
+
+    def __init__(self, model_path: str | None = None, **kwargs):
+        self.config = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
+        self.core = EngineCore(self.config)
+        self.tokenizer = self.core.loaded.tokenizer
+        self.max_context = self.core.max_context
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, Callable[[RequestOutput], None]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="radixflow-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
+                 rid: str | None = None):
+        """Generate for one prompt (returns a dict) or a batch (returns a list of dicts, in order).
+
+        With `stream=True` (single prompt only) returns an iterator of incremental dicts instead.
+        A request with `n > 1` returns a list of n dicts for that prompt.
+        """
+        prompts, batched = _as_batch(prompt, input_ids)
+        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError("sampling_params", f"{len(params_list)} entries for {len(prompts)} prompts")
+        logprob = LogprobOptions(return_logprob, logprob_start_len, top_logprobs_num)
+        if top_logprobs_num < 0 or top_logprobs_num > 20:
+            raise InvalidRequestError("top_logprobs_num", f"must be in [0, 20], got {top_logprobs_num}")
+        groups = [self._make_reqs(p, sp, logprob, rid if not batched else None) for p, sp in zip(prompts, params_list)]
+        if stream:
+            if batched or len(groups[0]) != 1:
+                raise InvalidRequestError("stream", "streaming takes a single prompt with n=1")
+            return self._stream(groups[0][0])
+        futures = [[self._submit(r) for r in group] for group in groups]
+        results = [[f.result() for f in group] for group in futures]
+        flat = [group[0] if len(group) == 1 else group for group in results]
+        return flat if batched else flat[0]
+
+    def generate_stream(self, prompt: str | None = None, sampling_params: dict | None = None, **kwargs) -> Iterator[dict]:
+        return self.generate(prompt, sampling_params, stream=True, **kwargs)
+
+    async def async_generate(self, prompt=None, sampling_params=None, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.generate(prompt, sampling_params, **kwargs))
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache; returns False (and does nothing) while requests are running."""
+        return self._call(self.core.scheduler.flush_cache)
+
+    def check_integrity(self) -> None:
+        """Raise if any KV index leaked or is owned twice (runs on the engine thread)."""
+        self._call(self.core.check_integrity)
+
+    def stats(self) -> dict:
+        def snapshot():
+            s = self.core.scheduler.stats
+            return {**s.__dict__, "cache_hit_rate": s.cache_hit_rate, "kv_free_tokens": self.core.cache.kv.free_count(),
+                    "cached_tokens_in_tree": self.core.cache.tree.total_size()}
+        return self._call(snapshot)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _make_reqs(self, prompt, params: dict | SamplingParams | None, logprob: LogprobOptions, rid: str | None):
+        sp = params if isinstance(params, SamplingParams) else SamplingParams.from_dict(params)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+        vocab = self.core.loaded.args.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise InvalidRequestError("input_ids", f"token ids must be integers in [0, {vocab})")
+        self.core.scheduler.check_fits(len(ids), sp.max_new_tokens)
+        if logprob.logprob_start_len >= len(ids):
+            raise InvalidRequestError("logprob_start_len", f"must be < prompt length {len(ids)}")
+        stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.core.loaded.eos_ids)
+        base = rid or uuid.uuid4().hex
+        return [Req(rid=base if sp.n == 1 else f"{base}-{i}", prompt_ids=tuple(ids), params=sp, logprob=logprob,
+                    stop_ids=stop_ids) for i in range(sp.n)]
+
+    def _register(self, req: Req, sink) -> None:
+        """`sink(output)` is called on the engine thread for each of the request's outputs."""
+        with self._lock:
+            if req.rid in self._streams:
+                raise InvalidRequestError("rid", f"request id {req.rid!r} is already in use")
+            self._streams[req.rid] = sink
+        self._inbox.put(req)
+
+    def _submit(self, req: Req) -> Future:
+        fut: Future = Future()
+        collector = _Collector(req)
+
+        def sink(out: RequestOutput) -> None:
+            collector.add(out)
+            if out.finished:
+                fut.set_result(collector.result())
+        self._register(req, sink)
+        return fut
+
+    def _stream(self, req: Req) -> Iterator[dict]:
+        q: queue.Queue = queue.Queue()
+        self._register(req, q.put)
+        collector = _Collector(req)
+        try:
+            while True:
+                out = q.get()
+                collector.add(out)
+                yield collector.delta(out)
+                if out.finished:
+                    return
+        finally:
+            if not collector.finished:
+                self.abort(req.rid)  # the consumer stopped early: free the request's KV
+
+    def _call(self, fn):
+        fut: Future = Future()
+
+        def run():
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller's thread
+                fut.set_exception(exc)
+        self._inbox.put(run)
+        return fut.result()
+
+    def _loop(self) -> None:
+        self.core.serve_forever(self._inbox, self._emit, self._stop)
+
+    def _emit(self, out: RequestOutput) -> None:
+        with self._lock:
+            sink = self._streams.get(out.rid)
+            if out.finished:
+                self._streams.pop(out.rid, None)
+        if sink is not None:
+            sink(out)
+
+
+def _as_batch(prompt, input_ids) -> tuple[list, bool]:
+    if (prompt is None) == (input_ids is None):
+        raise InvalidRequestError("prompt", "give exactly one of prompt (text) and input_ids")
+    if prompt is not None:
+        if isinstance(prompt, str):
+            return [prompt], False
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return list(prompt), True
+        raise InvalidRequestError("prompt", "must be a string or a non-empty list of strings")
+    if isinstance(input_ids, list) and input_ids and all(isinstance(x, list) for x in input_ids):
+        return input_ids, True
+    if isinstance(input_ids, list) and input_ids:
+        return [input_ids], False
+    raise InvalidRequestError("input_ids", "must be a non-empty list of token ids or a list of such lists")
+
+
+class _Collector:
+    """Accumulates a request's deltas into SGLang's result shape."""
+
+    def __init__(self, req: Req):
+        self.req = req
+        self.start = time.monotonic()
+        self.text = ""
+        self.ids: list[int] = []
+        self.out_lps: list = []
+        self.prompt_lps: list = []
+        self.last: RequestOutput | None = None
+        self.finished = False
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.ids.extend(out.token_ids)
+        self.out_lps.extend(out.output_logprobs)
+        self.prompt_lps.extend(out.prompt_logprobs)
+        self.last = out
+        self.finished = out.finished
+
+    def meta(self) -> dict:
+        out = self.last
+        meta = {
+            "id": self.req.rid,
+            "prompt_tokens": len(self.req.prompt_ids),
+            "completion_tokens": len(self.ids),
+            "cached_tokens": out.cached_tokens if out else 0,
+            "finish_reason": out.finish_reason.to_dict() if out and out.finish_reason else None,
+            "e2e_latency": time.monotonic() - self.start,
+        }
+        if self.req.logprob.return_logprob:
+            meta["output_token_logprobs"] = [(lp.logprob, t, None) for lp, t in zip(self.out_lps, self.ids)]
+            meta["output_top_logprobs"] = [[(v, i, None) for i, v in lp.top] for lp in self.out_lps]
+            start = max(self.req.logprob.logprob_start_len, 0)
+            prompt = self.req.prompt_ids[start:]
+            meta["input_token_logprobs"] = [(lp.logprob if lp else None, t, None) for lp, t in zip(self.prompt_lps, prompt)]
+            meta["input_top_logprobs"] = [[(v, i, None) for i, v in lp.top] if lp else None for lp in self.prompt_lps]
+        return meta
+
+    def result(self) -> dict:
+        return {"text": self.text, "output_ids": list(self.ids), "meta_info": self.meta()}
+
+    def delta(self, out: RequestOutput) -> dict:
+        return {"text": out.text, "output_ids": list(out.token_ids), "finished": out.finished, "meta_info": self.meta()}

@@ -1,0 +1,76 @@
+"""KV memory: the request-to-token table and the token-level K/V pool.
+
+`ReqToTokenPool.table[slot, position]` holds the pool index of that token's K/V; `KVPool` holds per-layer K and
+V buffers indexed by pool index. Any free index serves any token, so allocation is a slice of the free list
+and there is no fragmentation; the radix cache shares indices between requests through the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class OutOfSlotsError(RuntimeError):
+    pass
+
+
+class ReqToTokenPool:
+    """Request slots: one row of the table per running request."""
+
+    def __init__(self, num_slots: int, max_context: int, device: torch.device):
+        self.num_slots = num_slots
+        self.table = torch.zeros(num_slots, max_context, dtype=torch.int64, device=device)
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def alloc(self) -> int:
+        if not self._free:
+            raise OutOfSlotsError("no free request slot")
+        return self._free.pop()
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def free_count(self) -> int:
+        return len(self._free)
+
+
+class KVPool:
+    """Per-layer K/V buffers of `size` tokens plus the free list of pool indices."""
+
+    def __init__(self, size: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.size = size
+        shape = (size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._free = torch.arange(size, dtype=torch.int64)
+        self._pending_free: list[torch.Tensor] = []
+
+    def free_count(self) -> int:
+        return len(self._free) + sum(len(t) for t in self._pending_free)
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """`n` free indices, or None if fewer are free (the caller evicts or retracts, then retries)."""
+        if n > len(self._free) and self._pending_free:
+            self._free = torch.cat([self._free, *self._pending_free])
+            self._pending_free.clear()
+        if n > len(self._free):
+            return None
+        out, self._free = self._free[:n], self._free[n:]
+        return out
+
+    def free(self, indices: Sequence[int] | torch.Tensor) -> None:
+        # Frees are batched and merged lazily: concatenating the whole free list on every finished request would
+        # make freeing O(pool size) instead of O(tokens).
+        if isinstance(indices, torch.Tensor):
+            tensor = indices.detach().to("cpu", torch.int64, copy=True).reshape(-1)  # may be a view of the table
+        else:
+            tensor = torch.tensor(list(indices), dtype=torch.int64)
+        if len(tensor):
+            self._pending_free.append(tensor)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()

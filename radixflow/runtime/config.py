@@ -1,0 +1,107 @@
+"""Configuration: frozen dataclasses, one per component, composed into `EngineConfig`.
+
+Each component receives only its own part. The CLI (`radixflow.cli`) builds its flags from these fields, so a
+new field is a new flag with no further wiring. A field's `metadata["help"]` is its CLI help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_path: str | None = _help(
+        "GGUF file or Hugging Face style directory; default: the embedded SmolLM2-135M-Instruct", default=None
+    )
+    device: str = _help("torch device: cpu, cuda, cuda:1, ...", default="cpu")
+    dtype: str = _help("weights and activations dtype (float32 on CPU; bfloat16/float16 on GPU)", default="float32")
+    context_length: int | None = _help("maximum tokens per request (prompt + output); default: the model's", default=None)
+    num_threads: int | None = _help("torch intra-op threads on CPU; default: all cores", default=None)
+    chat_template: str | None = _help("Jinja chat template (file path or literal) overriding the model's", default=None)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_total_tokens: int | None = _help("KV pool size in tokens; default: derived from --kv-cache-gb", default=None)
+    kv_cache_gb: float = _help("memory budget for the KV pool, in GiB", default=1.0)
+    disable_radix_cache: bool = _help("do not reuse KV across requests (ablation)", default=False)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running_requests: int = _help("requests decoding at once (request-table slots)", default=64)
+    chunked_prefill_size: int = _help("token budget of one step; a longer prompt is prefilled in chunks", default=512)
+    enable_chunked_prefill: bool = _help("split long prompts across steps (stall-free batching)", default=True)
+    schedule_policy: str = _help("waiting-queue order: lpm, dfs-weight, fcfs, lof, random", default="lpm")
+    starvation_timeout_s: float = _help("a request waiting longer than this is admitted first", default=10.0)
+    new_token_ratio: float = _help("initial share of max_new_tokens reserved for running decodes", default=0.7)
+    min_new_token_ratio: float = _help("floor of that share as it adapts", default=0.15)
+    new_token_ratio_decay: float = _help("per-step decay of the reserved share", default=0.002)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Build from flat keyword arguments (`Engine(model_path=..., chunked_prefill_size=...)`)."""
+        hints = typing.get_type_hints(cls)
+        parts = {}
+        for part in fields(cls):
+            part_cls = hints[part.name]
+            if dataclasses.is_dataclass(part_cls):
+                names = {f.name for f in fields(part_cls)}
+                parts[part.name] = part_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        seed = kwargs.pop("seed", 0)
+        if kwargs:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
+        return cls(**parts, seed=seed)
+
+
+def _base_type(tp):
+    """`int | None` -> int; used to pick the argparse converter."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_cli_args(parser: argparse.ArgumentParser, config_cls) -> None:
+    """Add one `--flag` per leaf field of a (possibly composed) config dataclass."""
+    hints = typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            add_cli_args(parser, tp)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        base = _base_type(tp)
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=base, default=default, help=f"{help_text} (default: {default})")
+
+
+def from_cli_args(config_cls, args: argparse.Namespace):
+    """Inverse of `add_cli_args`."""
+    hints = typing.get_type_hints(config_cls)
+    values = {}
+    for f in fields(config_cls):
+        tp = hints[f.name]
+        values[f.name] = from_cli_args(tp, args) if dataclasses.is_dataclass(tp) else getattr(args, f.name)
+    return config_cls(**values)

@@ -1,0 +1,147 @@
+"""The runtime in one object: model, KV memory, scheduler, and the step loop.
+
+`EngineCore.step()` is the whole engine step (schedule -> run -> process output). `serve_forever` wraps it
+in a loop fed by an inbox; the in-process `Engine` runs that loop on a thread, the server in its own process.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
+from radixflow.runtime.cache.manager import CacheManager
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.model.llama import LlamaModel, ModelArgs
+from radixflow.runtime.model.loader import ModelSource, load_weights, resolve_model
+from radixflow.runtime.model.runner import ModelRunner
+from radixflow.runtime.request import Req
+from radixflow.runtime.sampling_params import InvalidRequestError
+from radixflow.runtime.scheduler.output import RequestOutput
+from radixflow.runtime.scheduler.scheduler import Scheduler
+from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    args: ModelArgs
+    model: LlamaModel
+    tokenizer: object
+    eos_ids: frozenset[int]
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    mc = config.model
+    if mc.dtype not in _DTYPES:
+        raise ValueError(f"dtype: {mc.dtype!r} is not one of {', '.join(_DTYPES)}")
+    if mc.num_threads:
+        torch.set_num_threads(mc.num_threads)
+    device = torch.device(mc.device)
+    source = resolve_model(mc.model_path)
+    args, weights = load_weights(source, _DTYPES[mc.dtype])
+    with torch.device("meta"):
+        model = LlamaModel(args)
+    model = model.to_empty(device=device).to(_DTYPES[mc.dtype])
+    model.inv_freq = _rope_buffer(args, device)
+    model.load_weights(weights)
+    model.eval()
+    tokenizer = load_tokenizer(source, mc.chat_template)
+    return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))
+
+
+def _rope_buffer(args: ModelArgs, device: torch.device) -> torch.Tensor:
+    from radixflow.runtime.model.llama import rope_inv_freq
+
+    return rope_inv_freq(args).float().to(device)
+
+
+def kv_pool_size(config: EngineConfig, args: ModelArgs) -> int:
+    if config.cache.max_total_tokens:
+        return config.cache.max_total_tokens
+    per_token = KVPool.bytes_per_token(args.num_layers, args.num_kv_heads, args.head_dim,
+                                       _DTYPES[config.model.dtype])
+    return int(config.cache.kv_cache_gb * 2**30 // per_token)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.loaded = loaded or load_model(config)
+        args = self.loaded.args
+        device = torch.device(config.model.device)
+        dtype = _DTYPES[config.model.dtype]
+        pool_size = kv_pool_size(config, args)
+        self.max_context = min(config.model.context_length or args.max_position, args.max_position)
+        kv = KVPool(pool_size, args.num_layers, args.num_kv_heads, args.head_dim, dtype, device)
+        slots = ReqToTokenPool(config.scheduler.max_running_requests, self.max_context + 1, device)
+        self.cache = CacheManager(kv, slots, config.cache.disable_radix_cache)
+        self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.max_context)
+        self.runner = ModelRunner(self.loaded.model, kv, slots, device, config.seed)
+        self._was_busy = False
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step. A failing forward aborts the requests of that batch, never the engine."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return self.scheduler.drain_outputs()
+        try:
+            output = self.runner.run(batch)
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not take the engine down
+            logger.exception("forward failed for requests %s", [s.req.rid for s in batch.reqs])
+            for s in batch.reqs:
+                self.scheduler.abort(s.req.rid, f"internal error: {exc}")
+            return self.scheduler.drain_outputs()
+        return self.scheduler.process_output(batch, output)
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    def serve_forever(self, inbox: queue.Queue, emit, stop: threading.Event) -> None:
+        """Drain `inbox` (Req to add, or ("abort", rid), or a callable run on this thread), step, `emit` outputs."""
+        while not stop.is_set():
+            self._drain(inbox, block=self.scheduler.idle)
+            if self.scheduler.idle:
+                if self._was_busy:
+                    self._was_busy = False
+                    self.check_integrity()  # a leak shows at once, not hours later
+                for out in self.scheduler.drain_outputs():
+                    emit(out)
+                continue
+            self._was_busy = True
+            for out in self.step():
+                emit(out)
+
+    def _drain(self, inbox: queue.Queue, block: bool) -> None:
+        try:
+            item = inbox.get(timeout=0.05) if block else inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item) -> None:
+        if isinstance(item, Req):
+            try:
+                self.scheduler.add_request(item)
+            except InvalidRequestError as exc:  # callers validate first; this is the last line of defence
+                self.scheduler.reject(item.rid, str(exc))
+        elif isinstance(item, tuple) and item[0] == "abort":
+            self.scheduler.abort(item[1])
+        elif callable(item):
+            item()
+        else:
+            raise TypeError(f"unexpected inbox item {item!r}")
+

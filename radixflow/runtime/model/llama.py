@@ -1,0 +1,220 @@
+"""Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2) over a token-level KV pool.
+
+Reads top to bottom: the model's arguments, then the modules. Every linear layer runs on the flattened tokens
+of the whole batch (no padding); only attention looks at per-request structure, through `AttentionInputs`
+(see `attention.py`). The same forward serves extend (prefill, possibly after a cached prefix), decode and a
+mix of both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixflow.runtime.model.attention import AttentionInputs, paged_attention
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_scaling: dict | None = None
+    architecture: str = "llama"
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        num_heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        rope_theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta", 10000.0)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", family == "qwen2"),
+            rope_scaling=rope if rope and rope.get("rope_type", rope.get("type")) not in (None, "default") else None,
+            architecture=family,
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V for one token across all layers, at fp32."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies, with the rope scaling variants Llama 3.x and linear-scaled models use."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        return torch.where(mid, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        qkv_out = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+        # q, k and v share one matmul: one large GEMM beats three small ones on every device.
+        self.qkv_proj = nn.Linear(args.hidden_size, qkv_out, bias=args.attention_bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttentionInputs):
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        rotated = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
+        q = rotated[:, : self.num_heads]
+        k = rotated[:, self.num_heads:]
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
+        out = paged_attention(q, k, v, self.layer_id, attn)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face layout). x: [tokens, heads, dim]; cos/sin: [tokens, 1, dim/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer_id)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos_sin, attn: AttentionInputs):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Causal LM. `forward` returns logits only for the rows in `attn.logits_rows`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args).float(), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
+        cos_sin = (freqs.cos().to(self.embed_tokens.weight.dtype)[:, None, :],
+                   freqs.sin().to(self.embed_tokens.weight.dtype)[:, None, :])
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos_sin, attn)
+        if attn.logits_rows is not None:
+            x = x[attn.logits_rows]
+        return self.lm_head(self.norm(x)).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face-named weights, fusing q/k/v and gate/up. Raises on a missing or misshapen tensor."""
+        own = dict(self.named_parameters())
+        fused = _fuse_hf_weights(weights, self.args)
+        if self.args.tie_word_embeddings or "lm_head.weight" not in fused:
+            fused["lm_head.weight"] = fused["embed_tokens.weight"]
+        missing = sorted(set(own) - set(fused))
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name, param in own.items():
+                tensor = fused[name]
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+                param.copy_(tensor)
+        if self.args.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head.weight = self.embed_tokens.weight
+
+
+def _fuse_hf_weights(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Map HF names (model.layers.N.self_attn.q_proj.weight, ...) onto this module's fused parameters."""
+    out = {}
+    for name, tensor in weights.items():
+        out[name.removeprefix("model.")] = tensor
+    for i in range(args.num_layers):
+        attn, mlp = f"layers.{i}.self_attn", f"layers.{i}.mlp"
+        for kind in ("weight", "bias"):
+            parts = [out.pop(f"{attn}.{p}_proj.{kind}", None) for p in "qkv"]
+            if all(p is not None for p in parts):
+                out[f"{attn}.qkv_proj.{kind}"] = torch.cat(parts, dim=0)
+        gate, up = out.pop(f"{mlp}.gate_proj.weight", None), out.pop(f"{mlp}.up_proj.weight", None)
+        if gate is not None and up is not None:
+            out[f"{mlp}.gate_up_proj.weight"] = torch.cat([gate, up], dim=0)
+    return out

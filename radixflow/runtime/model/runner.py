@@ -1,0 +1,160 @@
+"""Model runner: turns a `ScheduledBatch` into tensors, runs one forward, samples. No scheduling decisions here."""
+
+from __future__ import annotations
+
+import torch
+
+from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
+from radixflow.runtime.model.attention import AttentionGroup, AttentionInputs
+from radixflow.runtime.model.llama import LlamaModel
+from radixflow.runtime.model.sampler import SamplingRow, sample
+from radixflow.runtime.request import TokenLogprobs
+from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVPool, req_to_token: ReqToTokenPool, device: torch.device,
+                 seed: int = 0):
+        self.model = model
+        self.kv = kv
+        self.table = req_to_token.table
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def run(self, batch: ScheduledBatch) -> ModelOutput:
+        # Decodes first, then extends: a pure-decode batch is then one group covering every row in order.
+        order = sorted(range(len(batch.reqs)), key=lambda i: not batch.reqs[i].is_decode)
+        reqs = [batch.reqs[i] for i in order]
+        offsets = _offsets([s.num_new for s in reqs])
+        input_ids, positions, out_loc = self._token_inputs(reqs)
+        logit_rows, row_of = self._logit_rows(reqs, offsets)
+        attn = AttentionInputs(self.kv.k, self.kv.v, out_loc, self._groups(reqs, offsets),
+                               torch.tensor(logit_rows, device=self.device))
+        logits = self.model(input_ids, positions, attn)
+        output = self._outputs(reqs, logits, row_of)
+        return _reorder(output, order)
+
+    def _token_inputs(self, reqs: list[ScheduledReq]):
+        ids, positions, locs = [], [], []
+        for s in reqs:
+            ids.extend(s.req.all_ids(s.start, s.end))
+            positions.extend(range(s.start, s.end))
+        if all(s.is_decode for s in reqs):
+            slots = torch.tensor([s.req.slot for s in reqs], device=self.device)
+            out_loc = self.table[slots, torch.tensor([s.start for s in reqs], device=self.device)]
+        else:
+            out_loc = torch.cat([self.table[s.req.slot, s.start:s.end] for s in reqs])
+        to = dict(dtype=torch.int64, device=self.device)
+        return torch.tensor(ids, **to), torch.tensor(positions, **to), out_loc
+
+    def _groups(self, reqs: list[ScheduledReq], offsets: list[int]) -> list[AttentionGroup]:
+        decodes = [i for i, s in enumerate(reqs) if s.is_decode]
+        extends = [i for i, s in enumerate(reqs) if not s.is_decode]
+        groups = []
+        if decodes:
+            groups.append(self._decode_group([reqs[i] for i in decodes], whole_batch=not extends))
+        if extends:
+            groups.append(self._extend_group([reqs[i] for i in extends], [offsets[i] for i in extends]))
+        return groups
+
+    def _decode_group(self, reqs: list[ScheduledReq], whole_batch: bool) -> AttentionGroup:
+        lens = torch.tensor([s.end for s in reqs], device=self.device)
+        max_len = int(lens.max())
+        slots = torch.tensor([s.req.slot for s in reqs], device=self.device)
+        kv_indices = self.table[slots, :max_len]
+        mask = None
+        if bool((lens != max_len).any()):
+            mask = (torch.arange(max_len, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+        rows = None if whole_batch else torch.arange(len(reqs), device=self.device)[:, None]
+        return AttentionGroup(rows=rows, valid=None, kv_indices=kv_indices, mask=mask)
+
+    def _extend_group(self, reqs: list[ScheduledReq], offsets: list[int]) -> AttentionGroup:
+        dev = self.device
+        if len(reqs) == 1 and reqs[0].start == 0:
+            s = reqs[0]
+            rows = torch.arange(offsets[0], offsets[0] + s.num_new, device=dev)[None, :]
+            return AttentionGroup(rows=rows, valid=None, kv_indices=self.table[s.req.slot, : s.end][None, :],
+                                  mask=None, is_causal=True)
+        starts = torch.tensor([s.start for s in reqs], device=dev)
+        news = torch.tensor([s.num_new for s in reqs], device=dev)
+        max_q, max_len = int(news.max()), int((starts + news).max())
+        q_idx = torch.arange(max_q, device=dev)[None, :]
+        valid = q_idx < news[:, None]
+        rows = torch.tensor(offsets, device=dev)[:, None] + torch.minimum(q_idx, news[:, None] - 1)
+        slots = torch.tensor([s.req.slot for s in reqs], device=dev)
+        kv_indices = self.table[slots, :max_len]
+        k_idx = torch.arange(max_len, device=dev)[None, None, :]
+        # Causal over absolute positions; padded query rows repeat the last real one, so no row is fully masked.
+        q_pos = (starts[:, None] + torch.minimum(q_idx, news[:, None] - 1))[:, :, None]
+        mask = (k_idx <= q_pos)[:, None, :, :]
+        return AttentionGroup(rows=rows, valid=None if bool(valid.all()) else valid, kv_indices=kv_indices, mask=mask)
+
+    def _logit_rows(self, reqs: list[ScheduledReq], offsets: list[int]):
+        """Flat rows whose logits are needed, and per request where its rows sit in the logits tensor."""
+        rows, row_of = [], []
+        for s, off in zip(reqs, offsets):
+            prompt_rows = [off + q - s.start for q in s.prompt_logprob_rows()]
+            sample_row = [off + s.num_new - 1] if s.samples else []
+            row_of.append((len(rows), len(prompt_rows), len(sample_row)))
+            rows.extend(prompt_rows + sample_row)
+        return rows, row_of
+
+    def _outputs(self, reqs: list[ScheduledReq], logits: torch.Tensor, row_of) -> ModelOutput:
+        sampling = [(i, s) for i, s in enumerate(reqs) if s.samples]
+        sample_rows = [row_of[i][0] + row_of[i][1] for i, _ in sampling]
+        next_ids: list[int | None] = [None] * len(reqs)
+        next_lps: list[TokenLogprobs | None] = [None] * len(reqs)
+        if sampling:
+            result = sample(logits[sample_rows], [_sampling_row(s) for _, s in sampling], self.generator)
+            for j, (i, s) in enumerate(sampling):
+                next_ids[i] = result.token_ids[j]
+                if s.req.logprob.return_logprob:
+                    next_lps[i] = _token_logprobs(result.logprobs[j], result.token_ids[j], s.req.logprob.top_logprobs_num)
+        prompt_lps = []
+        for i, s in enumerate(reqs):
+            first, count, _ = row_of[i]
+            if not count:
+                prompt_lps.append([])
+                continue
+            lp = torch.log_softmax(logits[first:first + count], dim=-1)
+            targets = [s.req.prompt_ids[q + 1] for q in s.prompt_logprob_rows()]
+            prompt_lps.append([_token_logprobs(lp[j], t, s.req.logprob.top_logprobs_num) for j, t in enumerate(targets)])
+        return ModelOutput(next_ids, next_lps, prompt_lps)
+
+
+def _sampling_row(s: ScheduledReq) -> SamplingRow:
+    req = s.req
+    p = req.params
+    banned = req.stop_ids if req.num_output < p.min_new_tokens else frozenset()
+    return SamplingRow(
+        params=p,
+        prior_ids=req.all_ids() if p.repetition_penalty != 1.0 else [],
+        output_ids=list(req.output_ids) if (p.frequency_penalty or p.presence_penalty) else [],
+        banned_ids=banned,
+        step=req.num_output,
+    )
+
+
+def _token_logprobs(row: torch.Tensor, token: int, top_n: int) -> TokenLogprobs:
+    top = ()
+    if top_n:
+        values, ids = row.topk(top_n)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprobs(float(row[token]), top)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out
+
+
+def _reorder(output: ModelOutput, order: list[int]) -> ModelOutput:
+    """Undo the decode-first ordering so results line up with the scheduler's batch."""
+    inverse = [0] * len(order)
+    for pos, i in enumerate(order):
+        inverse[i] = pos
+    return ModelOutput([output.next_token_ids[p] for p in inverse], [output.next_logprobs[p] for p in inverse],
+                       [output.prompt_logprobs[p] for p in inverse])

@@ -1,0 +1,118 @@
+"""A request inside the runtime: status, token counters, and what it has produced.
+
+Two counters drive everything (as in vLLM v1): `num_tokens` (prompt + generated) and `num_computed` (tokens
+whose KV sits in the pool). A step computes `all_ids[num_computed : num_computed + n]`; when that reaches
+`num_tokens` the model samples the next token. Prefill, chunked prefill, decode (n == 1), prefix-cache hits
+(num_computed starts at the hit length) and resumption after preemption are all this arithmetic.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixflow.runtime.sampling_params import SamplingParams
+
+
+class ReqStatus(enum.Enum):
+    WAITING = "waiting"      # in the queue, holds no KV of its own
+    RUNNING = "running"      # holds a request slot and KV; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    """`type` is "stop" (EOS, stop token or stop string), "length" or "abort"; `matched` says what stopped it."""
+
+    type: str
+    matched: int | str | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "matched": self.matched}
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first; empty unless top_logprobs_num > 0
+
+
+@dataclass
+class LogprobOptions:
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # SGLang's convention: -1 = no prompt logprobs; k >= 0 = from prompt position k
+    top_logprobs_num: int = 0
+
+    @property
+    def prompt_start(self) -> int | None:
+        return self.logprob_start_len if self.return_logprob and self.logprob_start_len >= 0 else None
+
+
+@dataclass
+class Req:
+    rid: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    logprob: LogprobOptions = field(default_factory=LogprobOptions)
+    stop_ids: frozenset[int] = frozenset()  # EOS ids (unless ignore_eos) plus stop_token_ids
+    arrival: float = field(default_factory=time.monotonic)
+
+    status: ReqStatus = ReqStatus.WAITING
+    num_computed: int = 0
+    num_cached: int = 0           # prompt tokens served from the prefix cache at first admission (reported)
+    num_retractions: int = 0
+    finish_reason: FinishReason | None = None
+    first_token_time: float | None = None
+
+    # Owned by the cache manager while RUNNING: request-table slot, tokens whose KV the tree owns, locked node.
+    slot: int | None = None
+    tree_len: int = 0
+    tree_node: Any = None
+
+    # Logprobs accumulate here: one entry per output token, and per prompt position from `logprob.prompt_start`
+    # (None for position 0, which has no context to score it).
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+
+    _output_ids: list[int] = field(default_factory=list)
+
+    @property
+    def output_ids(self) -> tuple[int, ...]:
+        return tuple(self._output_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self._output_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self._output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose KV is not computed yet (1 for a request that is decoding)."""
+        return self.num_tokens - self.num_computed
+
+    def all_ids(self, start: int = 0, end: int | None = None) -> list[int]:
+        prompt_len = len(self.prompt_ids)
+        end = self.num_tokens if end is None else end
+        head = list(self.prompt_ids[start:min(end, prompt_len)]) if start < prompt_len else []
+        tail = self._output_ids[max(start - prompt_len, 0):max(end - prompt_len, 0)]
+        return head + tail
+
+    def append_output(self, token_id: int) -> None:
+        self._output_ids.append(token_id)
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(self.params.max_new_tokens - self.num_output, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is ReqStatus.FINISHED

@@ -1,0 +1,63 @@
+"""Plain data passed between the three calls of a step: schedule -> run model -> process output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from radixflow.runtime.request import Req, TokenLogprobs
+
+
+@dataclass
+class ScheduledReq:
+    """One request's share of a step: compute tokens [start, start + num_new) of `req.all_ids()`."""
+
+    req: Req
+    start: int
+    num_new: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the last known token, so the model proposes the next one."""
+        return self.end == self.req.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new == 1
+
+    def prompt_logprob_rows(self) -> range:
+        """Positions q in this chunk whose logits score prompt token q + 1 and were not scored before."""
+        first = self.req.logprob.prompt_start
+        if first is None:
+            return range(0)
+        # prompt_logprobs is aligned with positions from `first`; position 0 has no logprob and is recorded as None
+        # when the request is added, so the next unscored position is always >= 1.
+        next_pos = first + len(self.req.prompt_logprobs)
+        prompt_len = len(self.req.prompt_ids)
+        lo = max(self.start, next_pos - 1)
+        hi = min(self.end, prompt_len - 1)
+        return range(lo, max(lo, hi))
+
+
+@dataclass
+class ScheduledBatch:
+    reqs: list[ScheduledReq] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new for s in self.reqs)
+
+    def __bool__(self) -> bool:
+        return bool(self.reqs)
+
+
+@dataclass
+class ModelOutput:
+    """Per scheduled request, in batch order."""
+
+    next_token_ids: list[int | None]
+    next_logprobs: list[TokenLogprobs | None]
+    prompt_logprobs: list[list[TokenLogprobs]]  # for the positions of `prompt_logprob_rows()` + 1

@@ -1,0 +1,100 @@
+"""Waiting-queue orderings, chosen by name (`--schedule-policy`).
+
+A policy is a small function `(waiting, ctx) -> ordered list`. Mechanism (budgets, memory, batches) lives in
+`scheduler.py`; the starvation guard there runs before any policy, so no ordering can starve a request.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from radixflow.runtime.cache.radix_cache import MatchResult
+from radixflow.runtime.request import Req
+
+# Matching every waiting request against the tree costs O(queue x prompt); past this length the cache-aware
+# policies fall back to FCFS (the queue is long enough that arrival order is a fine proxy).
+MAX_MATCHED_QUEUE = 128
+
+
+@dataclass
+class PolicyContext:
+    """Prefix matches computed at most once per request per step; the scheduler reuses them at admission."""
+
+    match_fn: Callable[[Req], MatchResult]
+    rng: _random.Random = field(default_factory=lambda: _random.Random(0))
+    _matches: dict[str, MatchResult] = field(default_factory=dict)
+
+    def match(self, req: Req) -> MatchResult:
+        if req.rid not in self._matches:
+            self._matches[req.rid] = self.match_fn(req)
+        return self._matches[req.rid]
+
+    def forget(self, req: Req) -> None:
+        self._matches.pop(req.rid, None)
+
+
+def fcfs(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
+    return sorted(waiting, key=lambda r: r.arrival)
+
+
+def lof(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
+    """Longest output first (by max_new_tokens), FCFS among equals."""
+    return sorted(waiting, key=lambda r: (-r.params.max_new_tokens, r.arrival))
+
+
+def random_order(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
+    order = list(waiting)
+    ctx.rng.shuffle(order)
+    return order
+
+
+def lpm(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
+    """Longest cached prefix first: requests that reuse the most KV run while it is still cached."""
+    if len(waiting) > MAX_MATCHED_QUEUE:
+        return fcfs(waiting, ctx)
+    return sorted(waiting, key=lambda r: (-len(ctx.match(r).kv_indices), r.arrival))
+
+
+def dfs_weight(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
+    """Depth-first over the radix tree, heavier subtrees (more waiting requests) first, so requests sharing a
+    prefix run back to back (the paper's cache-aware order)."""
+    if len(waiting) > MAX_MATCHED_QUEUE:
+        return fcfs(waiting, ctx)
+    at_node: dict[int, list[Req]] = defaultdict(list)
+    weight: dict[int, int] = defaultdict(int)
+    nodes = {}
+    for req in sorted(waiting, key=lambda r: r.arrival):
+        node = ctx.match(req).last_node
+        at_node[id(node)].append(req)
+        while node is not None:
+            weight[id(node)] += 1
+            nodes[id(node)] = node
+            node = node.parent
+    root = next(n for n in nodes.values() if n.parent is None) if nodes else None
+    order: list[Req] = []
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        order.extend(at_node.get(id(node), []))
+        children = [c for c in node.children.values() if weight.get(id(c))]
+        # Pushed lightest first so the heaviest is popped next.
+        stack.extend(sorted(children, key=lambda c: weight[id(c)]))
+    return order
+
+
+POLICIES: dict[str, Callable[[list[Req], PolicyContext], list[Req]]] = {
+    "lpm": lpm,
+    "dfs-weight": dfs_weight,
+    "fcfs": fcfs,
+    "lof": lof,
+    "random": random_order,
+}
+
+
+def get_policy(name: str):
+    if name not in POLICIES:
+        raise ValueError(f"schedule_policy: unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]

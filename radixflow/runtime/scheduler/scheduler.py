@@ -1,0 +1,327 @@
+"""The scheduler: waiting queue, running batch, and the two calls around the model of each step.
+
+    batch = scheduler.schedule()            # what to compute this step
+    output = runner.run(batch)              # one forward + sampling
+    outputs = scheduler.process_output(batch, output)
+
+`schedule` is stall-free (Sarathi-Serve): running decodes go in first, one token each; then the request whose
+prefill is in flight continues; then waiting requests are admitted in policy order under what remains of the
+step's token budget and of KV memory. Memory pressure first evicts unlocked cache entries, then retracts
+running requests (they keep their output and resume later, mostly from the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from radixflow.runtime.cache.manager import CacheManager
+from radixflow.runtime.config import SchedulerConfig
+from radixflow.runtime.request import FinishReason, Req, ReqStatus
+from radixflow.runtime.sampling_params import InvalidRequestError
+from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
+from radixflow.runtime.scheduler.output import RequestOutput, TextTracker
+from radixflow.runtime.scheduler.policy import PolicyContext, get_policy
+from radixflow.runtime.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+# Two waiting requests whose uncached parts share at least this many tokens are not prefilled in the same step:
+# the second waits one step and then hits the cache instead of computing the prefix again.
+SHARED_PREFIX_DEFER_TOKENS = 32
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_used_tokens: int = 0
+    kv_total_tokens: int = 0
+    cache_hit_tokens: int = 0
+    prompt_tokens: int = 0
+    num_retractions: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: CacheManager, tokenizer, max_context: int):
+        self.config = config
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.policy = get_policy(config.schedule_policy)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.text: dict[str, TextTracker] = {}
+        self.new_token_ratio = config.new_token_ratio
+        self.stats = SchedulerStats(kv_total_tokens=cache.kv.size)
+        self._pending_outputs: list[RequestOutput] = []
+
+    # -- requests in and out ---------------------------------------------------------------------------------
+    def add_request(self, req: Req) -> None:
+        """Queue a validated request. Raises InvalidRequestError for one that can never fit."""
+        self.check_fits(len(req.prompt_ids), req.params.max_new_tokens)
+        if req.logprob.prompt_start == 0:
+            req.prompt_logprobs.append(None)
+        self.text[req.rid] = TextTracker(
+            IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens), req.params.stop
+        )
+        self.waiting.append(req)
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len == 0:
+            raise InvalidRequestError("prompt", "is empty")
+        if prompt_len + max_new_tokens > self.max_context:
+            raise InvalidRequestError(
+                "max_new_tokens" if prompt_len < self.max_context else "prompt",
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length "
+                f"({self.max_context} tokens)",
+            )
+        if prompt_len + max_new_tokens > self.cache.kv.size:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the KV pool "
+                f"({self.cache.kv.size} tokens); raise --max-total-tokens or --kv-cache-gb",
+            )
+
+    def abort(self, rid: str, message: str = "aborted by the client") -> None:
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self._finish(req, FinishReason("abort", message=message))
+                return
+        for req in self.running:
+            if req.rid == rid:
+                self.running.remove(req)
+                self._finish(req, FinishReason("abort", message=message))
+                return
+
+    def reject(self, rid: str, message: str) -> None:
+        """Answer a request that never entered the queue with an abort."""
+        self._pending_outputs.append(RequestOutput(rid=rid, finished=True,
+                                                   finish_reason=FinishReason("abort", message=message)))
+
+    def abort_all(self, message: str) -> None:
+        for req in list(self.waiting) + list(self.running):
+            self.abort(req.rid, message)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def has_requests(self, rids) -> bool:
+        return any(r.rid in rids for r in list(self.waiting) + self.running)
+
+    def drain_outputs(self) -> list[RequestOutput]:
+        """Outputs produced outside a step (aborts)."""
+        out, self._pending_outputs = self._pending_outputs, []
+        return out
+
+    # -- schedule --------------------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.chunked_prefill_size if self.config.enable_chunked_prefill else None
+        budget = self._schedule_decodes(batch, budget)
+        budget = self._schedule_inflight(batch, budget)
+        self._admit_waiting(batch, budget)
+        self._refresh_stats()
+        return batch
+
+    def _schedule_decodes(self, batch: ScheduledBatch, budget: int | None) -> int | None:
+        decoding = [r for r in self.running if r.num_pending == 1]
+        for req in sorted(decoding, key=lambda r: r.arrival):
+            if req.status is not ReqStatus.RUNNING:
+                continue  # retracted earlier in this loop
+            while not self.cache.alloc(req, req.num_computed, 1):
+                if not self._retract_one(exclude=req):
+                    self._abort_for_memory(req)
+                    break
+            else:
+                batch.reqs.append(ScheduledReq(req, req.num_computed, 1))
+                budget = None if budget is None else budget - 1
+        self.new_token_ratio = max(self.new_token_ratio - self.config.new_token_ratio_decay,
+                                   self.config.min_new_token_ratio)
+        return budget
+
+    def _schedule_inflight(self, batch: ScheduledBatch, budget: int | None) -> int | None:
+        scheduled = {id(s.req) for s in batch.reqs}
+        for req in [r for r in self.running if r.num_pending > 1 and id(r) not in scheduled]:
+            num = req.num_pending if budget is None else min(req.num_pending, budget)
+            if num <= 0:
+                break
+            if not self.cache.alloc(req, req.num_computed, num):
+                break  # memory is short; decodes are already in, the prefill continues next step
+            batch.reqs.append(ScheduledReq(req, req.num_computed, num))
+            budget = None if budget is None else budget - num
+        return budget
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int | None) -> None:
+        if not self.waiting:
+            return
+        ctx = PolicyContext(self.cache.match)
+        now = time.monotonic()
+        starving = sorted((r for r in self.waiting if now - r.arrival > self.config.starvation_timeout_s),
+                          key=lambda r: r.arrival)
+        rest = [r for r in self.waiting if now - r.arrival <= self.config.starvation_timeout_s]
+        admitted: list[Req] = []
+        prefill_tokens = 0
+        for req in starving + self.policy(rest, ctx):
+            if len(self.running) >= self.config.max_running_requests or not self.cache.slots.free_count():
+                break
+            match = ctx.match(req)
+            extend = req.num_tokens - len(match.kv_indices)
+            if budget is None:
+                num = extend
+                # Without chunking a prompt is prefilled whole; still cap a step at one context of prefill.
+                if admitted and prefill_tokens + num > self.max_context:
+                    break
+            else:
+                num = min(extend, budget)
+                if num <= 0:
+                    break
+            if self._shares_uncached_prefix(req, len(match.kv_indices), admitted):
+                continue
+            if not self._memory_allows(req, num, extend):
+                break
+            self.waiting.remove(req)
+            self._start(req, match, num, batch)
+            admitted.append(req)
+            prefill_tokens += num
+            budget = None if budget is None else budget - num
+            if num < extend:
+                break  # this request is now the one in-flight chunked prefill
+
+    def _start(self, req: Req, match, num: int, batch: ScheduledBatch) -> None:
+        self.cache.admit(req, match)
+        if req.num_retractions == 0:
+            req.num_cached = req.num_computed
+            self.stats.cache_hit_tokens += req.num_cached
+            self.stats.prompt_tokens += len(req.prompt_ids)
+        req.status = ReqStatus.RUNNING
+        self.running.append(req)
+        if not self.cache.alloc(req, req.num_computed, num):
+            raise RuntimeError("KV allocation failed after the memory check passed")  # a bug, not load
+        batch.reqs.append(ScheduledReq(req, req.num_computed, num))
+
+    def _memory_allows(self, req: Req, num: int, extend: int) -> bool:
+        """Admit only if this chunk plus the decode room running requests will still need fits.
+
+        The room is estimated as remaining max_new_tokens x new_token_ratio; the ratio decays while memory is
+        plentiful and jumps back up after a retraction (an estimate that adapts to how long outputs really are).
+        """
+        reserve = sum(r.remaining_new_tokens for r in self.running) * self.new_token_ratio
+        own = req.remaining_new_tokens * self.new_token_ratio if num == extend else 0
+        return self.cache.available() >= num + reserve + own
+
+    @staticmethod
+    def _shares_uncached_prefix(req: Req, cached: int, admitted: list[Req]) -> bool:
+        if not admitted:
+            return False
+        head = req.all_ids(cached, cached + SHARED_PREFIX_DEFER_TOKENS)
+        if len(head) < SHARED_PREFIX_DEFER_TOKENS:
+            return False
+        return any(other.all_ids(cached, cached + SHARED_PREFIX_DEFER_TOKENS) == head for other in admitted)
+
+    def _retract_one(self, exclude: Req) -> bool:
+        """Preempt the running request with the least progress (newest on ties). Its output is kept."""
+        candidates = [r for r in self.running if r is not exclude]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda r: (r.num_output, -r.arrival))
+        self.running.remove(victim)
+        self.cache.release(victim)
+        victim.status = ReqStatus.WAITING
+        victim.num_computed = 0
+        victim.num_retractions += 1
+        self.stats.num_retractions += 1
+        self.waiting.appendleft(victim)
+        self.new_token_ratio = min(self.new_token_ratio + 0.1, 1.0)
+        logger.info("retracted %s (%d tokens) to free KV memory", victim.rid, victim.num_tokens)
+        return True
+
+    def _abort_for_memory(self, req: Req) -> None:
+        self.running.remove(req)
+        self._finish(req, FinishReason("abort", message="KV cache exhausted even after retracting all others"))
+
+    # -- process output --------------------------------------------------------------------------------------
+    def process_output(self, batch: ScheduledBatch, output: ModelOutput) -> list[RequestOutput]:
+        outputs = self.drain_outputs()
+        for sched, token, token_lp, prompt_lps in zip(batch.reqs, output.next_token_ids, output.next_logprobs,
+                                                      output.prompt_logprobs):
+            req = sched.req
+            if req.status is not ReqStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed = sched.end
+            req.prompt_logprobs.extend(prompt_lps)
+            if token is None:
+                self.cache.cache_progress(req)
+                continue
+            outputs.append(self._append_token(req, token, token_lp, prompt_lps))
+        outputs.extend(self.drain_outputs())
+        return outputs
+
+    def _append_token(self, req: Req, token: int, token_lp, prompt_lps) -> RequestOutput:
+        req.append_output(token)
+        self.stats.generated_tokens += 1
+        if token_lp is not None:
+            req.output_logprobs.append(token_lp)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        stop_string = self.text[req.rid].push(token)
+        reason = self._finish_reason(req, token, stop_string)
+        if reason is not None:
+            self.running.remove(req)
+            return self._finish(req, reason, new_tokens=[token], new_lps=req.output_logprobs[-1:] if token_lp else [],
+                                emit=False, prompt_lps=prompt_lps)
+        return RequestOutput(
+            rid=req.rid, token_ids=[token], text=self.text[req.rid].take(final=False),
+            output_logprobs=[token_lp] if token_lp else [], prompt_logprobs=prompt_lps,
+            prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output, cached_tokens=req.num_cached,
+        )
+
+    @staticmethod
+    def _finish_reason(req: Req, token: int, stop_string: str | None) -> FinishReason | None:
+        if stop_string is not None:
+            return FinishReason("stop", stop_string)
+        if token in req.stop_ids and req.num_output >= req.params.min_new_tokens:
+            return FinishReason("stop", token)
+        if req.num_output >= req.params.max_new_tokens:
+            return FinishReason("length")
+        return None
+
+    def _finish(self, req: Req, reason: FinishReason, new_tokens=(), new_lps=(), emit=True, prompt_lps=()):
+        if req.slot is not None:
+            self.cache.release(req)
+        req.status = ReqStatus.FINISHED
+        req.finish_reason = reason
+        tracker = self.text.pop(req.rid)
+        out = RequestOutput(
+            rid=req.rid, token_ids=list(new_tokens), text=tracker.take(final=True), finished=True,
+            finish_reason=reason, prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output,
+            cached_tokens=req.num_cached, output_logprobs=list(new_lps), prompt_logprobs=list(prompt_lps),
+        )
+        if emit:
+            self._pending_outputs.append(out)
+        return out
+
+    # -- figures and checks ----------------------------------------------------------------------------------
+    def _refresh_stats(self) -> None:
+        self.stats.num_running = len(self.running)
+        self.stats.num_waiting = len(self.waiting)
+        self.stats.kv_used_tokens = self.cache.used()
+
+    def check_integrity(self) -> None:
+        self.cache.check_integrity(self.running)
+
+    def flush_cache(self) -> bool:
+        """Drop all cached KV. Refused (False) while requests run: their KV is in the tree."""
+        if not self.idle:
+            return False
+        self.cache.flush()
+        return True

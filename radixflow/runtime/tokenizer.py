@@ -1,0 +1,89 @@
+"""Tokenizer, chat template and incremental detokenization.
+
+The tokenizer and the chat template come from the same source as the weights: tokenizer.json /
+tokenizer_config.json of a model directory, or the GGUF metadata (converted by transformers' GGUF support).
+That conversion takes seconds, so its result is cached on disk, keyed by the GGUF file's path, size and mtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from radixflow.runtime.model.loader import ModelSource, cache_dir
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(source: ModelSource, chat_template: str | None = None):
+    """A transformers fast tokenizer with `chat_template` set (the model's own unless overridden)."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # there is no model hub to reach; never try
+    if source.kind == "hf":
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    else:
+        tokenizer = _gguf_tokenizer(source)
+    if chat_template:
+        path = Path(chat_template)
+        tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
+    return tokenizer
+
+
+def _gguf_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    path = source.path
+    cached = cache_dir(source, "tokenizers")
+    if (cached / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached))
+    logger.info("converting the GGUF tokenizer (once; cached in %s)", cached)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tokenizer.save_pretrained(str(cached))
+    except OSError as exc:  # a read-only home must not stop the engine, only make the next start slower
+        logger.warning("could not cache the converted tokenizer: %s", exc)
+    return tokenizer
+
+
+def eos_token_ids(tokenizer, source: ModelSource) -> frozenset[int]:
+    """EOS ids: the tokenizer's, plus generation_config.json's (Llama 3 lists several)."""
+    import json
+
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_config = source.directory / "generation_config.json"
+    if source.kind == "hf" and gen_config.exists():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return frozenset(ids)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text deltas, never emitting half a UTF-8 character.
+
+    Decoding starts a few prompt tokens back so tokenizers that drop a leading space (SentencePiece) get the
+    spacing right, and only the text past `read_offset` is new.
+    """
+
+    CONTEXT = 5
+
+    def __init__(self, tokenizer, prompt_ids, skip_special_tokens: bool = True):
+        self._decode = tokenizer.backend_tokenizer.decode
+        self._skip = skip_special_tokens
+        self._ids = list(prompt_ids[-self.CONTEXT:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self.text = ""
+
+    def append(self, token_id: int) -> str:
+        """Add one token; returns the text it completes (may be empty while a character is incomplete)."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=self._skip)
+        full = self._decode(self._ids[self._prefix_offset:], skip_special_tokens=self._skip)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        delta = full[len(prefix):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self.text += delta
+        return delta
