@@ -88,7 +88,7 @@ class Engine:
 
     def stats(self) -> dict:
         def snapshot():
-            s = self.core.scheduler.stats
+            s = self.core.scheduler.refresh_stats()
             return {**s.__dict__, "cache_hit_rate": s.cache_hit_rate, "kv_free_tokens": self.core.cache.kv.free_count(),
                     "cached_tokens_in_tree": self.core.cache.tree.total_size()}
         return self._call(snapshot)
@@ -225,10 +225,12 @@ class _Collector:
         if self.req.logprob.return_logprob:
             meta["output_token_logprobs"] = [(lp.logprob, t, None) for lp, t in zip(self.out_lps, self.ids)]
             meta["output_top_logprobs"] = [[(v, i, None) for i, v in lp.top] for lp in self.out_lps]
-            start = max(self.req.logprob.logprob_start_len, 0)
-            prompt = self.req.prompt_ids[start:]
-            meta["input_token_logprobs"] = [(lp.logprob if lp else None, t, None) for lp, t in zip(self.prompt_lps, prompt)]
-            meta["input_top_logprobs"] = [[(v, i, None) for i, v in lp.top] if lp else None for lp in self.prompt_lps]
+            start = self.req.logprob.logprob_start_len
+            if start >= 0:
+                prompt_lps = ([None] if start == 0 else []) + self.prompt_lps  # position 0 has no logprob
+                prompt = self.req.prompt_ids[start:]
+                meta["input_token_logprobs"] = [(lp.logprob if lp else None, t, None) for lp, t in zip(prompt_lps, prompt)]
+                meta["input_top_logprobs"] = [[(v, i, None) for i, v in lp.top] if lp else None for lp in prompt_lps]
         return meta
 
     def result(self) -> dict:

@@ -70,15 +70,17 @@ class Req:
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None
 
-    # Owned by the cache manager while RUNNING: request-table slot, tokens whose KV the tree owns, locked node.
+    # Owned by the cache manager while RUNNING: request-table slot, positions with a KV index (computed or being
+    # computed this step), how many of those the tree owns, and the locked tree node.
     slot: int | None = None
+    kv_len: int = 0
     tree_len: int = 0
     tree_node: Any = None
 
-    # Logprobs accumulate here: one entry per output token, and per prompt position from `logprob.prompt_start`
-    # (None for position 0, which has no context to score it).
+    # Logprobs accumulate here: one entry per output token, and per prompt position from
+    # max(logprob.prompt_start, 1) (position 0 has no context to score it).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     _output_ids: list[int] = field(default_factory=list)
 

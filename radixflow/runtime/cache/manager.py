@@ -1,6 +1,6 @@
 """Cache manager: the one owner of KV memory (request slots, the KV pool, the radix cache).
 
-Ownership rule: a running request's KV indices `table[slot, :num_computed]` are split in two. The first
+Ownership rule: a running request's KV indices `table[slot, :kv_len]` are split in two. The first
 `req.tree_len` belong to the radix tree (the request holds a lock on that path, so they cannot be evicted); the
 rest belong to the request alone. When a request finishes or is retracted, its computed tokens are inserted
 into the tree; indices that duplicate what the tree already held are freed, the rest pass to the tree. With the
@@ -42,7 +42,7 @@ class CacheManager:
         request still needs."""
         tokens = req.all_ids(0, req.num_tokens - 1)
         first = req.logprob.prompt_start
-        if first is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - first:
+        if first is not None and max(first, 1) + len(req.prompt_logprobs) < len(req.prompt_ids):
             tokens = tokens[:max(first - 1, 0)]
         return self.tree.match_prefix(tokens)
 
@@ -53,7 +53,7 @@ class CacheManager:
         if prefix:
             self.table[req.slot, :prefix] = torch.tensor(match.kv_indices, dtype=torch.int64)
         self.tree.lock(match.last_node)
-        req.tree_node, req.tree_len, req.num_computed = match.last_node, prefix, prefix
+        req.tree_node, req.tree_len, req.num_computed, req.kv_len = match.last_node, prefix, prefix, prefix
 
     def alloc(self, req: Req, start: int, num: int) -> bool:
         """KV for positions [start, start + num) of a running request; evicts LRU cache entries if needed."""
@@ -64,6 +64,7 @@ class CacheManager:
         if indices is None:
             return False
         self.table[req.slot, start:start + num] = indices.to(self.table.device)
+        req.kv_len = start + num
         return True
 
     def cache_progress(self, req: Req) -> None:
@@ -78,14 +79,16 @@ class CacheManager:
         req.tree_node, req.tree_len = match.last_node, len(match.kv_indices)
 
     def release(self, req: Req) -> None:
-        """The request finished or was retracted: cache what it computed, free the rest, give up the slot."""
+        """The request finished, was retracted or aborted: cache what it computed, free the rest (including KV
+        allocated for a step that never completed), give up the slot."""
         if self.disabled:
-            self.kv.free(self.table[req.slot, req.tree_len:req.num_computed])
+            self.kv.free(self.table[req.slot, req.tree_len:req.kv_len])
         else:
+            self.kv.free(self.table[req.slot, req.num_computed:req.kv_len])
             self._insert(req)
         self.tree.unlock(req.tree_node)
         self.slots.free(req.slot)
-        req.slot, req.tree_node, req.tree_len = None, None, 0
+        req.slot, req.tree_node, req.tree_len, req.kv_len = None, None, 0, 0
 
     def _insert(self, req: Req) -> None:
         tokens = req.all_ids(0, req.num_computed)
@@ -96,7 +99,7 @@ class CacheManager:
             self.kv.free(indices[req.tree_len:already])
 
     def private_tokens(self, running: list[Req]) -> int:
-        return sum(r.num_computed - r.tree_len for r in running if r.slot is not None)
+        return sum(r.kv_len - r.tree_len for r in running if r.slot is not None)
 
     def check_integrity(self, running: list[Req]) -> None:
         """Raise `CacheIntegrityError` if any KV index leaked or is owned twice."""

@@ -29,7 +29,7 @@ class ModelRunner:
         input_ids, positions, out_loc = self._token_inputs(reqs)
         logit_rows, row_of = self._logit_rows(reqs, offsets)
         attn = AttentionInputs(self.kv.k, self.kv.v, out_loc, self._groups(reqs, offsets),
-                               torch.tensor(logit_rows, device=self.device))
+                               torch.tensor(logit_rows, dtype=torch.int64, device=self.device))
         logits = self.model(input_ids, positions, attn)
         output = self._outputs(reqs, logits, row_of)
         return _reorder(output, order)

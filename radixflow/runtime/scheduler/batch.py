@@ -33,9 +33,8 @@ class ScheduledReq:
         first = self.req.logprob.prompt_start
         if first is None:
             return range(0)
-        # prompt_logprobs is aligned with positions from `first`; position 0 has no logprob and is recorded as None
-        # when the request is added, so the next unscored position is always >= 1.
-        next_pos = first + len(self.req.prompt_logprobs)
+        # prompt_logprobs holds positions from max(first, 1): position 0 has no context to score it.
+        next_pos = max(first, 1) + len(self.req.prompt_logprobs)
         prompt_len = len(self.req.prompt_ids)
         lo = max(self.start, next_pos - 1)
         hi = min(self.end, prompt_len - 1)

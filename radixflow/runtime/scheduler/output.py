@@ -22,7 +22,7 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class TextTracker:

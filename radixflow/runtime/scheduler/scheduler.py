@@ -67,8 +67,6 @@ class Scheduler:
     def add_request(self, req: Req) -> None:
         """Queue a validated request. Raises InvalidRequestError for one that can never fit."""
         self.check_fits(len(req.prompt_ids), req.params.max_new_tokens)
-        if req.logprob.prompt_start == 0:
-            req.prompt_logprobs.append(None)
         self.text[req.rid] = TextTracker(
             IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens), req.params.stop
         )
@@ -130,7 +128,7 @@ class Scheduler:
         budget = self._schedule_decodes(batch, budget)
         budget = self._schedule_inflight(batch, budget)
         self._admit_waiting(batch, budget)
-        self._refresh_stats()
+        self.refresh_stats()
         return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch, budget: int | None) -> int | None:
@@ -139,7 +137,7 @@ class Scheduler:
             if req.status is not ReqStatus.RUNNING:
                 continue  # retracted earlier in this loop
             while not self.cache.alloc(req, req.num_computed, 1):
-                if not self._retract_one(exclude=req):
+                if not self._retract_one(batch, exclude=req):
                     self._abort_for_memory(req)
                     break
             else:
@@ -228,12 +226,13 @@ class Scheduler:
             return False
         return any(other.all_ids(cached, cached + SHARED_PREFIX_DEFER_TOKENS) == head for other in admitted)
 
-    def _retract_one(self, exclude: Req) -> bool:
+    def _retract_one(self, batch: ScheduledBatch, exclude: Req) -> bool:
         """Preempt the running request with the least progress (newest on ties). Its output is kept."""
         candidates = [r for r in self.running if r is not exclude]
         if not candidates:
             return False
         victim = min(candidates, key=lambda r: (r.num_output, -r.arrival))
+        batch.reqs = [s for s in batch.reqs if s.req is not victim]
         self.running.remove(victim)
         self.cache.release(victim)
         victim.status = ReqStatus.WAITING
@@ -311,10 +310,11 @@ class Scheduler:
         return out
 
     # -- figures and checks ----------------------------------------------------------------------------------
-    def _refresh_stats(self) -> None:
+    def refresh_stats(self) -> SchedulerStats:
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
         self.stats.kv_used_tokens = self.cache.used()
+        return self.stats
 
     def check_integrity(self) -> None:
         self.cache.check_integrity(self.running)
