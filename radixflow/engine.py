@@ -26,8 +26,8 @@ from radixflow.runtime.scheduler.output import RequestOutput
 class Engine:
     """In-process engine. Keyword arguments are the fields of the config dataclasses (see `radixflow --help`)."""
 
-    def __init__(self, model_path: str | None = None, **kwargs):
-        self.config = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
+    def __init__(self, model_path: str | None = None, *, config: EngineConfig | None = None, **kwargs):
+        self.config = config or EngineConfig.from_kwargs(model_path=model_path, **kwargs)
         self.core = EngineCore(self.config)
         self.tokenizer = self.core.loaded.tokenizer
         self.max_context = self.core.max_context
@@ -38,6 +38,10 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="radixflow-engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "Engine":
+        return cls(config=config)
 
     # -- public API ------------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,

