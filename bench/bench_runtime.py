@@ -70,6 +70,30 @@ def measure_machine(n: int = 2048, megabytes: int = 512, reps: int = 5) -> Machi
                    memory_gbps=x.numel() * FP32_BYTES / best_time(x.sum, reps) / 1e9)
 
 
+@dataclass(frozen=True)
+class CpuClock:
+    """Wall time, CPU time busy machine-wide (Linux /proc/stat) and CPU time of this process, at one moment."""
+    wall: float
+    busy: float
+    ours: float
+
+    @classmethod
+    def now(cls) -> "CpuClock":
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+        busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+        return cls(time.perf_counter(), busy, time.process_time())
+
+    def others_share_since(self, start: "CpuClock") -> float:
+        """Share of the machine's CPUs that other processes used in between: the noise in every figure."""
+        others = (self.busy - start.busy) - (self.ours - start.ours)
+        return max(others, 0.0) / ((self.wall - start.wall) * len(os.sched_getaffinity(0)))
+
+
+def best_machine(first: Machine, second: Machine) -> Machine:
+    """The roofline is what the machine can do, so other load during one of the two measurements is dropped."""
+    return Machine(max(first.matmul_gflops, second.matmul_gflops), max(first.memory_gbps, second.memory_gbps))
+
+
 # -- the model's arithmetic --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelShape:
@@ -288,14 +312,14 @@ def build_rows(ours: SideResult, theirs: SideResult, shape: ModelShape, machine:
     return rows
 
 
-def environment(machine: Machine) -> dict:
+def environment(machine: Machine, others_share: float) -> dict:
     import transformers
 
     repo = Path(__file__).resolve().parents[1]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
     return {"commit": git.stdout.strip() if git.returncode == 0 else "unknown", "torch": torch.__version__,
             "transformers": transformers.__version__, "nproc": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), **asdict(machine)}
+            "torch_threads": torch.get_num_threads(), **asdict(machine), "others_cpu_share": others_share}
 
 
 def _fmt(x: float | None) -> str:
@@ -305,7 +329,8 @@ def _fmt(x: float | None) -> str:
 def markdown(env: dict, rows: list[Row], greedy_match: bool) -> str:
     lines = [f"commit {env['commit']} | torch {env['torch']} | transformers {env['transformers']} | "
              f"nproc {env['nproc']} | torch threads {env['torch_threads']} | fp32 matmul "
-             f"{env['matmul_gflops']:.1f} GFLOP/s | memory read {env['memory_gbps']:.1f} GB/s", "",
+             f"{env['matmul_gflops']:.1f} GFLOP/s | memory read {env['memory_gbps']:.1f} GB/s | "
+             f"CPU used by other processes during the run: {env['others_cpu_share']:.0%}", "",
              "| metric | radixflow | transformers | ours / HF | roofline | ours / roofline | target | result |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
@@ -334,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     torch.set_num_threads(THREADS)
-    machine = measure_machine()
+    start = CpuClock.now()
+    machine_before = measure_machine()
     hf_model = load_transformers_model()
     shape, vocab_size = ModelShape.of(hf_model), hf_model.config.vocab_size
     # Both sides stay loaded and take turns; the idle engine thread only polls its inbox every 50 ms.
@@ -343,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         ours, theirs = measure([ours_side, Transformers(hf_model)], vocab_size, s)
     finally:
         ours_side.close()
-    env = environment(machine)
+    machine = best_machine(machine_before, measure_machine())
+    env = environment(machine, CpuClock.now().others_share_since(start))
     rows = build_rows(ours, theirs, shape, machine, s)
     match = ours.greedy_ids == theirs.greedy_ids
     print(markdown(env, rows, match))

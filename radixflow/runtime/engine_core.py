@@ -90,7 +90,12 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """One engine step. A failing forward aborts the requests of that batch, never the engine."""
-        batch = self.scheduler.schedule()
+        try:
+            batch = self.scheduler.schedule()
+        except Exception as exc:  # noqa: BLE001 - a scheduler bug must fail requests loudly, not hang them
+            logger.exception("scheduling failed; aborting all requests")
+            self.scheduler.abort_all(f"internal scheduler error: {exc}")
+            return self.scheduler.drain_outputs()
         if not batch:
             return self.scheduler.drain_outputs()
         try:

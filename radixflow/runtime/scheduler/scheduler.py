@@ -185,27 +185,32 @@ class Scheduler:
                     break
             if self._shares_uncached_prefix(req, len(match.kv_indices), admitted):
                 continue
-            if not self._memory_allows(req, num, extend):
+            if not self._start(req, match, num, extend, batch):
                 break
-            self.waiting.remove(req)
-            self._start(req, match, num, batch)
             admitted.append(req)
             prefill_tokens += num
             budget = None if budget is None else budget - num
             if num < extend:
                 break  # this request is now the one in-flight chunked prefill
 
-    def _start(self, req: Req, match, num: int, batch: ScheduledBatch) -> None:
+    def _start(self, req: Req, match, num: int, extend: int, batch: ScheduledBatch) -> bool:
+        """Admit `req` with its first `num` tokens if memory allows; False leaves it waiting, untouched."""
+        # Lock the matched prefix first: locking takes those tokens out of the evictable pool, so the memory
+        # check must see the state after the lock.
         self.cache.admit(req, match)
+        if not self._memory_allows(req, num, extend) or not self.cache.alloc(req, req.num_computed, num):
+            self.cache.release(req)
+            req.num_computed = 0
+            return False
+        self.waiting.remove(req)
         if req.num_retractions == 0:
             req.num_cached = req.num_computed
             self.stats.cache_hit_tokens += req.num_cached
             self.stats.prompt_tokens += len(req.prompt_ids)
         req.status = ReqStatus.RUNNING
         self.running.append(req)
-        if not self.cache.alloc(req, req.num_computed, num):
-            raise RuntimeError("KV allocation failed after the memory check passed")  # a bug, not load
         batch.reqs.append(ScheduledReq(req, req.num_computed, num))
+        return True
 
     def _memory_allows(self, req: Req, num: int, extend: int) -> bool:
         """Admit only if this chunk plus the decode room running requests will still need fits.
@@ -213,7 +218,7 @@ class Scheduler:
         The room is estimated as remaining max_new_tokens x new_token_ratio; the ratio decays while memory is
         plentiful and jumps back up after a retraction (an estimate that adapts to how long outputs really are).
         """
-        reserve = sum(r.remaining_new_tokens for r in self.running) * self.new_token_ratio
+        reserve = sum(r.remaining_new_tokens for r in self.running if r is not req) * self.new_token_ratio
         own = req.remaining_new_tokens * self.new_token_ratio if num == extend else 0
         return self.cache.available() >= num + reserve + own
 
