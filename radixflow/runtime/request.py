@@ -54,7 +54,7 @@ class LogprobOptions:
         return self.logprob_start_len if self.return_logprob and self.logprob_start_len >= 0 else None
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: two requests with equal fields are still two requests
 class Req:
     rid: str
     prompt_ids: tuple[int, ...]

@@ -66,8 +66,10 @@ def dfs_weight(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
     at_node: dict[int, list[Req]] = defaultdict(list)
     weight: dict[int, int] = defaultdict(int)
     nodes = {}
-    for req in sorted(waiting, key=lambda r: r.arrival):
-        node = ctx.match(req).last_node
+    ordered = sorted(waiting, key=lambda r: r.arrival)
+    # Match everything before walking parents: a later match may split an edge, adding a node above earlier ones.
+    last_nodes = [ctx.match(req).last_node for req in ordered]
+    for req, node in zip(ordered, last_nodes):
         at_node[id(node)].append(req)
         while node is not None:
             weight[id(node)] += 1

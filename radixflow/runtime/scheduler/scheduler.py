@@ -13,6 +13,7 @@ running requests (they keep their output and resume later, mostly from the cache
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Scheduler:
         self.new_token_ratio = config.new_token_ratio
         self.stats = SchedulerStats(kv_total_tokens=cache.kv.size)
         self._pending_outputs: list[RequestOutput] = []
+        self._rng = random.Random(0)  # the `random` policy's; one stream across steps
 
     # -- requests in and out ---------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -162,7 +164,7 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int | None) -> None:
         if not self.waiting:
             return
-        ctx = PolicyContext(self.cache.match)
+        ctx = PolicyContext(self.cache.match, self._rng)
         now = time.monotonic()
         starving = sorted((r for r in self.waiting if now - r.arrival > self.config.starvation_timeout_s),
                           key=lambda r: r.arrival)
@@ -172,7 +174,8 @@ class Scheduler:
         for req in starving + self.policy(rest, ctx):
             if len(self.running) >= self.config.max_running_requests or not self.cache.slots.free_count():
                 break
-            match = ctx.match(req)
+            # Match again: admitting an earlier request may have evicted what the policy saw cached.
+            match = self.cache.match(req)
             extend = req.num_tokens - len(match.kv_indices)
             if budget is None:
                 num = extend
@@ -263,14 +266,20 @@ class Scheduler:
                 continue  # aborted while the step ran
             req.num_computed = sched.end
             req.prompt_logprobs.extend(prompt_lps)
-            if token is None:
+            if not sched.is_decode:
+                # Share a prefill with others at once (not when the request ends): a request deferred by the
+                # in-step dedupe, or the next turn of a conversation, hits it while this one still decodes.
                 self.cache.cache_progress(req)
+            if token is None:
                 continue
             outputs.append(self._append_token(req, token, token_lp, prompt_lps))
         outputs.extend(self.drain_outputs())
         return outputs
 
     def _append_token(self, req: Req, token: int, token_lp, prompt_lps) -> RequestOutput:
+        if req.params.max_new_tokens == 0:  # a scoring request (prompt logprobs only): the sample is discarded
+            self.running.remove(req)
+            return self._finish(req, FinishReason("length"), emit=False, prompt_lps=prompt_lps)
         req.append_output(token)
         self.stats.generated_tokens += 1
         if token_lp is not None:
