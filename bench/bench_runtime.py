@@ -40,7 +40,7 @@ class Settings:
     batches: tuple[int, ...] = (1, 8, 32)
 
 
-FULL = Settings(reps=5)
+FULL = Settings(reps=4)
 QUICK = replace(FULL, reps=1, decode_new=32)
 
 
