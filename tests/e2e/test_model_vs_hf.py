@@ -29,6 +29,13 @@ def our_prompt_logprobs(engine: Engine, ids: list[int]) -> list[float]:
     return [lp for lp, _, _ in lps[1:]]
 
 
+def assert_logprobs_close(engine: Engine, hf, ids: list[int], tolerance: float) -> None:
+    expected = hf_logprobs(hf, ids)
+    ours = our_prompt_logprobs(engine, ids)
+    reference = [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert max(abs(a - b) for a, b in zip(ours, reference)) < tolerance
+
+
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -44,10 +51,7 @@ def test_tiny_model_matches_transformers(tmp_path, architecture):
     engine = Engine(model_path=str(directory), max_total_tokens=4096)
     try:
         ids = engine.tokenizer.encode(PROMPT)
-        expected = hf_logprobs(hf, ids)
-        ours = our_prompt_logprobs(engine, ids)
-        reference = [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))]
-        assert max(abs(a - b) for a, b in zip(ours, reference)) < 2e-3
+        assert_logprobs_close(engine, hf, ids, 2e-3)
         out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 24, "ignore_eos": True, **GREEDY})
         assert out["output_ids"] == hf_greedy(hf, ids, 24)
     finally:
@@ -64,10 +68,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     engine = Engine(model_path=str(directory), max_total_tokens=4096)
     try:
         ids = engine.tokenizer.encode(PROMPT * 6)  # long enough for the low-frequency bands to matter
-        expected = hf_logprobs(hf, ids)
-        ours = our_prompt_logprobs(engine, ids)
-        reference = [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))]
-        assert max(abs(a - b) for a, b in zip(ours, reference)) < 2e-3
+        assert_logprobs_close(engine, hf, ids, 2e-3)
     finally:
         engine.shutdown()
 
@@ -81,9 +82,6 @@ def test_smollm2_gguf_matches_transformers(smol_engine):
     path = resolve_model(None).path
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
     ids = smol_engine.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
-    expected = hf_logprobs(hf, ids)
-    ours = our_prompt_logprobs(smol_engine, ids)
-    reference = [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))]
-    assert max(abs(a - b) for a, b in zip(ours, reference)) < 2e-2
+    assert_logprobs_close(smol_engine, hf, ids, 2e-2)
     out = smol_engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 32, "ignore_eos": True, **GREEDY})
     assert out["output_ids"] == hf_greedy(hf, ids, 32)

@@ -266,12 +266,14 @@ def test_a_later_request_hits_the_chunks_already_computed_for_the_same_prompt():
     rig.run()
     admitted = rig.admission_step["b"]
     computed_by_a_before = max(c.end for i, c in rig.chunks_of("a") if i < admitted)
-    assert computed_by_a_before == 256  # four full chunks; b can only start once the budget has room
-    assert rig.first_start["b"] == computed_by_a_before
+    # b shares a's in-flight chunk, so it is deferred until a's whole prompt is in the tree, then hits all of it
+    # but the last token (which must be computed to produce logits).
+    assert computed_by_a_before == 300
+    assert rig.first_start["b"] == 299
     counts = coverage(rig, ["a", "b"])
-    assert all(counts[pos] == 1 for pos in range(computed_by_a_before))
+    assert all(counts[pos] == 1 for pos in range(299))
     assert rig.tokens["a"] == expected_tokens("a", 3) and rig.tokens["b"] == expected_tokens("b", 3)
-    assert rig.scheduler.stats.cache_hit_tokens == 256
+    assert rig.scheduler.stats.cache_hit_tokens == 299
 
 
 def test_in_step_dedupe_defers_only_requests_sharing_a_long_uncached_prefix():

@@ -186,7 +186,9 @@ class Scheduler:
                 num = min(extend, budget)
                 if num <= 0:
                     break
-            if self._shares_uncached_prefix(req, len(match.kv_indices), admitted):
+            # Compared with every prefill of this step, the in-flight chunk included: its tokens are not cached yet.
+            prefilling = [s.req for s in batch.reqs if not s.is_decode]
+            if self._shares_uncached_prefix(req, len(match.kv_indices), prefilling):
                 continue
             if not self._start(req, match, num, extend, batch):
                 break
@@ -226,13 +228,13 @@ class Scheduler:
         return self.cache.available() >= num + reserve + own
 
     @staticmethod
-    def _shares_uncached_prefix(req: Req, cached: int, admitted: list[Req]) -> bool:
-        if not admitted:
+    def _shares_uncached_prefix(req: Req, cached: int, prefilling: list[Req]) -> bool:
+        if not prefilling:
             return False
         head = req.all_ids(cached, cached + SHARED_PREFIX_DEFER_TOKENS)
         if len(head) < SHARED_PREFIX_DEFER_TOKENS:
             return False
-        return any(other.all_ids(cached, cached + SHARED_PREFIX_DEFER_TOKENS) == head for other in admitted)
+        return any(other.all_ids(cached, cached + SHARED_PREFIX_DEFER_TOKENS) == head for other in prefilling)
 
     def _retract_one(self, batch: ScheduledBatch, exclude: Req) -> bool:
         """Preempt the running request with the least progress (newest on ties). Its output is kept."""
