@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from radixflow.runtime.config import EngineConfig, add_cli_args, from_cli_args
+from radixflow.runtime.config import EngineConfig, ServerConfig, add_cli_args, from_cli_args
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -46,6 +46,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from radixflow.server.launch import serve
+
+    serve(from_cli_args(EngineConfig, args), from_cli_args(ServerConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--log-level", default="warning")
     add_cli_args(gen, EngineConfig)
     gen.set_defaults(func=_generate)
+    srv = sub.add_parser("serve", help="run the HTTP server (native /generate and OpenAI /v1/*)")
+    add_cli_args(srv, ServerConfig)
+    add_cli_args(srv, EngineConfig)
+    srv.set_defaults(func=_serve)
     return parser
 
 

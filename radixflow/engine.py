@@ -12,14 +12,15 @@ import itertools
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.engine_core import EngineCore
 from radixflow.runtime.request import LogprobOptions, Req
-from radixflow.runtime.sampling_params import InvalidRequestError, SamplingParams
+from radixflow.runtime.request_builder import build_reqs, logprob_options
+from radixflow.runtime.result import ResultCollector
+from radixflow.runtime.sampling_params import InvalidRequestError
 from radixflow.runtime.scheduler.output import RequestOutput
 
 
@@ -31,6 +32,7 @@ class Engine:
         self.core = EngineCore(self.config)
         self.tokenizer = self.core.loaded.tokenizer
         self.max_context = self.core.max_context
+        self.limits = self.core.limits
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, Callable[[RequestOutput], None]] = {}
         self._lock = threading.Lock()
@@ -57,9 +59,7 @@ class Engine:
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError("sampling_params", f"{len(params_list)} entries for {len(prompts)} prompts")
-        logprob = LogprobOptions(return_logprob, logprob_start_len, top_logprobs_num)
-        if top_logprobs_num < 0 or top_logprobs_num > 20:
-            raise InvalidRequestError("top_logprobs_num", f"must be in [0, 20], got {top_logprobs_num}")
+        logprob = logprob_options(return_logprob, logprob_start_len, top_logprobs_num)
         groups = [self._make_reqs(p, sp, logprob, rid if not batched else None) for p, sp in zip(prompts, params_list)]
         if stream:
             if batched or len(groups[0]) != 1:
@@ -108,19 +108,8 @@ class Engine:
         self.shutdown()
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _make_reqs(self, prompt, params: dict | SamplingParams | None, logprob: LogprobOptions, rid: str | None):
-        sp = params if isinstance(params, SamplingParams) else SamplingParams.from_dict(params)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
-        vocab = self.core.loaded.args.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-            raise InvalidRequestError("input_ids", f"token ids must be integers in [0, {vocab})")
-        self.core.scheduler.check_fits(len(ids), sp.max_new_tokens)
-        if logprob.logprob_start_len >= len(ids):
-            raise InvalidRequestError("logprob_start_len", f"must be < prompt length {len(ids)}")
-        stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.core.loaded.eos_ids)
-        base = rid or uuid.uuid4().hex
-        return [Req(rid=base if sp.n == 1 else f"{base}-{i}", prompt_ids=tuple(ids), params=sp, logprob=logprob,
-                    stop_ids=stop_ids) for i in range(sp.n)]
+    def _make_reqs(self, prompt, params, logprob: LogprobOptions, rid: str | None) -> list[Req]:
+        return build_reqs(self.tokenizer, self.core.loaded.eos_ids, self.limits, prompt, params, logprob, rid)
 
     def _register(self, req: Req, sink) -> None:
         """`sink(output)` is called on the engine thread for each of the request's outputs."""
@@ -132,7 +121,7 @@ class Engine:
 
     def _submit(self, req: Req) -> Future:
         fut: Future = Future()
-        collector = _Collector(req)
+        collector = ResultCollector(req)
 
         def sink(out: RequestOutput) -> None:
             collector.add(out)
@@ -144,7 +133,7 @@ class Engine:
     def _stream(self, req: Req) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
         self._register(req, q.put)
-        collector = _Collector(req)
+        collector = ResultCollector(req)
         try:
             while True:
                 out = q.get()
@@ -193,52 +182,3 @@ def _as_batch(prompt, input_ids) -> tuple[list, bool]:
     if isinstance(input_ids, list) and input_ids:
         return [input_ids], False
     raise InvalidRequestError("input_ids", "must be a non-empty list of token ids or a list of such lists")
-
-
-class _Collector:
-    """Accumulates a request's deltas into SGLang's result shape."""
-
-    def __init__(self, req: Req):
-        self.req = req
-        self.start = time.monotonic()
-        self.text = ""
-        self.ids: list[int] = []
-        self.out_lps: list = []
-        self.prompt_lps: list = []
-        self.last: RequestOutput | None = None
-        self.finished = False
-
-    def add(self, out: RequestOutput) -> None:
-        self.text += out.text
-        self.ids.extend(out.token_ids)
-        self.out_lps.extend(out.output_logprobs)
-        self.prompt_lps.extend(out.prompt_logprobs)
-        self.last = out
-        self.finished = out.finished
-
-    def meta(self) -> dict:
-        out = self.last
-        meta = {
-            "id": self.req.rid,
-            "prompt_tokens": len(self.req.prompt_ids),
-            "completion_tokens": len(self.ids),
-            "cached_tokens": out.cached_tokens if out else 0,
-            "finish_reason": out.finish_reason.to_dict() if out and out.finish_reason else None,
-            "e2e_latency": time.monotonic() - self.start,
-        }
-        if self.req.logprob.return_logprob:
-            meta["output_token_logprobs"] = [(lp.logprob, t, None) for lp, t in zip(self.out_lps, self.ids)]
-            meta["output_top_logprobs"] = [[(v, i, None) for i, v in lp.top] for lp in self.out_lps]
-            start = self.req.logprob.logprob_start_len
-            if start >= 0:
-                prompt_lps = ([None] if start == 0 else []) + self.prompt_lps  # position 0 has no logprob
-                prompt = self.req.prompt_ids[start:]
-                meta["input_token_logprobs"] = [(lp.logprob if lp else None, t, None) for lp, t in zip(prompt_lps, prompt)]
-                meta["input_top_logprobs"] = [[(v, i, None) for i, v in lp.top] if lp else None for lp in prompt_lps]
-        return meta
-
-    def result(self) -> dict:
-        return {"text": self.text, "output_ids": list(self.ids), "meta_info": self.meta()}
-
-    def delta(self, out: RequestOutput) -> dict:
-        return {"text": out.text, "output_ids": list(out.token_ids), "finished": out.finished, "meta_info": self.meta()}

@@ -49,6 +49,16 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    host: str = _help("address to listen on", default="127.0.0.1")
+    port: int = _help("port to listen on", default=30000)
+    api_key: str | None = _help("require 'Authorization: Bearer KEY' on every endpoint but /health", default=None)
+    served_model_name: str | None = _help("model name in the OpenAI API; default: the model file's name",
+                                          default=None)
+    log_level: str = _help("debug, info, warning, error", default="info")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -20,6 +20,7 @@ from radixflow.runtime.model.llama import LlamaModel, ModelArgs
 from radixflow.runtime.model.loader import ModelSource, load_weights, resolve_model
 from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.request import Req
+from radixflow.runtime.request_builder import RequestLimits
 from radixflow.runtime.sampling_params import InvalidRequestError
 from radixflow.runtime.scheduler.output import RequestOutput
 from radixflow.runtime.scheduler.scheduler import Scheduler
@@ -84,7 +85,8 @@ class EngineCore:
         kv = KVPool(pool_size, args.num_layers, args.num_kv_heads, args.head_dim, dtype, device)
         slots = ReqToTokenPool(config.scheduler.max_running_requests, self.max_context + 1, device)
         self.cache = CacheManager(kv, slots, config.cache.disable_radix_cache)
-        self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.max_context)
+        self.limits = RequestLimits(self.max_context, pool_size, args.vocab_size)
+        self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits)
         self.runner = ModelRunner(self.loaded.model, kv, slots, device, config.seed)
         self._was_busy = False
 

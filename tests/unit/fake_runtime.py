@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixflow.runtime.request_builder import RequestLimits
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import SchedulerConfig
@@ -118,7 +119,8 @@ class Rig:
         kv = KVPool(pool_size, num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float32, device=CPU)
         slots = ReqToTokenPool(self.config.max_running_requests, self.max_context + 1, CPU)
         self.cache = CacheManager(kv, slots, disable_radix_cache)
-        self.scheduler = Scheduler(self.config, self.cache, FakeTokenizer(), self.max_context)
+        self.scheduler = Scheduler(self.config, self.cache, FakeTokenizer(),
+                                   RequestLimits(self.max_context, pool_size, vocab_size=100_000))
         self.runner = FakeRunner(script)
         self.t0 = time.monotonic()
         self.reqs: dict[str, Req] = {}

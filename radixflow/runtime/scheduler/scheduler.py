@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import SchedulerConfig
 from radixflow.runtime.request import FinishReason, Req, ReqStatus
-from radixflow.runtime.sampling_params import InvalidRequestError
+from radixflow.runtime.request_builder import RequestLimits
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
 from radixflow.runtime.scheduler.output import RequestOutput, TextTracker
 from radixflow.runtime.scheduler.policy import PolicyContext, get_policy
@@ -51,11 +51,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: CacheManager, tokenizer, max_context: int):
+    def __init__(self, config: SchedulerConfig, cache: CacheManager, tokenizer, limits: RequestLimits):
         self.config = config
         self.cache = cache
         self.tokenizer = tokenizer
-        self.max_context = max_context
+        self.limits = limits
+        self.max_context = limits.max_context
         self.policy = get_policy(config.schedule_policy)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
@@ -68,27 +69,11 @@ class Scheduler:
     # -- requests in and out ---------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
         """Queue a validated request. Raises InvalidRequestError for one that can never fit."""
-        self.check_fits(len(req.prompt_ids), req.params.max_new_tokens)
+        self.limits.check_fits(len(req.prompt_ids), req.params.max_new_tokens)
         self.text[req.rid] = TextTracker(
             IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens), req.params.stop
         )
         self.waiting.append(req)
-
-    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        if prompt_len == 0:
-            raise InvalidRequestError("prompt", "is empty")
-        if prompt_len + max_new_tokens > self.max_context:
-            raise InvalidRequestError(
-                "max_new_tokens" if prompt_len < self.max_context else "prompt",
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length "
-                f"({self.max_context} tokens)",
-            )
-        if prompt_len + max_new_tokens > self.cache.kv.size:
-            raise InvalidRequestError(
-                "max_new_tokens",
-                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the KV pool "
-                f"({self.cache.kv.size} tokens); raise --max-total-tokens or --kv-cache-gb",
-            )
 
     def abort(self, rid: str, message: str = "aborted by the client") -> None:
         for req in list(self.waiting):

@@ -1,0 +1,59 @@
+"""Every message that crosses the process boundary (HTTP process <-> scheduler process), and its serializer.
+
+The scheduler process owns the model; the HTTP process tokenizes and validates. Requests travel as `Req`
+(already validated), results as `RequestOutput` deltas; control calls (flush, stats, ...) as `ControlRequest`
+answered by `ControlReply`. One serializer (pickle: both ends are our own processes on one machine).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+from radixflow.runtime.request import Req
+from radixflow.runtime.scheduler.output import RequestOutput
+
+
+@dataclass
+class AddRequest:
+    req: Req
+
+
+@dataclass
+class AbortRequest:
+    rid: str
+
+
+@dataclass
+class ControlRequest:
+    call_id: int
+    op: str  # a key of scheduler_process.CONTROL_OPS
+
+
+@dataclass
+class ControlReply:
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class Ready:
+    """Sent once by the scheduler process when the model is loaded."""
+
+    max_context: int
+    pool_size: int
+    vocab_size: int
+    error: str | None = None  # set instead when the model failed to load
+
+
+Message = AddRequest | AbortRequest | ControlRequest | ControlReply | Ready | RequestOutput
+
+
+def dumps(message: Message) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes) -> Message:
+    return pickle.loads(data)
