@@ -63,6 +63,8 @@ def run_scheduler_process(config: EngineConfig, in_addr: str, out_addr: str, log
     receiver.start()
     core.serve_forever(inbox, lambda out: push.send(dumps(out)), stop)
     logger.info("scheduler stopped")
+    receiver.join(timeout=2)  # it polls with a timeout and sees `stop`; closing first would break its poll
+    pull.close(linger=0)
     push.close(linger=0)
     context.term()
 
