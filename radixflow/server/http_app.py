@@ -153,7 +153,9 @@ def _add_operations(app: FastAPI, state: ServerState) -> None:
     async def model_info():
         m = state.manager
         return {"model_path": str(m.source.path), "served_model_name": state.model_name,
-                "is_generation": True, "max_context_length": m.limits.max_context, "vocab_size": m.limits.vocab_size}
+                "is_generation": True, "max_context_length": m.limits.max_context, "vocab_size": m.limits.vocab_size,
+                "chat_template": m.tokenizer.chat_template, "bos_token": m.tokenizer.bos_token,
+                "eos_token": m.tokenizer.eos_token}
 
     @app.get("/get_server_info")
     async def server_info():

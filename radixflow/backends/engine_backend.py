@@ -1,0 +1,41 @@
+"""Frontend backend over an in-process `Engine` (no HTTP)."""
+
+from __future__ import annotations
+
+from radixflow.backends.base import RuntimeBackend
+from radixflow.lang.chat_template import RoleTemplate
+
+
+class EngineBackend(RuntimeBackend):
+    def __init__(self, engine=None, **engine_kwargs):
+        from radixflow.engine import Engine
+
+        self.engine = engine or Engine(**engine_kwargs)
+        self._owns_engine = engine is None
+        tokenizer = self.engine.tokenizer
+        self._template = (RoleTemplate.from_renderer(
+            lambda m, g: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g))
+            if tokenizer.chat_template else RoleTemplate.plain())
+
+    def get_chat_template(self) -> RoleTemplate:
+        return self._template
+
+    def _generate(self, prompts, params, logprob):
+        out = self.engine.generate(prompts, params, **logprob)
+        return out
+
+    def generate_stream(self, text, params, logprob):
+        meta = None
+        for chunk in self.engine.generate(text, params, stream=True, **logprob):
+            meta = chunk["meta_info"] if chunk["finished"] else None
+            yield chunk["text"], meta
+
+    def flush_cache(self) -> bool:
+        return self.engine.flush_cache()
+
+    def get_server_info(self) -> dict:
+        return {"stats": self.engine.stats()}
+
+    def shutdown(self) -> None:
+        if self._owns_engine:
+            self.engine.shutdown()

@@ -1,0 +1,59 @@
+"""Frontend backend over a radixflow (or SGLang) server's native HTTP API."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from radixflow.backends.base import RuntimeBackend
+from radixflow.lang.chat_template import RoleTemplate, jinja_renderer
+
+
+class RuntimeEndpoint(RuntimeBackend):
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0):
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        info = self._get("/get_model_info")
+        template = info.get("chat_template")
+        self._template = (RoleTemplate.from_renderer(jinja_renderer(template, info.get("bos_token") or "",
+                                                                    info.get("eos_token") or ""))
+                          if template else RoleTemplate.plain())
+
+    def _get(self, path: str) -> dict:
+        response = self.client.get(path)
+        response.raise_for_status()
+        return response.json()
+
+    def get_chat_template(self) -> RoleTemplate:
+        return self._template
+
+    def _generate(self, prompts, params, logprob):
+        response = self.client.post("/generate", json={"text": prompts, "sampling_params": params, **logprob})
+        if response.status_code != 200:
+            raise RuntimeError(f"server answered {response.status_code}: {response.text}")
+        return response.json()
+
+    def generate_stream(self, text, params, logprob):
+        seen = ""
+        body = {"text": text, "sampling_params": params, "stream": True, **logprob}
+        with self.client.stream("POST", "/generate", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"server answered {response.status_code}: {response.read().decode()}")
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                delta, seen = chunk["text"][len(seen):], chunk["text"]  # the native stream is cumulative
+                finished = chunk["meta_info"].get("finish_reason") is not None
+                yield delta, chunk["meta_info"] if finished else None
+
+    def flush_cache(self) -> bool:
+        return self.client.post("/flush_cache").status_code == 200
+
+    def get_server_info(self) -> dict:
+        return self._get("/get_server_info")
+
+    def shutdown(self) -> None:
+        self.client.close()

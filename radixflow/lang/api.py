@@ -1,0 +1,218 @@
+"""The public frontend API, SGLang-compatible: `import radixflow as sgl` and the program runs unchanged."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from radixflow.lang.choices import ChoiceMethod
+from radixflow.lang.interpreter import ProgramState, StreamExecutor
+from radixflow.lang.ir import Gen, Image, RoleBegin, RoleEnd, Select, Text, as_node
+
+_default_backend = None
+
+_CONSTRAINED = "constrained decoding (regex, json_schema, dtype) is not available in radixflow yet"
+
+
+def set_default_backend(backend) -> None:
+    global _default_backend
+    _default_backend = backend
+
+
+def _backend(backend=None):
+    """A frontend backend from what the user passed: a backend, a `Runtime`, or an in-process `Engine`."""
+    from radixflow.backends.engine_backend import EngineBackend
+    from radixflow.engine import Engine
+    from radixflow.lang.runtime import Runtime
+
+    chosen = backend or _default_backend
+    if chosen is None:
+        raise RuntimeError("no backend: call set_default_backend(...) or pass backend= to run()")
+    if isinstance(chosen, Runtime):
+        return chosen.endpoint
+    if isinstance(chosen, Engine):
+        if not hasattr(chosen, "_frontend_backend"):
+            chosen._frontend_backend = EngineBackend(chosen)
+        return chosen._frontend_backend
+    return chosen
+
+
+def flush_cache(backend=None) -> bool:
+    return _backend(backend).flush_cache()
+
+
+def get_server_info(backend=None) -> dict:
+    return _backend(backend).get_server_info()
+
+
+# -- primitives ----------------------------------------------------------------------------------------------------
+def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None, n: int | None = None,
+        stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
+        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+        min_p: float | None = None, frequency_penalty: float | None = None, presence_penalty: float | None = None,
+        ignore_eos: bool | None = None, return_logprob: bool | None = None, logprob_start_len: int | None = None,
+        top_logprobs_num: int | None = None, return_text_in_logprobs: bool | None = None, dtype=None,
+        choices: list[str] | None = None, choices_method: ChoiceMethod | None = None, regex: str | None = None,
+        json_schema=None):
+    if choices is not None:
+        return Select(name, list(choices), temperature or 0.0, choices_method)
+    if regex is not None or json_schema is not None or dtype is not None:
+        raise NotImplementedError(_CONSTRAINED)
+    if n not in (None, 1):
+        raise NotImplementedError("gen(n>1) inside a program: use s.fork(n) instead")
+    params = {"max_new_tokens": max_tokens, "min_new_tokens": min_tokens, "stop": stop, "stop_token_ids": stop_token_ids,
+              "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+              "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty, "ignore_eos": ignore_eos}
+    return Gen(name, params, bool(return_logprob), logprob_start_len, top_logprobs_num, bool(return_text_in_logprobs))
+
+
+def gen_int(name: str | None = None, **kwargs):
+    raise NotImplementedError(_CONSTRAINED)
+
+
+def gen_string(name: str | None = None, **kwargs):
+    raise NotImplementedError(_CONSTRAINED)
+
+
+def select(name: str | None = None, choices: list[str] | None = None, temperature: float = 0.0,
+           choices_method: ChoiceMethod | None = None) -> Select:
+    if not choices:
+        raise ValueError("select: choices must be a non-empty list of strings")
+    return Select(name, list(choices), temperature, choices_method)
+
+
+def image(path: str) -> Image:
+    return Image(path)
+
+
+def _role(role: str, expr=None):
+    if expr is None:
+        return RoleBegin(role)
+    return RoleBegin(role) + as_node(expr) + RoleEnd(role)
+
+
+def system(expr=None):
+    return _role("system", expr)
+
+
+def user(expr=None):
+    return _role("user", expr)
+
+
+def assistant(expr=None):
+    return _role("assistant", expr)
+
+
+def system_begin():
+    return RoleBegin("system")
+
+
+def system_end():
+    return RoleEnd("system")
+
+
+def user_begin():
+    return RoleBegin("user")
+
+
+def user_end():
+    return RoleEnd("user")
+
+
+def assistant_begin():
+    return RoleBegin("assistant")
+
+
+def assistant_end():
+    return RoleEnd("assistant")
+
+
+# -- functions -----------------------------------------------------------------------------------------------------
+_SAMPLING_KEYS = ("max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
+                  "frequency_penalty", "presence_penalty", "ignore_eos")
+_LOGPROB_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
+
+
+class SglFunction:
+    def __init__(self, func, num_api_spec_tokens: int | None = None, bind_arguments: dict | None = None):
+        self.func = func
+        self.num_api_spec_tokens = num_api_spec_tokens
+        self.bind_arguments = bind_arguments or {}
+
+    def bind(self, **kwargs) -> "SglFunction":
+        return SglFunction(self.func, self.num_api_spec_tokens, {**self.bind_arguments, **kwargs})
+
+    def __call__(self, *args, **kwargs):
+        """Call inside another program: `other_fn(s, ...)` appends to that program's state."""
+        return self.func(*args, **{**self.bind_arguments, **kwargs})
+
+    def run(self, *args, max_new_tokens: int = 128, stop=None, stop_token_ids=None, temperature: float = 1.0,
+            top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0, frequency_penalty: float = 0.0,
+            presence_penalty: float = 0.0, ignore_eos: bool = False, return_logprob: bool = False,
+            logprob_start_len: int | None = None, top_logprobs_num: int | None = None, stream: bool = False,
+            backend=None, **kwargs) -> ProgramState:
+        local = dict(locals())
+        defaults = _defaults(local)
+        return self._run_one(args, {**self.bind_arguments, **kwargs}, defaults, stream, _backend(backend))
+
+    def run_batch(self, batch_kwargs: list[dict], *, max_new_tokens: int = 128, stop=None, stop_token_ids=None,
+                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
+                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, ignore_eos: bool = False,
+                  return_logprob: bool = False, logprob_start_len: int | None = None,
+                  top_logprobs_num: int | None = None, backend=None, num_threads="auto",
+                  progress_bar: bool = False) -> list[ProgramState]:
+        defaults = _defaults(dict(locals()))
+        chosen = _backend(backend)
+        if not batch_kwargs:
+            return []
+        if num_threads == "auto":
+            num_threads = max(min(len(batch_kwargs), 64, 16 * (os.cpu_count() or 1)), 1)
+        run = lambda kw: self._run_one((), {**self.bind_arguments, **kw}, defaults, False, chosen)  # noqa: E731
+        with ThreadPoolExecutor(num_threads) as pool:
+            futures = [pool.submit(run, kw) for kw in batch_kwargs]
+            if progress_bar:
+                from tqdm import tqdm
+
+                for _ in tqdm((f for f in futures), total=len(futures), desc="run_batch"):
+                    _.result()
+            return [f.result() for f in futures]
+
+    def _run_one(self, args, kwargs, defaults: dict, stream: bool, backend) -> ProgramState:
+        executor = StreamExecutor(backend, defaults, stream)
+        state = ProgramState(executor)
+        if stream:
+            import threading
+
+            threading.Thread(target=self._execute, args=(state, executor, args, kwargs), daemon=True).start()
+        else:
+            self._execute(state, executor, args, kwargs)
+        return state
+
+    def _execute(self, state: ProgramState, executor: StreamExecutor, args, kwargs) -> None:
+        try:
+            self.func(state, *args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - one failing program must not take a batch down
+            executor.sync()
+            executor.error = executor.error or exc
+        finally:
+            executor.end()
+
+
+def _defaults(local: dict) -> dict:
+    sampling = {k: local[k] for k in _SAMPLING_KEYS if local.get(k) is not None}
+    if isinstance(sampling.get("stop"), str):
+        sampling["stop"] = [sampling["stop"]]
+    logprob = {k: local[k] for k in _LOGPROB_KEYS if local.get(k) not in (None, False)}
+    return {"sampling": sampling, "logprob": logprob}
+
+
+def function(func=None, *, num_api_spec_tokens: int | None = None):
+    """`@function` / `@function(num_api_spec_tokens=...)`: the first argument of `func` is the state `s`."""
+    if func is None:
+        return lambda f: SglFunction(f, num_api_spec_tokens)
+    return SglFunction(func, num_api_spec_tokens)
+
+
+__all__ = ["function", "gen", "gen_int", "gen_string", "select", "image", "system", "user", "assistant",
+           "system_begin", "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end",
+           "set_default_backend", "flush_cache", "get_server_info", "Text"]

@@ -1,0 +1,84 @@
+"""The frontend's IR: small node classes a program appends to its state (`s += node`).
+
+`"text" + gen("x")` builds a `Concat`, so expressions compose the way SGLang programs write them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Node:
+    def __add__(self, other) -> "Concat":
+        return Concat([self, as_node(other)])
+
+    def __radd__(self, other) -> "Concat":
+        return Concat([as_node(other), self])
+
+
+def as_node(value) -> Node:
+    if isinstance(value, Node):
+        return value
+    if isinstance(value, str):
+        return Text(value)
+    raise TypeError(f"cannot append {type(value).__name__} to a program state (use str or a primitive)")
+
+
+@dataclass
+class Text(Node):
+    value: str
+
+
+@dataclass
+class Concat(Node):
+    parts: list[Node]
+
+    def __add__(self, other) -> "Concat":
+        return Concat([*self.parts, as_node(other)])
+
+    def __radd__(self, other) -> "Concat":
+        return Concat([as_node(other), *self.parts])
+
+
+@dataclass
+class Gen(Node):
+    name: str | None
+    params: dict[str, Any] = field(default_factory=dict)  # sampling params in SGLang's names
+    return_logprob: bool = False
+    logprob_start_len: int | None = None
+    top_logprobs_num: int | None = None
+    return_text_in_logprobs: bool = False
+
+
+@dataclass
+class Select(Node):
+    name: str | None
+    choices: list[str]
+    temperature: float = 0.0
+    choices_method: Any = None  # a ChoiceMethod; None means token_length_normalized
+
+
+@dataclass
+class RoleBegin(Node):
+    role: str
+
+
+@dataclass
+class RoleEnd(Node):
+    role: str
+
+
+@dataclass
+class VarScopeBegin(Node):
+    name: str
+
+
+@dataclass
+class VarScopeEnd(Node):
+    name: str
+
+
+@dataclass
+class Image(Node):
+    path: str
