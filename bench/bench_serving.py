@@ -49,10 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 class Settings:
     sharegpt: ShareGPTSpec
     shared_prefix: SharedPrefixSpec
-    # Chosen around this CPU's capacity (about 1 ShareGPT request/s, 3 shared-prefix requests/s): one rate well
-    # under it, one near it, one over it, then everything at once.
+    # Around what 2 idle cores sustain (about 1.5 ShareGPT requests/s, 3 shared-prefix requests/s): under it,
+    # near it, over it, then everything at once.
     rates: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
-        "sharegpt": (0.25, 0.5, 1.0, INF), "shared_prefix": (1.0, 2.0, 4.0, INF)})
+        "sharegpt": (0.5, 1.0, 2.0, INF), "shared_prefix": (1.0, 2.0, 4.0, INF)})
 
 
 FULL = Settings(ShareGPTSpec(num_requests=32), SharedPrefixSpec(groups=4, prompts_per_group=8))
@@ -212,9 +212,10 @@ async def send(client: httpx.AsyncClient, req: BenchRequest) -> RequestRecord:
                 rec.output_ids = chunk["output_ids"]
                 rec.completion_tokens = chunk["meta_info"]["completion_tokens"]
                 rec.cached_tokens = chunk["meta_info"]["cached_tokens"]
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, ValueError, KeyError) as exc:  # a dropped connection or a malformed chunk
         rec.error = f"{type(exc).__name__}: {exc}"
-    rec.end = time.perf_counter()
+    finally:
+        rec.end = time.perf_counter()
     if rec.error is None and rec.completion_tokens != req.output_len:
         rec.error = f"{rec.completion_tokens} tokens generated, {req.output_len} asked"
     return rec
@@ -275,22 +276,22 @@ def summarize(records: list[RequestRecord], duration: float, hits: int, prompt_t
 
 def serve_workload(server: Server, requests: list[BenchRequest], rate: float) -> tuple[dict, list[RequestRecord]]:
     server.flush_cache()
-    before = server.stats()
+    before, clock = server.stats(), CpuClock.now(server.proc.pid)
     records, duration = asyncio.run(run_at_rate(server.url, requests, rate))
-    after = server.stats()
+    shares, after = CpuClock.now(server.proc.pid).shares_since(clock), server.stats()
     hits = after["cache_hit_tokens"] - before["cache_hit_tokens"]
-    return summarize(records, duration, hits, after["prompt_tokens"] - before["prompt_tokens"]), records
+    summary = summarize(records, duration, hits, after["prompt_tokens"] - before["prompt_tokens"])
+    return {**summary, "cpu_share": shares}, records
 
 
 def offline_workload(engine, requests: list[BenchRequest]) -> tuple[dict, list[list[int]]]:
     """The whole workload as one batch: the engine's best case, with no HTTP, IPC or client in the way."""
     engine.flush_cache()
-    before = engine.stats()
-    start = time.perf_counter()
+    before, clock = engine.stats(), CpuClock.now()
     outs = engine.generate(input_ids=[r.prompt_ids for r in requests],
                            sampling_params=[greedy(r.output_len) for r in requests])
-    duration = time.perf_counter() - start
-    after = engine.stats()
+    end = CpuClock.now()
+    after, duration = engine.stats(), end.wall - clock.wall
     out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
     in_tokens = sum(len(r.prompt_ids) for r in requests)
     prompt = after["prompt_tokens"] - before["prompt_tokens"]
@@ -298,7 +299,7 @@ def offline_workload(engine, requests: list[BenchRequest]) -> tuple[dict, list[l
             "output_throughput": out_tokens / duration, "total_throughput": (in_tokens + out_tokens) / duration,
             "output_tokens": out_tokens,
             "cache_hit_rate": (after["cache_hit_tokens"] - before["cache_hit_tokens"]) / prompt if prompt else 0.0,
-            }, [o["output_ids"] for o in outs]
+            "cpu_share": end.shares_since(clock)}, [o["output_ids"] for o in outs]
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
@@ -315,13 +316,12 @@ def build_workloads(s: Settings, only: list[str]) -> dict[str, list[BenchRequest
     return {name: builders[name]() for name in only}
 
 
-def run_server_phase(workloads: dict[str, list[BenchRequest]], s: Settings) -> tuple[dict, dict, dict]:
-    """{workload: {rate label: summary}}, {workload: rate-inf output ids}, CPU shares during the phase."""
+def run_server_phase(workloads: dict[str, list[BenchRequest]], s: Settings) -> tuple[dict, dict]:
+    """{workload: {rate label: summary}}, {workload: rate-inf output ids}."""
     server = Server()
     try:
         asyncio.run(run_at_rate(server.url, [WARMUP], INF))  # first calls pay for allocation and thread start-up
         results, outputs = {}, {}
-        start = CpuClock.now(server.proc.pid)
         for name, requests in workloads.items():
             results[name] = {}
             for rate in s.rates[name]:
@@ -332,30 +332,29 @@ def run_server_phase(workloads: dict[str, list[BenchRequest]], s: Settings) -> t
                     outputs[name] = [r.output_ids for r in records]
                 if summary["failed"]:
                     print(f"  {summary['failed']} failed, e.g. {summary['errors'][0]}", file=sys.stderr)
-        shares = CpuClock.now(server.proc.pid).shares_since(start)
         tail = server.log_tail()
     finally:
         server.stop()
     if "Traceback" in tail or "ERROR" in tail:
         print(f"server log ({server.log.name}) reports errors:\n{tail}", file=sys.stderr)
-    return results, outputs, shares
+    else:
+        Path(server.log.name).unlink()
+    return results, outputs
 
 
-def run_offline_phase(workloads: dict[str, list[BenchRequest]]) -> tuple[dict, dict, dict]:
+def run_offline_phase(workloads: dict[str, list[BenchRequest]]) -> tuple[dict, dict]:
     from radixflow import Engine
 
     engine = Engine(num_threads=THREADS)
     try:
         offline_workload(engine, [WARMUP])
         results, outputs = {}, {}
-        start = CpuClock.now()
         for name, requests in workloads.items():
             print(f"offline: {name}, {len(requests)} requests as one batch ...", file=sys.stderr)
             results[name], outputs[name] = offline_workload(engine, requests)
-        shares = CpuClock.now().shares_since(start)
     finally:
         engine.shutdown()
-    return results, outputs, shares
+    return results, outputs
 
 
 def rate_label(rate: float) -> str:
@@ -378,28 +377,29 @@ def _triple(p: dict, fmt: str) -> str:
 def serving_table(name: str, spec, runs: dict) -> list[str]:
     lines = [f"### {name}: {spec}", "",
              "| rate (req/s) | done | req/s | output tok/s | total tok/s | mean conc. | cache hit | "
-             "TTFT ms p50/p90/p99 | TPOT ms p50/p90/p99 | ITL ms p50/p90/p99 | E2E s p50/p90/p99 |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+             "TTFT ms p50/p90/p99 | TPOT ms p50/p90/p99 | ITL ms p50/p90/p99 | E2E s p50/p90/p99 | "
+             "CPU server / client / others |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
     for label, r in runs.items():
         done = f"{r['completed']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        cpu = r["cpu_share"]
         lines.append(f"| {label} | {done} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
                      f"{r['total_throughput']:.1f} | {r['mean_concurrency']:.1f} | {r['cache_hit_rate']:.1%} | "
                      f"{_triple(r['ttft_ms'], ',.0f')} | {_triple(r['tpot_ms'], ',.0f')} | "
-                     f"{_triple(r['itl_ms'], ',.0f')} | {_triple(r['e2e_s'], '.2f')} |")
+                     f"{_triple(r['itl_ms'], ',.0f')} | {_triple(r['e2e_s'], '.2f')} | "
+                     f"{cpu['server']:.0%} / {cpu['client']:.0%} / {cpu['others']:.0%} |")
     return lines + [""]
 
 
-def same_outputs(served: list[list[int]] | None, offline: list[list[int]]) -> str:
-    if served is None:
-        return "-"
+def same_outputs(served: list[list[int]], offline: list[list[int]]) -> str:
     return f"{sum(a == b for a, b in zip(served, offline))}/{len(offline)}"
 
 
 def comparison_table(serving: dict, offline: dict, outputs: dict, offline_outputs: dict) -> list[str]:
-    lines = ["### server (rate inf) vs offline Engine, same requests", "",
+    lines = ["### server (rate inf) vs offline Engine (one batch), same requests", "",
              "| workload | server output tok/s | offline output tok/s | server / offline | cache hit server / offline "
-             "| identical greedy outputs | target | result |",
-             "|---|---:|---:|---:|---|---:|---|---|"]
+             "| identical greedy outputs | others' CPU server / offline | target | result |",
+             "|---|---:|---:|---:|---|---:|---|---|---|"]
     for name, off in offline.items():
         inf = serving[name].get("inf")
         if inf is None:
@@ -407,19 +407,16 @@ def comparison_table(serving: dict, offline: dict, outputs: dict, offline_output
         ratio = inf["output_throughput"] / off["output_throughput"]
         lines.append(f"| {name} | {inf['output_throughput']:.1f} | {off['output_throughput']:.1f} | {ratio:.2f}x | "
                      f"{inf['cache_hit_rate']:.1%} / {off['cache_hit_rate']:.1%} | "
-                     f"{same_outputs(outputs.get(name), offline_outputs[name])} | >= {TARGET_RATIO}x | "
+                     f"{same_outputs(outputs[name], offline_outputs[name])} | "
+                     f"{inf['cpu_share']['others']:.0%} / {off['cpu_share']['others']:.0%} | >= {TARGET_RATIO}x | "
                      f"{'PASS' if ratio >= TARGET_RATIO else 'FAIL'} |")
     return lines + [""]
 
 
-def markdown(env: dict, s: Settings, serving: dict, offline: dict, outputs: dict, offline_outputs: dict,
-             shares: dict) -> str:
-    srv, off = shares["server_phase"], shares.get("offline_phase")
+def markdown(env: dict, s: Settings, serving: dict, offline: dict, outputs: dict, offline_outputs: dict) -> str:
     lines = [f"commit {env['commit']} | torch {env['torch']} | python {env['python']} | nproc {env['nproc']} | "
-             f"torch threads {env['threads']} | CPU share during the server runs: server {srv['server']:.0%}, "
-             f"client {srv['client']:.0%}, other processes {srv['others']:.0%}"
-             + (f" | during the offline runs: engine {off['client']:.0%}, other processes {off['others']:.0%}"
-                if off else ""), ""]
+             f"torch threads {env['threads']} | CPU columns: share of the machine's CPUs used by the server, this "
+             "client and other processes during each run (others > 0 means the figures are noisy)", ""]
     for name, runs in serving.items():
         lines += serving_table(name, getattr(s, name), runs)
     if offline:
@@ -437,25 +434,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     only = args.only.split(",")
-    unknown = set(only) - set(s.rates)
-    if unknown:
-        parser.error(f"--only: unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(s.rates)}")
+    if set(only) - set(s.rates):
+        parser.error(f"--only: choose from {', '.join(s.rates)}")
     began = time.perf_counter()
     workloads = build_workloads(s, only)
-    serving, outputs, server_shares = run_server_phase(workloads, s)
-    offline, offline_outputs, shares = {}, {}, {"server_phase": server_shares}
-    if not args.no_offline:
-        offline, offline_outputs, shares["offline_phase"] = run_offline_phase(workloads)
-    env = {**environment(), "wall_s": time.perf_counter() - began, "cpu_shares": shares}
-    print(markdown(env, s, serving, offline, outputs, offline_outputs, shares))
-    print(f"\n({env['wall_s']:.0f}s in all)")
+    serving, outputs = run_server_phase(workloads, s)
+    offline, offline_outputs = ({}, {}) if args.no_offline else run_offline_phase(workloads)
+    env = {**environment(), "wall_s": time.perf_counter() - began}
+    print(markdown(env, s, serving, offline, outputs, offline_outputs))
+    print(f"({env['wall_s']:.0f}s in all)")
     if args.json:
-        figures = {"environment": env, "settings": asdict(replace(s, rates={k: [rate_label(r) for r in v]
-                                                                            for k, v in s.rates.items()})),
-                   "serving": serving, "offline": offline,
-                   "workloads": {name: {"prompt_lens": [len(r.prompt_ids) for r in reqs],
-                                        "output_lens": [r.output_len for r in reqs]}
-                                 for name, reqs in workloads.items()}}
+        settings = asdict(replace(s, rates={k: [rate_label(r) for r in v] for k, v in s.rates.items()}))
+        workload_lens = {name: {"prompt_lens": [len(r.prompt_ids) for r in reqs],
+                                "output_lens": [r.output_len for r in reqs]} for name, reqs in workloads.items()}
+        figures = {"environment": env, "settings": settings, "serving": serving, "offline": offline,
+                   "workloads": workload_lens}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 

@@ -1,8 +1,8 @@
 """The frontend's backend interface, and the shared logic of backends that talk to a radixflow runtime.
 
 Every method has a harmless default or a clear error, so one suite of programs runs against every backend.
-A runtime backend needs only `_generate(prompts, params, logprob)` returning SGLang-shaped results (and
-optionally `_generate_stream`); `select` scoring is built on it here.
+A runtime backend needs only `_generate(prompts, params, logprob)` (prompts: texts, or token-id lists) returning
+SGLang-shaped results (and optionally `generate_stream`); `select` scoring is built on it here.
 """
 
 from __future__ import annotations
@@ -70,20 +70,27 @@ class RuntimeBackend(BaseBackend):
         results = self._generate(prompts, [{"max_new_tokens": 0}] * len(prompts),
                                  {"return_logprob": True, "logprob_start_len": start})
         prefix_tail = [t for _, t, _ in results[0]["meta_info"]["input_token_logprobs"]]
-        scores = []
+        scores, scored_ids = [], []
         for result in results[1:]:
             entries = result["meta_info"]["input_token_logprobs"]
             same = 0
             while same < len(prefix_tail) and same < len(entries) and entries[same][1] == prefix_tail[same]:
                 same += 1
             scores.append([lp for lp, _, _ in entries[same:] if lp is not None] or [0.0])
+            scored_ids.append([t for lp, t, _ in entries[same:] if lp is not None])
         unconditional = None
         if method.requires_unconditional_logprobs:
-            plain = self._generate(list(choices), [{"max_new_tokens": 0}] * len(choices),
-                                   {"return_logprob": True, "logprob_start_len": 0})
-            unconditional = [[lp for lp, _, _ in r["meta_info"]["input_token_logprobs"] if lp is not None] or [0.0]
-                             for r in plain]
-            # Align lengths: the unconditional run has no context for the first token of the choice.
-            unconditional = [u[-len(c):] if len(u) >= len(c) else [0.0] * (len(c) - len(u)) + u
-                             for u, c in zip(unconditional, scores)]
+            unconditional = self._unconditional(scored_ids)
         return method(ChoiceScores(list(choices), scores, unconditional))
+
+    def _unconditional(self, scored_ids: list[list[int]]) -> list[list[float]]:
+        """Logprobs of exactly the tokens each choice was scored on, with no context (as SGLang does): a choice
+        re-tokenized on its own ("Berlin" vs the healed " Berlin") would compare different tokens. The first
+        token has no context at all and counts 0."""
+        present = [ids for ids in scored_ids if ids]  # an empty choice scored no token
+        results = iter(self._generate(present, [{"max_new_tokens": 0}] * len(present),
+                                      {"return_logprob": True, "logprob_start_len": 0}) if present else ())
+
+        def logprobs(result: dict) -> list[float]:
+            return [lp or 0.0 for lp, _, _ in result["meta_info"]["input_token_logprobs"]]
+        return [logprobs(next(results)) if ids else [0.0] for ids in scored_ids]

@@ -21,8 +21,8 @@ class EngineBackend(RuntimeBackend):
         return self._template
 
     def _generate(self, prompts, params, logprob):
-        out = self.engine.generate(prompts, params, **logprob)
-        return out
+        source = "input_ids" if isinstance(prompts[0], list) else "prompt"
+        return self.engine.generate(**{source: prompts}, sampling_params=params, **logprob)
 
     def generate_stream(self, text, params, logprob):
         meta = None

@@ -30,7 +30,8 @@ class RuntimeEndpoint(RuntimeBackend):
         return self._template
 
     def _generate(self, prompts, params, logprob):
-        response = self.client.post("/generate", json={"text": prompts, "sampling_params": params, **logprob})
+        source = "input_ids" if isinstance(prompts[0], list) else "text"
+        response = self.client.post("/generate", json={source: prompts, "sampling_params": params, **logprob})
         if response.status_code != 200:
             raise RuntimeError(f"server answered {response.status_code}: {response.text}")
         return response.json()

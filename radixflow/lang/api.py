@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from radixflow.lang.choices import ChoiceMethod
@@ -143,8 +145,11 @@ class SglFunction:
         return SglFunction(self.func, self.num_api_spec_tokens, {**self.bind_arguments, **kwargs})
 
     def __call__(self, *args, **kwargs):
-        """Call inside another program: `other_fn(s, ...)` appends to that program's state."""
-        return self.func(*args, **{**self.bind_arguments, **kwargs})
+        """Inside another program, `other_fn(s, ...)` appends to that program's state; called on its own,
+        `fn(question=..., temperature=0)` is `fn.run(...)`, as in SGLang."""
+        if args and isinstance(args[0], ProgramState):
+            return self.func(*args, **{**self.bind_arguments, **kwargs})
+        return self.run(*args, **kwargs)
 
     def run(self, *args, max_new_tokens: int = 128, stop=None, stop_token_ids=None, temperature: float = 1.0,
             top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0, frequency_penalty: float = 0.0,
@@ -165,6 +170,9 @@ class SglFunction:
         chosen = _backend(backend)
         if not batch_kwargs:
             return []
+        if not isinstance(batch_kwargs[0], dict):  # SGLang also takes each program's arguments as a tuple
+            names = list(inspect.signature(self.func).parameters)[1:]
+            batch_kwargs = [dict(zip(names, values)) for values in batch_kwargs]
         if num_threads == "auto":
             num_threads = max(min(len(batch_kwargs), 64, 16 * (os.cpu_count() or 1)), 1)
         run = lambda kw: self._run_one((), {**self.bind_arguments, **kw}, defaults, False, chosen)  # noqa: E731
@@ -181,16 +189,15 @@ class SglFunction:
         executor = StreamExecutor(backend, defaults, stream)
         state = ProgramState(executor)
         if stream:
-            import threading
-
             threading.Thread(target=self._execute, args=(state, executor, args, kwargs), daemon=True).start()
         else:
             self._execute(state, executor, args, kwargs)
         return state
 
     def _execute(self, state: ProgramState, executor: StreamExecutor, args, kwargs) -> None:
+        executor.owner = threading.current_thread()
         try:
-            self.func(state, *args, **kwargs)
+            state.ret_value = self.func(state, *args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - one failing program must not take a batch down
             executor.sync()
             executor.error = executor.error or exc

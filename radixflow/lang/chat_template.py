@@ -33,22 +33,33 @@ class RoleTemplate:
 
     @classmethod
     def from_renderer(cls, render: Renderer) -> "RoleTemplate":
-        prefixes, suffixes = {}, {}
-        prefixes["system"], suffixes["system"] = _split(render([{"role": "system", "content": _MARK}], False))
-        base_messages = [{"role": "system", "content": "S"}]
-        base = render(base_messages, False)
-        for role in ("user", "assistant"):
-            full = render(base_messages + [{"role": role, "content": _MARK}], False)
-            if not full.startswith(base):
-                full, base_len = render([{"role": role, "content": _MARK}], False), 0
-            else:
-                base_len = len(base)
-            prefixes[role], suffixes[role] = _split(full[base_len:])
+        """Each role's markers are what its message adds after a plausible history. Histories start with a system
+        message where the template allows one (some inject a default system prompt otherwise); a role no history
+        renders (a template that refuses system messages, say) keeps the plain markers."""
+        plain = cls.plain()
+        prefixes, suffixes = dict(plain.prefixes), dict(plain.suffixes)
+        for role, histories in _HISTORIES.items():
+            for history in histories:
+                markers = _markers(render, history, role)
+                if markers is not None:
+                    prefixes[role], suffixes[role] = markers
+                    break
         return cls(prefixes, suffixes)
 
 
-def _split(rendered: str) -> tuple[str, str]:
-    before, _, after = rendered.partition(_MARK)
+_SYSTEM, _USER = {"role": "system", "content": "S"}, {"role": "user", "content": "U"}
+_HISTORIES = {"system": [[]], "user": [[_SYSTEM], []], "assistant": [[_SYSTEM, _USER], [_USER]]}
+
+
+def _markers(render: Renderer, history: list[dict], role: str) -> tuple[str, str] | None:
+    try:
+        base = render(history, False) if history else ""  # transformers refuses to render no messages
+        full = render(history + [{"role": role, "content": _MARK}], False)
+    except Exception:  # noqa: BLE001 - templates reject histories with raise_exception; try the next one
+        return None
+    if not full.startswith(base) or _MARK not in full:
+        return None
+    before, _, after = full[len(base):].partition(_MARK)
     return before, after
 
 

@@ -40,6 +40,8 @@ class StreamExecutor:
         self.variables: dict[str, Any] = {}
         self.meta_info: dict[str, dict] = {}
         self.error: BaseException | None = None
+        self._ended = False
+        self.owner: threading.Thread | None = None  # the thread running the program function
         self._events: dict[str, threading.Event] = {}
         self._role: tuple[str, int] | None = None
         self._scopes: dict[str, int] = {}
@@ -64,13 +66,29 @@ class StreamExecutor:
 
     def end(self) -> None:
         self.sync()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker once the queued primitives have run; readers of missing variables wake up."""
+        if self._ended:
+            return
+        self._ended = True
         self._queue.put(None)
         self.stream_events.put(None)
+        for event in list(self._events.values()):
+            event.set()
 
     def get(self, name: str):
-        self._event(name).wait()
+        known = name in self._events
+        event = self._event(name)
+        if not known and not self._ended and threading.current_thread() is self.owner:
+            # Nothing the program appended produces it, and only the program could: waiting would never end.
+            raise ProgramError(f"variable {name!r} is read before anything appended to the program produces it")
+        if not self._ended:  # after the end nothing more will be produced: a missing variable raises below
+            event.wait()
         if name not in self.variables:
-            raise ProgramError(f"variable {name!r} was never produced: {self.error!r}") from self.error
+            reason = f"the program failed: {self.error!r}" if self.error else "the program ended without it"
+            raise ProgramError(f"variable {name!r} was never produced: {reason}") from self.error
         return self.variables[name]
 
     def fork_copy(self) -> "StreamExecutor":
@@ -78,6 +96,7 @@ class StreamExecutor:
         child.text, child.messages = self.text, copy.deepcopy(self.messages)
         child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
         child._role = self._role
+        child.owner = self.owner
         for name in self.variables:
             child._event(name).set()
         return child
@@ -99,7 +118,7 @@ class StreamExecutor:
                 self.error = exc
             finally:
                 if self.error is not None:
-                    for event in self._events.values():
+                    for event in list(self._events.values()):  # the program's thread may add events meanwhile
                         event.set()  # readers wake up and see the error instead of waiting forever
                 self._queue.task_done()
 
@@ -183,6 +202,11 @@ class ProgramState:
 
     def __init__(self, executor: StreamExecutor):
         self._executor = executor
+        self.ret_value = None  # what the program function returned
+
+    def __del__(self):
+        # A forked child nobody joins would otherwise keep its worker thread forever.
+        self._executor.close()
 
     def __iadd__(self, other) -> "ProgramState":
         self._executor.submit(as_node(other))
@@ -190,6 +214,9 @@ class ProgramState:
 
     def __getitem__(self, name: str):
         return self._executor.get(name)
+
+    def __setitem__(self, name: str, value) -> None:
+        self.set_var(name, value)
 
     def __contains__(self, name: str) -> bool:
         self.sync()
@@ -213,6 +240,10 @@ class ProgramState:
     def get_var(self, name: str):
         return self[name]
 
+    def set_var(self, name: str, value) -> None:
+        self.sync()
+        self._executor._set(name, value, self._executor.meta_info.get(name))
+
     def get_meta_info(self, name: str) -> dict:
         self[name]
         return self._executor.meta_info.get(name, {})
@@ -223,7 +254,8 @@ class ProgramState:
             raise ProgramError(f"cannot fork a failed program: {self._executor.error!r}") from self._executor.error
         if size > 1:
             self._executor.backend.cache_prefix(self._executor.text)
-        return ProgramStateGroup([ProgramState(self._executor.fork_copy()) for _ in range(size)], self)
+        children = [ProgramState(self._executor.fork_copy()) for _ in range(size)]
+        return ProgramStateGroup(children, self, len(self._executor.text))
 
     def copy(self) -> "ProgramState":
         return self.fork(1)[0]
@@ -256,7 +288,11 @@ class ProgramState:
         return None
 
     def text_iter(self, var_name: str | None = None):
-        """Yield text as it is produced (run(..., stream=True)); only that variable's text if `var_name`."""
+        """Yield text as it is produced (run(..., stream=True)); only that variable's text if `var_name`.
+        Without streaming, yields the whole text (or the variable) once."""
+        if not self._executor.stream:
+            yield self.text() if var_name is None else self[var_name]
+            return
         while True:
             event = self._executor.stream_events.get()
             if event is None:
@@ -267,6 +303,9 @@ class ProgramState:
     async def text_async_iter(self, var_name: str | None = None):
         import asyncio
 
+        if not self._executor.stream:
+            yield self.text() if var_name is None else self[var_name]
+            return
         loop = asyncio.get_running_loop()
         while True:
             event = await loop.run_in_executor(None, self._executor.stream_events.get)
@@ -282,9 +321,10 @@ class ProgramState:
 class ProgramStateGroup:
     """The children of `fork(n)`."""
 
-    def __init__(self, states: list[ProgramState], parent: ProgramState):
+    def __init__(self, states: list[ProgramState], parent: ProgramState, start: int):
         self.states = states
         self.parent = parent
+        self.start = start  # the parent's text length at the fork: where each child's own text begins
 
     def __len__(self) -> int:
         return len(self.states)
@@ -297,7 +337,12 @@ class ProgramStateGroup:
 
     def __iadd__(self, other) -> "ProgramStateGroup":
         for i, state in enumerate(self.states):
-            state += other(i) if callable(other) else other
+            if callable(other):
+                state += other(i)
+            elif isinstance(other, (list, tuple)):  # one expression per child
+                state += other[i]
+            else:
+                state += other
         return self
 
     def join(self, mode: str = "gather_variable") -> None:
@@ -311,7 +356,6 @@ class ProgramStateGroup:
             for name in sorted(names):
                 parent._set(name, [s._executor.variables.get(name) for s in self.states], None)
         elif mode == "concate_and_append":
-            base = len(parent.text)
-            self.parent += "".join(s._executor.text[base:] for s in self.states)
+            self.parent += "".join(s._executor.text[self.start:] for s in self.states)
         else:
             raise ValueError(f"join mode must be 'gather_variable' or 'concate_and_append', got {mode!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -24,6 +25,8 @@ from radixflow.server.tokenizer_manager import SchedulerDiedError, TokenizerMana
 
 MAX_BODY_BYTES = 8 * 2**20
 
+logger = logging.getLogger(__name__)
+
 
 class ServerState:
     def __init__(self, manager: TokenizerManager, served_model_name: str, api_key: str | None):
@@ -34,6 +37,8 @@ class ServerState:
         self.started = time.time()
 
     def build(self, prompt, params, logprob, rid=None) -> list[Req]:
+        if not self.manager.alive:  # checked here, before a streamed response has sent its 200
+            raise SchedulerDiedError(self.manager.dead_reason or "scheduler process is not running")
         return build_reqs(self.manager.tokenizer, self.manager.eos_ids, self.manager.limits, prompt, params, logprob,
                           rid)
 
@@ -58,6 +63,9 @@ class ServerState:
         collector = None
         async for collector, _ in self.stream(req):
             pass
+        reason = collector.last.finish_reason
+        if reason and reason.type == "abort" and not self.manager.alive:
+            raise SchedulerDiedError(self.manager.dead_reason)  # an error (503), not a truncated success
         return collector
 
 
@@ -72,18 +80,50 @@ async def read_json(request: Request) -> dict | list:
 
 
 async def until_disconnect(request: Request, work):
-    """Run `work`; if the client goes away first, cancel it (its request is aborted on the way out)."""
+    """Run `work`; if the client goes away first, cancel it (its request is aborted on the way out).
+
+    The disconnect is awaited on `receive()`: `request.is_disconnected()` never reports it behind an
+    `@app.middleware` (Starlette's BaseHTTPMiddleware), so abandoned requests would run to the end.
+    """
     task = asyncio.ensure_future(work)
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.25)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            raise APIError(499, "client disconnected")
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        _cancel(task)
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        _cancel(task)
+        raise APIError(499, "client disconnected")
     return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":  # the body was read: only this can come
+        pass
+
+
+def _cancel(task: asyncio.Future) -> None:
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, so asyncio logs nothing
 
 
 def sse(payload) -> bytes:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n".encode()
+
+
+def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    """An SSE response. Its 200 is sent before the first event, so a failure after that is sent as an event."""
+    async def guarded():
+        try:
+            async for event in events:
+                yield event
+        except SchedulerDiedError as exc:
+            yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+
+    return StreamingResponse(guarded(), media_type="text/event-stream")
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -114,6 +154,9 @@ def create_app(state: ServerState) -> FastAPI:
             return bad_request(str(exc), exc.field).response()
         except SchedulerDiedError as exc:
             return APIError(503, str(exc), type_="server_error").response()
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 in the API's shape and keeps the connection
+            logger.exception("internal error on %s %s", request.method, request.url.path)
+            return APIError(500, f"internal server error: {type(exc).__name__}: {exc}", type_="server_error").response()
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -203,6 +246,8 @@ def _add_native(app: FastAPI, state: ServerState) -> None:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts) or not all(isinstance(p, dict) for p in params_list):
             raise bad_request("sampling_params: an object, or a list with one object per prompt", "sampling_params")
+        for sp in params_list:
+            _check_list_params(sp)
         logprob = logprob_options(body.get("return_logprob", False), body.get("logprob_start_len", -1),
                                   body.get("top_logprobs_num", 0))
         rid = body.get("rid")
@@ -215,11 +260,19 @@ def _add_native(app: FastAPI, state: ServerState) -> None:
         if body.get("stream"):
             if batched or len(groups[0]) != 1:
                 raise bad_request("stream: streaming takes a single prompt with n=1", "stream")
-            return StreamingResponse(_native_stream(state, groups[0][0], with_text), media_type="text/event-stream")
+            return event_stream(_native_stream(state, groups[0][0], with_text))
         reqs = [r for g in groups for r in g]
         collectors = await until_disconnect(request, asyncio.gather(*(state.run(r) for r in reqs)))
         results = [_with_token_text(c.result(), state, with_text) for c in collectors]
         return results if batched or len(results) > 1 else results[0]
+
+
+def _check_list_params(params: dict) -> None:
+    # SamplingParams converts these with list(), so a number would surface as a TypeError instead of a 400.
+    for key in ("stop", "stop_token_ids"):
+        value = params.get(key)
+        if value is not None and not isinstance(value, (str, list)):
+            raise bad_request(f"{key}: must be a string or a list, got {value!r}", key)
 
 
 def _native_prompts(body: dict) -> tuple[list, bool]:

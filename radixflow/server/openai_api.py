@@ -12,13 +12,13 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from radixflow.runtime.request import Req
 from radixflow.runtime.request_builder import logprob_options
+from radixflow.runtime.sampling_params import InvalidRequestError
 from radixflow.server.errors import APIError, bad_request
-from radixflow.server.http_app import ServerState, read_json, sse, until_disconnect
+from radixflow.server.http_app import ServerState, event_stream, read_json, sse, until_disconnect
 
 
 class _Body(BaseModel):
@@ -71,8 +71,24 @@ def _parse(model_cls, body):
         return model_cls.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise bad_request(f"{param}: {first['msg']}", param) from exc
+        param = ".".join(str(p) for p in first["loc"] if not _is_union_member(p)) or None
+        raise bad_request(f"{param or 'body'}: {first['msg']}", param) from exc
+
+
+def _is_union_member(part) -> bool:
+    # pydantic names the union member it tried in the location (`stop.list[str].0`); clients know only fields.
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+def _build(state: ServerState, prompt, params: dict, logprob, renames: dict[str, str]) -> list[Req]:
+    """`state.build`, with the runtime's parameter names in its errors replaced by the ones this client sent."""
+    try:
+        return state.build(prompt, params, logprob)
+    except InvalidRequestError as exc:
+        message, field = str(exc), renames.get(exc.field, exc.field)
+        for runtime_name, api_name in renames.items():
+            message = message.replace(runtime_name, api_name)
+        raise bad_request(message, field) from exc
 
 
 def _sampling(body: _Body, max_tokens: int) -> dict:
@@ -117,11 +133,12 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         top = body.logprobs or 0
         logprob = logprob_options(body.logprobs is not None, 0 if body.echo and body.logprobs is not None else -1, top)
         params = {**_sampling(body, max_tokens), "n": body.n}
-        groups = [state.build(p, params, logprob) for p in prompts]
+        renames = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt"}
+        groups = [_build(state, p, params, logprob, renames) for p in prompts]
         reqs = [r for g in groups for r in g]
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return StreamingResponse(_stream_completion(state, reqs, body, rid), media_type="text/event-stream")
+            return event_stream(_stream_completion(state, reqs, body, rid))
         collectors = await until_disconnect(request, asyncio.gather(*(state.run(r) for r in reqs)))
         choices = [_completion_choice(i, c, state, body) for i, c in enumerate(collectors)]
         metas = [c.meta() for c in collectors]
@@ -138,15 +155,19 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
             raise bad_request("response_format: constrained decoding (json_object / json_schema) is not "
                               "supported by this server yet", "response_format")
         prompt = _chat_prompt(state, body.messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
-            max_tokens = max(state.manager.limits.max_context - len(state.manager.tokenizer.encode(prompt)), 1)
-            max_tokens = min(max_tokens, 4096)
+            # Whatever fits: one request can use neither more than the context nor more than the KV pool.
+            limits = state.manager.limits
+            room = min(limits.max_context, limits.pool_size) - len(state.manager.tokenizer.encode(prompt))
+            max_tokens = min(max(room, 1), 4096)
         logprob = logprob_options(body.logprobs, -1, body.top_logprobs or 0 if body.logprobs else 0)
-        reqs = state.build(prompt, {**_sampling(body, max_tokens), "n": body.n}, logprob)
+        reqs = _build(state, prompt, {**_sampling(body, max_tokens), "n": body.n}, logprob,
+                      {"max_new_tokens": max_name, "min_new_tokens": "min_tokens"})
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return StreamingResponse(_stream_chat(state, reqs, body, rid), media_type="text/event-stream")
+            return event_stream(_stream_chat(state, reqs, body, rid))
         collectors = await until_disconnect(request, asyncio.gather(*(state.run(r) for r in reqs)))
         choices = []
         for i, c in enumerate(collectors):

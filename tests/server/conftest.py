@@ -23,6 +23,7 @@ STOP_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 120.0
 TINY_ARGS = ("--max-total-tokens", "8192", "--log-level", "warning")
 API_KEY = "sk-radixflow-test"
+KEYED_POOL = 64
 
 
 def free_port() -> int:
@@ -40,6 +41,8 @@ class ServerProcess:
         self.api_key = api_key
         self.port = 0
         self.proc: subprocess.Popen | None = None
+        self._family: list[psutil.Process] = []
+        self._term_sent = 0.0
 
     @property
     def url(self) -> str:
@@ -67,8 +70,14 @@ class ServerProcess:
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "ServerProcess":
         deadline = time.monotonic() + timeout_s
+        retries = 2
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if retries and "address already in use" in self.log_tail().lower():
+                    retries -= 1  # another process took the free port during our start-up: try another
+                    self.log.rename(self.log.with_suffix(f".{retries}.log"))
+                    self.launch()
+                    continue
                 raise RuntimeError(f"server exited during start-up (code {self.proc.returncode}):\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
@@ -93,28 +102,34 @@ class ServerProcess:
         assert len(found) == 1, f"expected one scheduler child, found {found}"
         return found[0]
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> float:
-        """SIGTERM the HTTP process; assert it and every process it started exit within `timeout_s`.
+    def terminate(self) -> None:
+        """Send SIGTERM to the HTTP process only, as a process supervisor would; `wait_stopped` checks the rest."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._family = []
+            return
+        self._family = [psutil.Process(self.proc.pid), *self.descendants()]
+        self._term_sent = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
 
-        Returns the seconds it took. Whatever is still alive at the deadline is SIGKILLed (so a failing test
-        leaves no orphans behind) and the assertion names it.
+    def wait_stopped(self, timeout_s: float = STOP_TIMEOUT_S) -> float:
+        """Assert the server and every process it started exit within `timeout_s` of SIGTERM; returns the seconds.
+
+        Whatever is still alive at the deadline is SIGKILLed (a failing test leaves no orphans behind) and the
+        assertion names it.
         """
-        if self.proc is None:
-            return 0.0
-        if self.proc.poll() is not None:
+        if not self._family:  # it was already gone when terminated: check that it left nothing behind
             stragglers = [p for p in self._session_members() if p.is_running()]
             self._kill(stragglers)
-            assert not stragglers, f"server already exited but left {stragglers} running"
+            assert not stragglers, f"server exited but left {stragglers} running"
             return 0.0
-        started = time.monotonic()
-        family = [psutil.Process(self.proc.pid), *self.descendants()]
-        self.proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(family, timeout=timeout_s)
-        elapsed = time.monotonic() - started
+        names = {p.pid: _describe(p) for p in self._family}
+        _, alive = psutil.wait_procs(self._family, timeout=max(timeout_s - (time.monotonic() - self._term_sent), 0))
+        elapsed = time.monotonic() - self._term_sent
+        self._family = []
         self._kill(alive)
         self.proc.wait(timeout=5)
-        assert not alive, (f"still running {timeout_s:.0f}s after SIGTERM: "
-                           f"{[(p.pid, p.name()) for p in alive if p.is_running()]}\n{self.log_tail()}")
+        assert not alive, (f"still running {timeout_s:.0f}s after SIGTERM: {[names[p.pid] for p in alive]}\n"
+                           f"{self.log_tail()}")
         return elapsed
 
     def _session_members(self) -> list[psutil.Process]:
@@ -137,39 +152,107 @@ class ServerProcess:
                 pass
 
 
-def start_servers(*servers: ServerProcess) -> tuple[ServerProcess, ...]:
-    """Launch several servers at once (their model loads overlap), then wait for all of them."""
-    for server in servers:
-        server.launch()
+def _describe(proc: psutil.Process) -> str:
     try:
-        for server in servers:
+        return f"{proc.pid} {' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:  # a zombie has no command line left
+        return str(proc.pid)
+
+
+class Fleet:
+    """Every server the selected tests need, launched together at the start so their model loads overlap
+    (on two cores that saves most of a server start per extra server), and stopped together at the end."""
+
+    def __init__(self, specs: dict[str, ServerProcess]):
+        self.servers = specs
+        self._ready: set[str] = set()
+        for server in specs.values():
+            server.launch()
+
+    def get(self, name: str) -> ServerProcess:
+        server = self.servers[name]
+        if name not in self._ready:
             server.wait_ready()
-    except BaseException:
-        for server in servers:
-            ServerProcess._kill([*server.descendants(), psutil.Process(server.proc.pid)])
-        raise
-    return servers
+            self._ready.add(name)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers.values():
+            server.terminate()
+        failures = []
+        for name, server in self.servers.items():
+            try:
+                server.wait_stopped()
+            except AssertionError as exc:
+                failures.append(f"{name}: {exc}")
+            # A handled bad request logs nothing: a traceback here is a bug even if every response looked right.
+            log = server.log.read_text(errors="replace") if server.log.exists() else ""
+            if name not in EXPECTED_ERRORS and ("Traceback" in log or "ERROR" in log):
+                failures.append(f"{name} logged errors:\n{log[-4000:]}")
+        assert not failures, "\n".join(failures)
 
 
-def tiny_server_process(tmp_path_factory, model_dir: Path, name: str, api_key: str | None = None) -> ServerProcess:
-    return ServerProcess(["--model-path", str(model_dir), *TINY_ARGS], tmp_path_factory.mktemp(name), api_key)
+_SERVER_FIXTURES = ("tiny_server", "keyed_server", "doomed_server", "stopped_server", "smol_server")
+EXPECTED_ERRORS = {"doomed_server"}  # its scheduler is killed on purpose
+_needed_servers = pytest.StashKey[set]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: launch only what the selected tests use
+def pytest_collection_modifyitems(config, items):
+    config.stash[_needed_servers] = {name for item in items for name in getattr(item, "fixturenames", ())
+                                     if name in _SERVER_FIXTURES}
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny_model_dir, tmp_path_factory):
-    """The tiny random Llama behind a server; most tests share it (they must leave it idle and healthy)."""
-    (server,) = start_servers(tiny_server_process(tmp_path_factory, tiny_model_dir, "tiny-server"))
-    yield server
-    server.stop()
+def fleet(request, tmp_path_factory):
+    needed = request.config.stash.get(_needed_servers, set(_SERVER_FIXTURES))
+    specs = {}
+    if "smol_server" in needed:  # launched first: it needs no tiny model, so it loads while that is built
+        specs["smol_server"] = ServerProcess(["--max-total-tokens", "8192", "--log-level", "warning"],
+                                             tmp_path_factory.mktemp("smol_server"))
+    if needed - {"smol_server"}:
+        model_dir = request.getfixturevalue("tiny_model_dir")
+        for name in sorted(needed - {"smol_server"}):
+            args = ["--model-path", str(model_dir), *TINY_ARGS]
+            if name == "keyed_server":  # also a KV pool (64 tokens) far under the context (2048)
+                args[args.index("--max-total-tokens") + 1] = str(KEYED_POOL)
+            specs[name] = ServerProcess(args, tmp_path_factory.mktemp(name), API_KEY if name == "keyed_server"
+                                        else None)
+    fleet = Fleet(specs)
+    try:
+        yield fleet
+    finally:
+        fleet.stop_all()
 
 
 @pytest.fixture(scope="session")
-def smol_server(tmp_path_factory):
+def tiny_server(fleet):
+    """The tiny random Llama; most tests share it (each must leave it idle and healthy)."""
+    return fleet.get("tiny_server")
+
+
+@pytest.fixture(scope="session")
+def keyed_server(fleet):
+    """The tiny model behind --api-key, with a 64-token KV pool."""
+    return fleet.get("keyed_server")
+
+
+@pytest.fixture(scope="session")
+def doomed_server(fleet):
+    """A server whose scheduler process a test kills."""
+    return fleet.get("doomed_server")
+
+
+@pytest.fixture(scope="session")
+def stopped_server(fleet):
+    """A server a test stops."""
+    return fleet.get("stopped_server")
+
+
+@pytest.fixture(scope="session")
+def smol_server(fleet):
     """The embedded SmolLM2-135M-Instruct: for the few tests that need meaningful text."""
-    (server,) = start_servers(ServerProcess(["--max-total-tokens", "8192", "--log-level", "warning"],
-                                            tmp_path_factory.mktemp("smol-server")))
-    yield server
-    server.stop()
+    return fleet.get("smol_server")
 
 
 @pytest.fixture

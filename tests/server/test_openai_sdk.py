@@ -55,6 +55,14 @@ def test_completion_n_samples(sdk, model_name):
     assert out.usage.prompt_tokens == single.usage.prompt_tokens  # the shared prompt is counted once
 
 
+def test_chat_n_samples(sdk, model_name):
+    out = sdk.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], n=2,
+                                      max_tokens=4, seed=3, **NO_EOS)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert all(c.finish_reason == "length" and c.message.content for c in out.choices)
+    assert out.usage.completion_tokens == 8
+
+
 def test_chat_n_samples_stream(sdk, model_name):
     stream = sdk.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], n=2,
                                          max_tokens=5, stream=True, stream_options={"include_usage": True}, **NO_EOS)

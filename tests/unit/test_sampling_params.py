@@ -7,7 +7,7 @@ from radixflow.runtime.sampling_params import InvalidRequestError, SamplingParam
     ("max_new_tokens", -1), ("max_new_tokens", 1.5), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", -2), ("min_p", 2.0), ("frequency_penalty", 3.0), ("presence_penalty", -3.0),
     ("repetition_penalty", 0.0), ("n", 0), ("stop", [""]), ("stop", [1]), ("stop_token_ids", [-1]),
-    ("seed", "x"), ("temperature", "hot"),
+    ("seed", "x"), ("temperature", "hot"), ("stop", 5), ("stop", {"a": 1}), ("stop_token_ids", 7),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(InvalidRequestError) as err:

@@ -1,0 +1,223 @@
+"""Paper-style SGLang programs on the embedded SmolLM2-135M, run unchanged against both backends: the in-process
+engine and a `radixflow serve` subprocess over HTTP.
+
+Greedy decoding throughout. A 135M model is weak, so answers are asserted only where it gets them right (checked
+by hand on both backends); elsewhere the tests assert the program's structure.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import radixflow as sgl
+
+pytestmark = pytest.mark.slow
+
+CHOICE_METHODS = [sgl.token_length_normalized, sgl.greedy_token_selection, sgl.unconditional_likelihood_normalized]
+
+
+@pytest.fixture(scope="module", params=["engine", "runtime"])
+def backend(request):
+    """What a user passes as `backend=`: an `Engine` or a `Runtime`; each loads the model once."""
+    if request.param == "engine":
+        yield request.getfixturevalue("smol_engine")  # shared with the other slow tests of the session
+        return
+    # One torch thread: on a 2-core machine the server's default (all cores) competes with its own HTTP process and
+    # runs the model about 3x slower.
+    runtime = sgl.Runtime(max_total_tokens=16384, num_threads=1)
+    yield runtime
+    runtime.shutdown()
+
+
+# -- few-shot QA and var_scope ---------------------------------------------------------------------------------
+@sgl.function
+def few_shot_qa(s, question):
+    s += "The following are questions with answers.\n\n"
+    s += "Q: What is the capital of France?\nA: Paris\n"
+    s += "Q: What is the capital of Germany?\nA: Berlin\n"
+    s += "Q: What is the capital of Italy?\nA: Rome\n"
+    with s.var_scope("qa"):
+        s += "Q: " + question + "\n"
+        s += "A:" + sgl.gen("answer", stop="\n", max_tokens=8)
+
+
+def test_few_shot_qa(backend):
+    state = few_shot_qa.run(question="What is the capital of Spain?", temperature=0, backend=backend)
+    assert state["answer"].strip() == "Madrid"
+    assert state["qa"] == "Q: What is the capital of Spain?\nA:" + state["answer"]  # var_scope's text
+    states = few_shot_qa.run_batch([{"question": f"What is the capital {q}?"}
+                                    for q in ("of Japan", "of the United Kingdom", "city of China")],
+                                   temperature=0, backend=backend)
+    assert [s["answer"].strip().lower() for s in states] == ["tokyo", "london", "beijing"]
+
+
+# -- multi-turn chat --------------------------------------------------------------------------------------------
+@sgl.function
+def two_turns(s, question_1, question_2):
+    s += sgl.system("You are a helpful assistant.")
+    s += sgl.user(question_1)
+    s += sgl.assistant(sgl.gen("answer_1", max_tokens=16))
+    with s.user():
+        s += question_2
+    with s.assistant():
+        s += sgl.gen("answer_2", max_tokens=16)
+
+
+def test_multi_turn_chat(backend):
+    state = two_turns.run(question_1="What is the capital of France?", question_2="And of Germany?",
+                          temperature=0, backend=backend)
+    messages = state.messages()
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[3] == {"role": "user", "content": "And of Germany?"}
+    assert "Paris" in state["answer_1"] and "Berlin" in state["answer_2"]
+    # The role markers come from the model's own chat template (ChatML for SmolLM2).
+    assert state.text().startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+
+
+# -- select -------------------------------------------------------------------------------------------------------
+@sgl.function
+def capital(s, choices, choices_method):
+    s += "Q: What is the capital of Germany?\nA: Berlin\n"
+    s += "Q: What is the capital of France?\nA: "
+    s += sgl.select("city", choices, choices_method=choices_method)
+
+
+@pytest.mark.parametrize("method", CHOICE_METHODS, ids=lambda m: type(m).__name__)
+def test_select_with_each_choice_method(backend, method):
+    state = capital.run(choices=["Paris", "London", "Berlin"], choices_method=method, backend=backend)
+    assert state["city"] == "Paris"
+    assert state.text().endswith("A: Paris")
+
+
+def test_unconditional_likelihood_scores_the_same_tokens_without_context(backend):
+    # Multi-token choices: " Mar|se|ille", " T|oul|ouse". (The unconditional method may well prefer one of them:
+    # a 135M model finds "oul" after a context-free " T" very unlikely, so conditioning looks like a big gain.)
+    state = capital.run(choices=["Paris", "Marseille", "Toulouse"],
+                        choices_method=sgl.unconditional_likelihood_normalized, backend=backend)
+    assert state["city"] in ("Paris", "Marseille", "Toulouse")
+    meta = state.get_meta_info("city")
+    assert [len(lps) for lps in meta["input_token_logprobs"]] == [1, 3, 3]
+    assert [len(lps) for lps in meta["unconditional_token_logprobs"]] == [1, 3, 3]
+    assert all(u[0] == 0.0 for u in meta["unconditional_token_logprobs"])  # the first token has no context
+
+
+@sgl.function
+def boundary(s):
+    s += "The capital of France is " + sgl.select("city", ["Paris", "London"])
+
+
+def test_select_after_a_trailing_space_heals_the_token_boundary(backend):
+    """"is " + "Paris" tokenizes as "is", " Paris": the choice is scored as the merged token (logprob about -0.3),
+    not as "Paris" after a lone " " token (about -7)."""
+    state = boundary.run(backend=backend)
+    assert state["city"] == "Paris"
+    paris, london = state.get_meta_info("city")["input_token_logprobs"]
+    assert len(paris) == 1 and paris[0] > -2.0 and paris[0] > london[0]
+
+
+# -- tool use -------------------------------------------------------------------------------------------------------
+def calculate(expression: str) -> str:
+    return str(eval(expression, {"__builtins__": {}}))  # the model's text, evaluated as arithmetic only
+
+
+@sgl.function
+def tool_use(s, lhs, rhs):
+    s += "Please perform computations using a calculator. You can use calculate(expression) to get the results.\n"
+    s += "For example,\ncalculate(1+2)=3\ncalculate(3*4)=12\n"
+    s += f"Question: What is the product of {lhs} and {rhs}?\n"
+    s += "Answer: The answer is calculate(" + sgl.gen("expression", stop=")", max_tokens=16) + ") = "
+    with s.var_scope("answer"):
+        s += calculate(s["expression"])
+
+
+def test_tool_use_evaluates_the_generated_expression(backend):
+    state = tool_use.run(lhs=257, rhs=983, temperature=0, backend=backend)
+    assert state.error() is None
+    assert state["answer"] == calculate(state["expression"])  # the program ran eval on the model's text
+    assert state["expression"] == "257*983" and int(state["answer"]) == 257 * 983
+
+
+# -- ReAct: select drives the control flow ----------------------------------------------------------------------
+REACT_EXAMPLE = """Question: Which country does the founder of Microsoft live in?
+Thought 1: I need to search for the founder of Microsoft.
+Action 1: Search [Founder of Microsoft].
+Observation 1: The founder of Microsoft is Bill Gates.
+Thought 2: I need to search for the country where Bill Gates lives in.
+Action 2: Search [Where does Bill Gates live].
+Observation 2: Bill Gates lives in the United States.
+Thought 3: The answer is the United States.
+Action 3: Finish [United States].
+
+"""
+
+
+@sgl.function
+def react(s, question, max_steps=3):
+    s += REACT_EXAMPLE + "Question: " + question + "\n"
+    for i in range(1, max_steps + 1):
+        s += f"Thought {i}:" + sgl.gen(stop=[".", "\n"], max_tokens=20) + ".\n"
+        s += f"Action {i}: " + sgl.select(f"action_{i}", ["Search", "Finish"])
+        if s[f"action_{i}"] == "Search":
+            s += " [" + sgl.gen(f"query_{i}", stop="]", max_tokens=12) + "].\n"
+            s += f"Observation {i}:" + sgl.gen(stop=[".", "\n"], max_tokens=20) + ".\n"
+        else:
+            s += " [" + sgl.gen("answer", stop="]", max_tokens=12) + "].\n"
+            return i
+    return None
+
+
+def test_react_loop(backend):
+    state = react.run(question="What country does the creator of Linux live in?", temperature=0, backend=backend)
+    assert state.error() is None
+    steps = state.ret_value
+    assert steps is not None, state.text()  # it finished within the bound
+    actions = [state[f"action_{i}"] for i in range(1, steps + 1)]
+    assert actions == ["Search"] * (steps - 1) + ["Finish"]
+    assert all(f"query_{i}" in state for i in range(1, steps))  # each Search took its branch
+    assert "states" in state["answer"].lower() or "finland" in state["answer"].lower()
+
+
+# -- skeleton of thought: fork / join ---------------------------------------------------------------------------
+@sgl.function
+def skeleton_of_thought(s, topic, n):
+    s += f"Act as a helpful assistant.\nUSER: Give some tips for {topic}.\n"
+    s += f"ASSISTANT: Okay. Here are {n} concise tips:\n1. Plan ahead\n2. Stay focused\n3. Rest well\n"
+    forks = s.fork(n)
+    forks += lambda i: f"Now, I expand tip {i + 1} into a detailed paragraph:\nTip {i + 1}:" + sgl.gen(
+        "detail", max_tokens=16, stop="\n\n")
+    forks.join()
+    s += "Here are these tips with detailed explanation:\n"
+    for i, detail in enumerate(s["detail"]):
+        s += f"Tip {i + 1}:{detail}\n"
+    s += "\nIn summary," + sgl.gen("summary", max_tokens=16, stop="\n")
+    return [f.get_meta_info("detail")["cached_tokens"] for f in forks]
+
+
+def test_skeleton_of_thought_fork_join(backend):
+    state = skeleton_of_thought.run(topic="studying", n=3, temperature=0, backend=backend)
+    assert state.error() is None
+    details = state["detail"]
+    assert len(details) == 3 and all(d.strip() for d in details)
+    assert all(f"Tip {i + 1}:{d}\n" in state.text() for i, d in enumerate(details))
+    assert state["summary"].strip()
+    # The fork computed the shared prefix once: every branch found it in the radix cache.
+    assert all(cached >= 40 for cached in state.ret_value), state.ret_value
+
+
+# -- streaming ------------------------------------------------------------------------------------------------------
+@sgl.function
+def qa(s, question):
+    s += sgl.system("You are a helpful assistant.")
+    s += sgl.user(question)
+    s += sgl.assistant(sgl.gen("answer", max_tokens=16))
+
+
+def test_streaming(backend):
+    state = qa.run(question="Name three colors.", stream=True, temperature=0, backend=backend)
+    pieces = list(state.text_iter())
+    assert "".join(pieces) == state.text()
+    assert pieces[:2] == ["<|im_start|>system\n", "You are a helpful assistant."]
+    state = qa.run(question="Name three colors.", stream=True, temperature=0, backend=backend)
+    answer_pieces = list(state.text_iter("answer"))
+    assert len(answer_pieces) > 4  # token by token, not one block
+    assert "".join(answer_pieces) == state["answer"] and state["answer"].strip()
