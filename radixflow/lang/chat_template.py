@@ -47,8 +47,9 @@ class RoleTemplate:
         return cls(prefixes, suffixes)
 
 
-_SYSTEM, _USER = {"role": "system", "content": "S"}, {"role": "user", "content": "U"}
-_HISTORIES = {"system": [[]], "user": [[_SYSTEM], []], "assistant": [[_SYSTEM, _USER], [_USER]]}
+_SYSTEM, _USER, _ASSISTANT = ({"role": role, "content": role[0].upper()} for role in ("system", "user", "assistant"))
+# A user turn after an exchange, not first: the first message may carry the BOS token, which the tokenizer adds.
+_HISTORIES = {"system": [[]], "user": [[_SYSTEM], [_USER, _ASSISTANT], []], "assistant": [[_SYSTEM, _USER], [_USER]]}
 
 
 def _markers(render: Renderer, history: list[dict], role: str) -> tuple[str, str] | None:
