@@ -114,20 +114,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
+    parser.add_argument("--only", default="overhead,parallelism,select", help="comma-separated subset")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     torch.set_num_threads(2)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results = {"commit": commit}
     engine = sgl.Engine(max_total_tokens=32768, num_threads=2)
     try:
-        results["overhead"] = overhead(engine, 16 if args.quick else 64)
-        print("overhead", json.dumps(results["overhead"]), flush=True)
-        results["parallelism"] = parallelism(engine)
-        print("parallelism", json.dumps(results["parallelism"]), flush=True)
+        if "overhead" in only:
+            results["overhead"] = overhead(engine, 16 if args.quick else 64)
+            print("overhead", json.dumps(results["overhead"]), flush=True)
+        if "parallelism" in only:
+            results["parallelism"] = parallelism(engine)
+            print("parallelism", json.dumps(results["parallelism"]), flush=True)
     finally:
         engine.shutdown()
-    results["select"] = select_sharing(8 if args.quick else 64, args.quick)
-    print("select", json.dumps(results["select"]), flush=True)
+    if "select" in only:
+        results["select"] = select_sharing(8 if args.quick else 64, args.quick)
+        print("select", json.dumps(results["select"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

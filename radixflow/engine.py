@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.engine_core import EngineCore
 from radixflow.runtime.request import LogprobOptions, Req
-from radixflow.runtime.request_builder import build_reqs, logprob_options
+from radixflow.runtime.request_builder import build_reqs, logprob_options, prompt_batch
 from radixflow.runtime.result import ResultCollector
 from radixflow.runtime.sampling_params import InvalidRequestError
 from radixflow.runtime.scheduler.output import RequestOutput
@@ -55,7 +55,7 @@ class Engine:
         With `stream=True` (single prompt only) returns an iterator of incremental dicts instead.
         A request with `n > 1` returns a list of n dicts for that prompt.
         """
-        prompts, batched = _as_batch(prompt, input_ids)
+        prompts, batched = prompt_batch(prompt, input_ids)
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError("sampling_params", f"{len(params_list)} entries for {len(prompts)} prompts")
@@ -159,26 +159,11 @@ class Engine:
     def _loop(self) -> None:
         self.core.serve_forever(self._inbox, self._emit, self._stop)
 
-    def _emit(self, out: RequestOutput) -> None:
-        with self._lock:
-            sink = self._streams.get(out.rid)
-            if out.finished:
-                self._streams.pop(out.rid, None)
-        if sink is not None:
-            sink(out)
-
-
-def _as_batch(prompt, input_ids) -> tuple[list, bool]:
-    if (prompt is None) == (input_ids is None):
-        raise InvalidRequestError("prompt", "give exactly one of prompt (text) and input_ids")
-    if prompt is not None:
-        if isinstance(prompt, str):
-            return [prompt], False
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            return list(prompt), True
-        raise InvalidRequestError("prompt", "must be a string or a non-empty list of strings")
-    if isinstance(input_ids, list) and input_ids and all(isinstance(x, list) for x in input_ids):
-        return input_ids, True
-    if isinstance(input_ids, list) and input_ids:
-        return [input_ids], False
-    raise InvalidRequestError("input_ids", "must be a non-empty list of token ids or a list of such lists")
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                sink = self._streams.get(out.rid)
+                if out.finished:
+                    self._streams.pop(out.rid, None)
+            if sink is not None:
+                sink(out)

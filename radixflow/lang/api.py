@@ -174,7 +174,9 @@ class SglFunction:
             names = list(inspect.signature(self.func).parameters)[1:]
             batch_kwargs = [dict(zip(names, values)) for values in batch_kwargs]
         if num_threads == "auto":
-            num_threads = max(min(len(batch_kwargs), 64, 16 * (os.cpu_count() or 1)), 1)
+            # Threads mostly wait on the runtime, so many are cheap; too few would feed the engine in waves
+            # (32 threads for 64 programs doubled the decode steps on this 2-core machine).
+            num_threads = min(len(batch_kwargs), max(96, 16 * (os.cpu_count() or 1)))
         run = lambda kw: self._run_one((), {**self.bind_arguments, **kw}, defaults, False, chosen)  # noqa: E731
         with ThreadPoolExecutor(num_threads) as pool:
             futures = [pool.submit(run, kw) for kw in batch_kwargs]

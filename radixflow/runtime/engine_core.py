@@ -113,19 +113,20 @@ class EngineCore:
         self.scheduler.check_integrity()
 
     def serve_forever(self, inbox: queue.Queue, emit, stop: threading.Event) -> None:
-        """Drain `inbox` (Req to add, or ("abort", rid), or a callable run on this thread), step, `emit` outputs."""
+        """Drain `inbox` (Req to add, or ("abort", rid), or a callable run on this thread), step, and hand each
+        step's outputs to `emit(list)` in one call (one message per step across a process boundary)."""
         while not stop.is_set():
             self._drain(inbox, block=self.scheduler.idle)
             if self.scheduler.idle:
                 if self._was_busy:
                     self._was_busy = False
                     self._idle_integrity_check()
-                for out in self.scheduler.drain_outputs():
-                    emit(out)
-                continue
-            self._was_busy = True
-            for out in self.step():
-                emit(out)
+                outputs = self.scheduler.drain_outputs()
+            else:
+                self._was_busy = True
+                outputs = self.step()
+            if outputs:
+                emit(outputs)
 
     def _idle_integrity_check(self) -> None:
         """A leak shows at once, not hours later. It is logged, not raised: the engine keeps serving."""

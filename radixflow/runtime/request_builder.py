@@ -60,3 +60,20 @@ def build_reqs(tokenizer, eos_ids: frozenset[int], limits: RequestLimits, prompt
     base = rid or uuid.uuid4().hex
     return [Req(rid=base if sp.n == 1 else f"{base}-{i}", prompt_ids=tuple(ids), params=sp, logprob=logprob,
                 stop_ids=stop_ids) for i in range(sp.n)]
+
+
+def prompt_batch(text, input_ids, text_field: str = "prompt") -> tuple[list, bool]:
+    """Normalise (text | list of texts) or (ids | list of id lists) to a list; also says whether it was a batch."""
+    if (text is None) == (input_ids is None):
+        raise InvalidRequestError(text_field, f"give exactly one of {text_field} and input_ids")
+    if text is not None:
+        if isinstance(text, str):
+            return [text], False
+        if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            return list(text), True
+        raise InvalidRequestError(text_field, "must be a string or a non-empty list of strings")
+    if isinstance(input_ids, list) and input_ids and all(isinstance(x, list) for x in input_ids):
+        return input_ids, True
+    if isinstance(input_ids, list) and input_ids:
+        return [input_ids], False
+    raise InvalidRequestError("input_ids", "must be a non-empty list of token ids or a list of such lists")

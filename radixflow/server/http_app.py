@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from radixflow.runtime.request import Req
-from radixflow.runtime.request_builder import build_reqs, logprob_options
+from radixflow.runtime.request_builder import build_reqs, logprob_options, prompt_batch
 from radixflow.runtime.result import ResultCollector
 from radixflow.runtime.sampling_params import InvalidRequestError
 from radixflow.server.errors import APIError, bad_request
@@ -246,8 +246,6 @@ def _add_native(app: FastAPI, state: ServerState) -> None:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts) or not all(isinstance(p, dict) for p in params_list):
             raise bad_request("sampling_params: an object, or a list with one object per prompt", "sampling_params")
-        for sp in params_list:
-            _check_list_params(sp)
         logprob = logprob_options(body.get("return_logprob", False), body.get("logprob_start_len", -1),
                                   body.get("top_logprobs_num", 0))
         rid = body.get("rid")
@@ -267,29 +265,8 @@ def _add_native(app: FastAPI, state: ServerState) -> None:
         return results if batched or len(results) > 1 else results[0]
 
 
-def _check_list_params(params: dict) -> None:
-    # SamplingParams converts these with list(), so a number would surface as a TypeError instead of a 400.
-    for key in ("stop", "stop_token_ids"):
-        value = params.get(key)
-        if value is not None and not isinstance(value, (str, list)):
-            raise bad_request(f"{key}: must be a string or a list, got {value!r}", key)
-
-
 def _native_prompts(body: dict) -> tuple[list, bool]:
-    text, ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (ids is None):
-        raise bad_request("give exactly one of text and input_ids", "text")
-    if text is not None:
-        if isinstance(text, str):
-            return [text], False
-        if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
-            return text, True
-        raise bad_request("text: must be a string or a non-empty list of strings", "text")
-    if isinstance(ids, list) and ids and all(isinstance(x, list) for x in ids):
-        return ids, True
-    if isinstance(ids, list) and ids:
-        return [ids], False
-    raise bad_request("input_ids: must be a non-empty list of token ids or a list of such lists", "input_ids")
+    return prompt_batch(body.get("text"), body.get("input_ids"), text_field="text")
 
 
 async def _native_stream(state: ServerState, req: Req, with_text: bool):

@@ -1,7 +1,7 @@
 """Every message that crosses the process boundary (HTTP process <-> scheduler process), and its serializer.
 
 The scheduler process owns the model; the HTTP process tokenizes and validates. Requests travel as `Req`
-(already validated), results as `RequestOutput` deltas; control calls (flush, stats, ...) as `ControlRequest`
+(already validated), results as `RequestOutput` deltas batched per step; control calls (flush, stats, ...) as `ControlRequest`
 answered by `ControlReply`. One serializer (pickle: both ends are our own processes on one machine).
 """
 
@@ -39,6 +39,13 @@ class ControlReply:
 
 
 @dataclass
+class OutputBatch:
+    """All request outputs of one engine step."""
+
+    outputs: list[RequestOutput]
+
+
+@dataclass
 class Ready:
     """Sent once by the scheduler process when the model is loaded."""
 
@@ -48,7 +55,7 @@ class Ready:
     error: str | None = None  # set instead when the model failed to load
 
 
-Message = AddRequest | AbortRequest | ControlRequest | ControlReply | Ready | RequestOutput
+Message = AddRequest | AbortRequest | ControlRequest | ControlReply | Ready | OutputBatch
 
 
 def dumps(message: Message) -> bytes:

@@ -16,7 +16,8 @@ import zmq
 
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.engine_core import EngineCore
-from radixflow.server.messages import AbortRequest, AddRequest, ControlReply, ControlRequest, Ready, dumps, loads
+from radixflow.server.messages import (AbortRequest, AddRequest, ControlReply, ControlRequest, OutputBatch, Ready,
+                                       dumps, loads)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def run_scheduler_process(config: EngineConfig, in_addr: str, out_addr: str, log
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     receiver = threading.Thread(target=_receive, args=(pull, inbox, core, push, stop, parent), daemon=True)
     receiver.start()
-    core.serve_forever(inbox, lambda out: push.send(dumps(out)), stop)
+    core.serve_forever(inbox, lambda outputs: push.send(dumps(OutputBatch(outputs))), stop)
     logger.info("scheduler stopped")
     receiver.join(timeout=2)  # it polls with a timeout and sees `stop`; closing first would break its poll
     pull.close(linger=0)

@@ -21,7 +21,8 @@ from radixflow.runtime.request import FinishReason, Req
 from radixflow.runtime.request_builder import RequestLimits
 from radixflow.runtime.scheduler.output import RequestOutput
 from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
-from radixflow.server.messages import AbortRequest, AddRequest, ControlReply, ControlRequest, Ready, dumps, loads
+from radixflow.server.messages import (AbortRequest, AddRequest, ControlReply, ControlRequest, OutputBatch, Ready,
+                                       dumps, loads)
 from radixflow.server.scheduler_process import run_scheduler_process
 
 logger = logging.getLogger(__name__)
@@ -158,10 +159,11 @@ class TokenizerManager:
                 return
 
     def _dispatch(self, message) -> None:
-        if isinstance(message, RequestOutput):
-            queue = self._queues.get(message.rid)
-            if queue is not None:
-                queue.put_nowait(message)
+        if isinstance(message, OutputBatch):
+            for out in message.outputs:
+                queue = self._queues.get(out.rid)
+                if queue is not None:
+                    queue.put_nowait(out)
         elif isinstance(message, ControlReply):
             future = self._calls.get(message.call_id)
             if future is not None and not future.done():

@@ -3,7 +3,8 @@
 from radixflow.runtime.request import FinishReason, LogprobOptions, Req, TokenLogprobs
 from radixflow.runtime.sampling_params import SamplingParams
 from radixflow.runtime.scheduler.output import RequestOutput
-from radixflow.server.messages import AbortRequest, AddRequest, ControlReply, ControlRequest, Ready, dumps, loads
+from radixflow.server.messages import (AbortRequest, AddRequest, ControlReply, ControlRequest, OutputBatch, Ready,
+                                       dumps, loads)
 
 
 def test_round_trip_of_every_message():
@@ -13,7 +14,7 @@ def test_round_trip_of_every_message():
                         prompt_tokens=3, completion_tokens=1, cached_tokens=2,
                         output_logprobs=[TokenLogprobs(-0.5, ((4, -0.5), (5, -1.0)))])
     messages = [AbortRequest("r1"), ControlRequest(7, "stats"), ControlReply(7, {"a": 1}), ControlReply(8, error="x"),
-                Ready(100, 200, 300), Ready(0, 0, 0, error="boom"), out]
+                Ready(100, 200, 300), Ready(0, 0, 0, error="boom"), OutputBatch([out, out])]
     for message in messages:
         assert loads(dumps(message)) == message
     add = loads(dumps(AddRequest(req)))
