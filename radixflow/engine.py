@@ -8,10 +8,8 @@ request raises there and never reaches the loop.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -36,7 +34,6 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, Callable[[RequestOutput], None]] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="radixflow-engine", daemon=True)
         self._thread.start()

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from radixflow.runtime.model.loader import ModelSource, cache_dir
+from radixflow.runtime.model.loader import ModelSource, cache_dir, publish_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,7 @@ def _gguf_tokenizer(source: ModelSource):
         return AutoTokenizer.from_pretrained(str(cached))
     logger.info("converting the GGUF tokenizer (once; cached in %s)", cached)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    try:
-        tokenizer.save_pretrained(str(cached))
-    except OSError as exc:  # a read-only home must not stop the engine, only make the next start slower
-        logger.warning("could not cache the converted tokenizer: %s", exc)
+    publish_cache_dir(cached, lambda tmp: tokenizer.save_pretrained(str(tmp)))
     return tokenizer
 
 

@@ -105,12 +105,33 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> tuple[ModelArgs, di
 def _save_converted(directory: Path, config: dict, weights: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config))
+
+    publish_cache_dir(directory, write)
+
+
+def publish_cache_dir(directory: Path, write) -> None:
+    """Fill a private temporary directory with `write(tmp)`, then rename it into place, so processes converting
+    the same model at once never see (or leave) a half-written cache. A read-only or full disk only costs speed."""
+    import shutil
+    import tempfile
+
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(config))  # written last: marks the cache complete
-    except OSError as exc:  # a read-only or full disk only costs speed
-        logger.warning("could not cache converted weights in %s: %s", directory, exc)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+        try:
+            write(tmp)
+            os.rename(tmp, directory)
+        except OSError:
+            if not directory.exists():
+                raise
+            # another process published first; its copy is as good as ours
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        logger.warning("could not cache converted files in %s: %s", directory, exc)
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor]]:

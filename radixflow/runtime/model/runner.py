@@ -35,7 +35,7 @@ class ModelRunner:
         return _reorder(output, order)
 
     def _token_inputs(self, reqs: list[ScheduledReq]):
-        ids, positions, locs = [], [], []
+        ids, positions = [], []
         for s in reqs:
             ids.extend(s.req.all_ids(s.start, s.end))
             positions.extend(range(s.start, s.end))
