@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import weakref
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ from radixflow.lang.interpreter import ProgramState, StreamExecutor
 from radixflow.lang.ir import Gen, Image, RoleBegin, RoleEnd, Select, Text, as_node
 
 _default_backend = None
+_engine_backends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one backend per in-process Engine
 
 _CONSTRAINED = "constrained decoding (regex, json_schema, dtype) is not available in radixflow yet"
 
@@ -33,9 +35,9 @@ def _backend(backend=None):
     if isinstance(chosen, Runtime):
         return chosen.endpoint
     if isinstance(chosen, Engine):
-        if not hasattr(chosen, "_frontend_backend"):
-            chosen._frontend_backend = EngineBackend(chosen)
-        return chosen._frontend_backend
+        if chosen not in _engine_backends:
+            _engine_backends[chosen] = EngineBackend(chosen)
+        return _engine_backends[chosen]
     return chosen
 
 
