@@ -88,11 +88,7 @@ class Engine:
         self._call(self.core.check_integrity)
 
     def stats(self) -> dict:
-        def snapshot():
-            s = self.core.scheduler.refresh_stats()
-            return {**s.__dict__, "cache_hit_rate": s.cache_hit_rate, "kv_free_tokens": self.core.cache.kv.free_count(),
-                    "cached_tokens_in_tree": self.core.cache.tree.total_size()}
-        return self._call(snapshot)
+        return self._call(self.core.stats)
 
     def shutdown(self) -> None:
         self._stop.set()

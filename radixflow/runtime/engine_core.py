@@ -112,6 +112,13 @@ class EngineCore:
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
 
+    def stats(self) -> dict:
+        """Scheduler figures plus KV pool and cache sizes (the engine's `stats()`, the server's stats call)."""
+        s = self.scheduler.refresh_stats()
+        return {**s.__dict__, "cache_hit_rate": s.cache_hit_rate, "kv_free_tokens": self.cache.kv.free_count(),
+                "cached_tokens_in_tree": self.cache.tree.total_size(),
+                "kv_evictable_tokens": self.cache.tree.evictable_size()}
+
     def serve_forever(self, inbox: queue.Queue, emit, stop: threading.Event) -> None:
         """Drain `inbox` (Req to add, or ("abort", rid), or a callable run on this thread), step, and hand each
         step's outputs to `emit(list)` in one call (one message per step across a process boundary)."""

@@ -175,7 +175,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
             choice = {"index": i, "message": {"role": "assistant", "content": c.text},
                       "finish_reason": _finish_reason(meta), "logprobs": None}
             if body.logprobs:
-                choice["logprobs"] = {"content": _chat_logprobs(state, meta)}
+                choice["logprobs"] = {"content": _chat_logprobs(state, c.ids, c.out_lps)}
             choices.append(choice)
         metas = [c.meta() for c in collectors]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": state.model_name,
@@ -224,14 +224,15 @@ def _completion_choice(index: int, collector, state: ServerState, body: Completi
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(meta)}
 
 
-def _chat_logprobs(state: ServerState, meta: dict) -> list[dict]:
+def _chat_logprobs(state: ServerState, token_ids: list[int], logprobs) -> list[dict]:
+    """OpenAI chat `logprobs.content` for tokens and their `TokenLogprobs`."""
     decode = state.manager.tokenizer.decode
     out = []
-    for (lp, t, _), top in zip(meta["output_token_logprobs"], meta["output_top_logprobs"]):
+    for t, lp in zip(token_ids, logprobs):
         token = decode([t])
-        out.append({"token": token, "logprob": lp, "bytes": list(token.encode()),
+        out.append({"token": token, "logprob": lp.logprob, "bytes": list(token.encode()),
                     "top_logprobs": [{"token": decode([i]), "logprob": v, "bytes": list(decode([i]).encode())}
-                                     for v, i, _ in top]})
+                                     for i, v in lp.top]})
     return out
 
 
@@ -264,11 +265,11 @@ async def _stream_completion(state: ServerState, reqs: list[Req], body: Completi
     created = int(time.time())
     metas: dict[int, dict] = {}
     async for i, collector, out in _merged(state, reqs):
-        meta = collector.meta()
+        meta = collector.meta() if out.finished else None
         chunk = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
                  "choices": [{"index": i, "text": out.text, "logprobs": None,
-                              "finish_reason": _finish_reason(meta) if out.finished else None}]}
-        if out.finished:
+                              "finish_reason": _finish_reason(meta) if meta else None}]}
+        if meta:
             metas[i] = meta
         yield sse(chunk)
     if body.stream_options and body.stream_options.get("include_usage"):
@@ -286,14 +287,13 @@ async def _stream_chat(state: ServerState, reqs: list[Req], body: ChatBody, rid:
                                         "finish_reason": None}]})
     metas: dict[int, dict] = {}
     async for i, collector, out in _merged(state, reqs):
-        meta = collector.meta()
+        # The full meta (cumulative logprob lists) is built once, at the end: per token it would be O(n) each.
+        meta = collector.meta() if out.finished else None
         delta = {"content": out.text} if out.text else {}
-        choice = {"index": i, "delta": delta, "finish_reason": _finish_reason(meta) if out.finished else None}
+        choice = {"index": i, "delta": delta, "finish_reason": _finish_reason(meta) if meta else None}
         if body.logprobs and out.output_logprobs:
-            recent = {**meta, "output_token_logprobs": meta["output_token_logprobs"][-len(out.output_logprobs):],
-                      "output_top_logprobs": meta["output_top_logprobs"][-len(out.output_logprobs):]}
-            choice["logprobs"] = {"content": _chat_logprobs(state, recent)}
-        if out.finished:
+            choice["logprobs"] = {"content": _chat_logprobs(state, out.token_ids, out.output_logprobs)}
+        if meta:
             metas[i] = meta
         if delta or out.finished:
             yield sse({**base, "choices": [choice]})

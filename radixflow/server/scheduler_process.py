@@ -22,13 +22,6 @@ from radixflow.server.messages import (AbortRequest, AddRequest, ControlReply, C
 logger = logging.getLogger(__name__)
 
 
-def _stats(core: EngineCore) -> dict:
-    stats = core.scheduler.refresh_stats()
-    return {**stats.__dict__, "cache_hit_rate": stats.cache_hit_rate, "kv_free_tokens": core.cache.kv.free_count(),
-            "cached_tokens_in_tree": core.cache.tree.total_size(),
-            "kv_evictable_tokens": core.cache.tree.evictable_size()}
-
-
 def _check_integrity(core: EngineCore) -> bool:
     core.check_integrity()
     return True
@@ -36,7 +29,7 @@ def _check_integrity(core: EngineCore) -> bool:
 
 CONTROL_OPS = {
     "flush_cache": lambda core: core.scheduler.flush_cache(),
-    "stats": _stats,
+    "stats": EngineCore.stats,
     "check_integrity": _check_integrity,
 }
 
