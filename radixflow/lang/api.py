@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import weakref
 import threading
@@ -15,7 +16,15 @@ from radixflow.lang.ir import Gen, Image, RoleBegin, RoleEnd, Select, Text, as_n
 _default_backend = None
 _engine_backends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one backend per in-process Engine
 
-_CONSTRAINED = "constrained decoding (regex, json_schema, dtype) is not available in radixflow yet"
+# dtype= of gen: the regex the value must match (as SGLang; the variable stays a string, so programs that
+# concatenate it keep working). str is a double-quoted string without quotes or newlines inside, quotes kept.
+_DTYPE_REGEX = {
+    int: r"[-+]?[0-9]+",
+    float: r"[-+]?[0-9]+(\.[0-9]+)?",
+    bool: r"(True|False)",
+    str: r'"[^"\n]*"',
+}
+_DTYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def set_default_backend(backend) -> None:
@@ -60,22 +69,39 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
         json_schema=None):
     if choices is not None:
         return Select(name, list(choices), temperature or 0.0, choices_method)
-    if regex is not None or json_schema is not None or dtype is not None:
-        raise NotImplementedError(_CONSTRAINED)
+    if dtype is not None:
+        if regex is not None or json_schema is not None:
+            raise ValueError("gen: give at most one of dtype, regex and json_schema")
+        kind = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if kind not in _DTYPE_REGEX:
+            raise ValueError(f"gen: dtype must be one of int, float, bool, str; got {dtype!r}")
+        regex = _DTYPE_REGEX[kind]
     if n not in (None, 1):
         raise NotImplementedError("gen(n>1) inside a program: use s.fork(n) instead")
     params = {"max_new_tokens": max_tokens, "min_new_tokens": min_tokens, "stop": stop, "stop_token_ids": stop_token_ids,
               "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-              "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty, "ignore_eos": ignore_eos}
+              "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty, "ignore_eos": ignore_eos,
+              "regex": regex, "json_schema": _schema_text(json_schema)}
     return Gen(name, params, bool(return_logprob), logprob_start_len, top_logprobs_num, bool(return_text_in_logprobs))
 
 
-def gen_int(name: str | None = None, **kwargs):
-    raise NotImplementedError(_CONSTRAINED)
+def _schema_text(schema) -> str | None:
+    """A JSON schema as the runtime takes it, from a JSON string, a dict, or a pydantic model class."""
+    if schema is None or isinstance(schema, str):
+        return schema
+    if isinstance(schema, dict):
+        return json.dumps(schema)
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return json.dumps(schema.model_json_schema())
+    raise TypeError(f"gen: json_schema must be a JSON string, a dict or a pydantic model class, not {schema!r}")
 
 
-def gen_string(name: str | None = None, **kwargs):
-    raise NotImplementedError(_CONSTRAINED)
+def gen_int(name: str | None = None, max_tokens: int | None = None, **kwargs):
+    return gen(name, max_tokens, dtype=int, **kwargs)
+
+
+def gen_string(name: str | None = None, max_tokens: int | None = None, **kwargs):
+    return gen(name, max_tokens, dtype=str, **kwargs)
 
 
 def select(name: str | None = None, choices: list[str] | None = None, temperature: float = 0.0,

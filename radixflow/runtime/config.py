@@ -46,6 +46,11 @@ class SchedulerConfig:
     new_token_ratio: float = _help("initial share of max_new_tokens reserved for running decodes", default=0.7)
     min_new_token_ratio: float = _help("floor of that share as it adapts", default=0.15)
     new_token_ratio_decay: float = _help("per-step decay of the reserved share", default=0.002)
+    enable_jump_forward: bool = _help("constrained decoding appends text the grammar forces in one extend step "
+                                      "instead of decoding it token by token", default=True)
+    grammar_compile_timeout_s: float = _help("a constrained request whose grammar takes longer to compile fails",
+                                             default=30.0)
+    grammar_cache_size: int = _help("compiled grammars kept, keyed by their spec (LRU)", default=256)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.constrained.grammar import GrammarBackend
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs
 from radixflow.runtime.model.loader import ModelSource, load_weights, resolve_model
 from radixflow.runtime.model.runner import ModelRunner
@@ -59,6 +60,12 @@ def load_model(config: EngineConfig) -> LoadedModel:
     return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))
 
 
+def _primary_eos(loaded: LoadedModel) -> int | None:
+    """The EOS a grammar allows at its end: the tokenizer's own if it is among the model's EOS ids."""
+    eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    return eos if eos in loaded.eos_ids or not loaded.eos_ids else min(loaded.eos_ids)
+
+
 def _rope_buffer(args: ModelArgs, device: torch.device) -> torch.Tensor:
     from radixflow.runtime.model.llama import rope_inv_freq
 
@@ -86,7 +93,9 @@ class EngineCore:
         slots = ReqToTokenPool(config.scheduler.max_running_requests, self.max_context + 1, device)
         self.cache = CacheManager(kv, slots, config.cache.disable_radix_cache)
         self.limits = RequestLimits(self.max_context, pool_size, args.vocab_size)
-        self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits)
+        self.grammar = GrammarBackend(self.loaded.tokenizer, args.vocab_size, _primary_eos(self.loaded),
+                                      config.scheduler.grammar_cache_size)
+        self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits, self.grammar)
         self.runner = ModelRunner(self.loaded.model, kv, slots, device, config.seed)
         self._was_busy = False
 
@@ -99,6 +108,7 @@ class EngineCore:
             self.scheduler.abort_all(f"internal scheduler error: {exc}")
             return self.scheduler.drain_outputs()
         if not batch:
+            self.scheduler.wait_for_grammars(timeout=0.01)  # nothing runnable: do not spin while grammars compile
             return self.scheduler.drain_outputs()
         try:
             output = self.runner.run(batch)
@@ -115,7 +125,11 @@ class EngineCore:
     def stats(self) -> dict:
         """Scheduler figures plus KV pool and cache sizes (the engine's `stats()`, the server's stats call)."""
         s = self.scheduler.refresh_stats()
+        g = self.grammar.stats
         return {**s.__dict__, "cache_hit_rate": s.cache_hit_rate, "kv_free_tokens": self.cache.kv.free_count(),
+                "grammar_compiled": g.compiled, "grammar_cache_hits": g.cache_hits,
+                "grammar_compile_seconds": g.compile_seconds, "jump_forward_tokens": g.jump_forward_tokens,
+                "jump_forward_steps": g.jump_forward_steps,
                 "cached_tokens_in_tree": self.cache.tree.total_size(),
                 "kv_evictable_tokens": self.cache.tree.evictable_size()}
 

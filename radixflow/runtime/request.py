@@ -82,6 +82,12 @@ class Req:
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
+    # Constrained decoding, owned by the scheduler process: the grammar's compile future while the request waits
+    # for it, then the request's matcher (a `RequestGrammar`).
+    grammar_future: Any = None
+    grammar_deadline: float = 0.0
+    grammar: Any = None
+
     _output_ids: list[int] = field(default_factory=list)
 
     @property

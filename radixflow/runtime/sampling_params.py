@@ -35,6 +35,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     seed: int | None = None
     n: int = 1
+    # Constrained decoding (at most one): a regex, a JSON schema (JSON string or dict), or a GBNF / Lark grammar.
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -46,6 +50,12 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
+        from radixflow.runtime.constrained.spec import constraint_of  # here: spec imports this module
+
+        self.constraint = constraint_of(self.regex, self.json_schema, self.ebnf)
+        if self.constraint is not None:
+            self.json_schema = self.constraint.spec if self.constraint.kind == "json_schema" else None
+            self.constraint.validate()
 
     @classmethod
     def from_dict(cls, params: dict | None) -> "SamplingParams":

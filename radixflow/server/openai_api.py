@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from radixflow.runtime.constrained.spec import json_object_schema
 from radixflow.runtime.request import Req
 from radixflow.runtime.request_builder import logprob_options
 from radixflow.runtime.sampling_params import InvalidRequestError
@@ -42,6 +43,10 @@ class _Body(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # Structured output: OpenAI's response_format, plus SGLang's regex / ebnf extensions.
+    response_format: dict | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class CompletionBody(_Body):
@@ -62,7 +67,6 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict | None = None
     tools: list | None = None
 
 
@@ -91,9 +95,30 @@ def _build(state: ServerState, prompt, params: dict, logprob, renames: dict[str,
         raise bad_request(message, field) from exc
 
 
+def _response_format(body: _Body) -> dict:
+    """Sampling params for the body's structured-output request: `json_object` is any JSON object,
+    `json_schema` carries `{"name", "schema", "strict"}` as in OpenAI's API."""
+    fmt = body.response_format
+    out = {k: v for k, v in (("regex", body.regex), ("ebnf", body.ebnf)) if v is not None}
+    if fmt is None or fmt.get("type") == "text":
+        return out
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return {**out, "json_schema": json_object_schema()}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema: required, a JSON schema object",
+                              "response_format.json_schema.schema")
+        return {**out, "json_schema": schema}
+    raise bad_request(f"response_format.type: must be one of text, json_object, json_schema; got {kind!r}",
+                      "response_format.type")
+
+
 def _sampling(body: _Body, max_tokens: int) -> dict:
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    return {"max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+    return {**_response_format(body), "max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
             "top_k": body.top_k, "min_p": body.min_p, "presence_penalty": body.presence_penalty,
             "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
             "min_new_tokens": body.min_tokens, "ignore_eos": body.ignore_eos, "stop": stop,
@@ -133,7 +158,8 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         top = body.logprobs or 0
         logprob = logprob_options(body.logprobs is not None, 0 if body.echo and body.logprobs is not None else -1, top)
         params = {**_sampling(body, max_tokens), "n": body.n}
-        renames = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt"}
+        renames = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
+                   "json_schema": "response_format"}
         groups = [_build(state, p, params, logprob, renames) for p in prompts]
         reqs = [r for g in groups for r in g]
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -151,9 +177,6 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         check_model(body.model)
         if body.tools:
             raise bad_request("tools: tool calling is not supported by this server yet", "tools")
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise bad_request("response_format: constrained decoding (json_object / json_schema) is not "
-                              "supported by this server yet", "response_format")
         prompt = _chat_prompt(state, body.messages)
         max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -164,7 +187,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
             max_tokens = min(max(room, 1), 4096)
         logprob = logprob_options(body.logprobs, -1, body.top_logprobs or 0 if body.logprobs else 0)
         reqs = _build(state, prompt, {**_sampling(body, max_tokens), "n": body.n}, logprob,
-                      {"max_new_tokens": max_name, "min_new_tokens": "min_tokens"})
+                      {"max_new_tokens": max_name, "min_new_tokens": "min_tokens", "json_schema": "response_format"})
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return event_stream(_stream_chat(state, reqs, body, rid))

@@ -471,16 +471,38 @@ def test_gen_with_choices_becomes_a_select():
     assert args == {"choices": ["red", "blue"], "temperature": 0.0, "method": sgl.greedy_token_selection}
 
 
-@pytest.mark.parametrize("make", [
-    lambda: sgl.gen("x", regex=r"\d+"),
-    lambda: sgl.gen("x", json_schema='{"type": "object"}'),
-    lambda: sgl.gen("x", dtype=int),
-    lambda: sgl.gen_int("x"),
-    lambda: sgl.gen_string("x"),
-], ids=["regex", "json_schema", "dtype", "gen_int", "gen_string"])
-def test_constrained_decoding_is_refused_with_a_clear_message(make):
-    with pytest.raises(NotImplementedError, match="constrained decoding .* not available"):
-        make()
+def test_constrained_gen_carries_its_constraint_to_the_runtime():
+    import json
+
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str
+        population: int
+
+    assert sgl.gen("x", regex=r"\d+").params["regex"] == r"\d+"
+    assert json.loads(sgl.gen("x", json_schema={"type": "object"}).params["json_schema"]) == {"type": "object"}
+    assert json.loads(sgl.gen("x", json_schema=City).params["json_schema"])["required"] == ["name", "population"]
+    assert sgl.gen("x", json_schema='{"type": "string"}').params["json_schema"] == '{"type": "string"}'
+    assert sgl.gen_int("x").params["regex"] == sgl.gen("x", dtype=int).params["regex"] == r"[-+]?[0-9]+"
+    assert sgl.gen("x", dtype="bool").params["regex"] == "(True|False)"
+    assert sgl.gen_string("x", max_tokens=8).params == {**sgl.gen("x", 8, dtype=str).params}
+    with pytest.raises(ValueError, match="dtype"):
+        sgl.gen("x", dtype=list)
+    with pytest.raises(ValueError, match="at most one"):
+        sgl.gen("x", dtype=int, regex="a")
+
+
+def test_constrained_gen_sends_the_constraint_in_the_sampling_params():
+    backend = ScriptedBackend(lambda prompt: "42")
+
+    @sgl.function
+    def prog(s):
+        s += "n = " + sgl.gen_int("n")
+
+    state = prog.run(backend=backend)
+    assert state["n"] == "42"
+    assert backend.params()[0]["regex"] == r"[-+]?[0-9]+"
 
 
 def test_select_needs_choices():

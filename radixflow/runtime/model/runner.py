@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
+from radixflow.runtime.constrained.bitmask import fill_bitmask
 from radixflow.runtime.model.attention import AttentionGroup, AttentionInputs
 from radixflow.runtime.model.llama import LlamaModel
 from radixflow.runtime.model.sampler import SamplingRow, sample
@@ -105,7 +106,9 @@ class ModelRunner:
         next_ids: list[int | None] = [None] * len(reqs)
         next_lps: list[TokenLogprobs | None] = [None] * len(reqs)
         if sampling:
-            result = sample(logits[sample_rows], [_sampling_row(s) for _, s in sampling], self.generator)
+            matchers = [s.req.grammar.matcher if s.req.grammar is not None else None for _, s in sampling]
+            bitmask = fill_bitmask(matchers, logits.shape[1]) if any(m is not None for m in matchers) else None
+            result = sample(logits[sample_rows], [_sampling_row(s) for _, s in sampling], self.generator, bitmask)
             for j, (i, s) in enumerate(sampling):
                 next_ids[i] = result.token_ids[j]
                 if s.req.logprob.return_logprob:
@@ -125,7 +128,8 @@ class ModelRunner:
 def _sampling_row(s: ScheduledReq) -> SamplingRow:
     req = s.req
     p = req.params
-    banned = req.stop_ids if req.num_output < p.min_new_tokens else frozenset()
+    # A grammar decides by itself when the output may end, so min_new_tokens does not ban EOS under one.
+    banned = req.stop_ids if req.num_output < p.min_new_tokens and req.grammar is None else frozenset()
     return SamplingRow(
         params=p,
         prior_ids=req.all_ids() if p.repetition_penalty != 1.0 else [],

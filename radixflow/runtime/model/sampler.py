@@ -1,6 +1,6 @@
 """Sampling, vectorised over the batch.
 
-Order: penalties -> min_new_tokens mask -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows skip the
+Order: grammar mask -> penalties -> min_new_tokens mask -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows skip the
 draw. Seeded rows draw from a generator seeded by (seed, position), so a seed reproduces the same tokens
 whatever else shares the batch. Reported logprobs are the model's own (log-softmax of the raw logits), as
 OpenAI's API reports them, not of the processed distribution.
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixflow.runtime.constrained.bitmask import apply_bitmask
 from radixflow.runtime.sampling_params import SamplingParams
 
 
@@ -50,10 +51,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None
-           ) -> SampleResult:
-    """logits: [rows, vocab] float32 (not modified)."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None,
+           bitmask: torch.Tensor | None = None) -> SampleResult:
+    """logits: [rows, vocab] float32 (not modified). `bitmask`: packed allowed tokens per row (constrained
+    decoding), applied to the whole batch at once before anything else."""
     logprobs = torch.log_softmax(logits, dim=-1)
+    if bitmask is not None:
+        logits = logits.clone()
+        apply_bitmask(logits, bitmask)
     if all(r.params.greedy and not r.params.has_penalties and not r.banned_ids for r in rows):
         return SampleResult(logits.argmax(dim=-1).tolist(), logprobs)
     logits = logits.clone()

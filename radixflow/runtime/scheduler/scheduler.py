@@ -12,6 +12,7 @@ running requests (they keep their output and resume later, mostly from the cache
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
 import time
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import SchedulerConfig
+from radixflow.runtime.constrained.grammar import GrammarBackend, RequestGrammar
 from radixflow.runtime.request import FinishReason, Req, ReqStatus
 from radixflow.runtime.request_builder import RequestLimits
+from radixflow.runtime.sampling_params import InvalidRequestError
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
 from radixflow.runtime.scheduler.output import RequestOutput, TextTracker
 from radixflow.runtime.scheduler.policy import PolicyContext, get_policy
@@ -51,8 +54,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: CacheManager, tokenizer, limits: RequestLimits):
+    def __init__(self, config: SchedulerConfig, cache: CacheManager, tokenizer, limits: RequestLimits,
+                 grammar: GrammarBackend | None = None):
         self.config = config
+        self.grammar = grammar
         self.cache = cache
         self.tokenizer = tokenizer
         self.limits = limits
@@ -70,6 +75,13 @@ class Scheduler:
     def add_request(self, req: Req) -> None:
         """Queue a validated request. Raises InvalidRequestError for one that can never fit."""
         self.limits.check_fits(len(req.prompt_ids), req.params.max_new_tokens)
+        constraint = req.params.constraint
+        if constraint is not None:
+            if self.grammar is None:
+                raise InvalidRequestError(constraint.kind, "constrained decoding is not available in this engine")
+            # Compiled off this thread; the request waits in the queue until its grammar is ready.
+            req.grammar_future = self.grammar.submit(constraint)
+            req.grammar_deadline = time.monotonic() + self.config.grammar_compile_timeout_s
         self.text[req.rid] = TextTracker(
             IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens), req.params.stop
         )
@@ -111,12 +123,39 @@ class Scheduler:
     # -- schedule --------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        self._poll_grammars()
         budget = self.config.chunked_prefill_size if self.config.enable_chunked_prefill else None
         budget = self._schedule_decodes(batch, budget)
         budget = self._schedule_inflight(batch, budget)
         self._admit_waiting(batch, budget)
         self.refresh_stats()
         return batch
+
+    def _poll_grammars(self) -> None:
+        """Requests whose grammar finished compiling become schedulable; a failed or overdue compile ends the
+        request with an error (the others are untouched)."""
+        now = time.monotonic()
+        for req in [r for r in self.waiting if r.grammar_future is not None]:
+            future, kind = req.grammar_future, req.params.constraint.kind
+            if future.done():
+                req.grammar_future = None
+                try:
+                    req.grammar = RequestGrammar(future.result(), self.grammar)
+                except Exception as exc:  # noqa: BLE001 - any compile failure is this request's error only
+                    self.waiting.remove(req)
+                    self._finish(req, FinishReason("abort", message=f"{kind}: grammar compilation failed: {exc}"))
+            elif now > req.grammar_deadline:
+                future.cancel()
+                req.grammar_future = None
+                self.waiting.remove(req)
+                self._finish(req, FinishReason("abort", message=f"{kind}: grammar compilation exceeded "
+                                                               f"{self.config.grammar_compile_timeout_s} s"))
+
+    def wait_for_grammars(self, timeout: float) -> None:
+        """Called when a step had nothing to run: sleep until a pending grammar compiles (or `timeout`)."""
+        pending = [r.grammar_future for r in self.waiting if r.grammar_future is not None]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _schedule_decodes(self, batch: ScheduledBatch, budget: int | None) -> int | None:
         decoding = [r for r in self.running if r.num_pending == 1]
@@ -151,9 +190,10 @@ class Scheduler:
             return
         ctx = PolicyContext(self.cache.match, self._rng)
         now = time.monotonic()
-        starving = sorted((r for r in self.waiting if now - r.arrival > self.config.starvation_timeout_s),
+        ready = [r for r in self.waiting if r.grammar_future is None]
+        starving = sorted((r for r in ready if now - r.arrival > self.config.starvation_timeout_s),
                           key=lambda r: r.arrival)
-        rest = [r for r in self.waiting if now - r.arrival <= self.config.starvation_timeout_s]
+        rest = [r for r in ready if now - r.arrival <= self.config.starvation_timeout_s]
         admitted: list[Req] = []
         prefill_tokens = 0
         for req in starving + self.policy(rest, ctx):
@@ -267,20 +307,36 @@ class Scheduler:
         if req.params.max_new_tokens == 0:  # a scoring request (prompt logprobs only): the sample is discarded
             self.running.remove(req)
             return self._finish(req, FinishReason("length"), emit=False, prompt_lps=prompt_lps)
-        req.append_output(token)
-        self.stats.generated_tokens += 1
+        tokens = [token]
+        if req.grammar is not None:
+            # Jump-forward appends forced text after the token; it is off with logprobs, which a forced token
+            # (never sampled) would not have.
+            jump = self.config.enable_jump_forward and not req.logprob.return_logprob
+            tokens, error = req.grammar.advance(token, jump)
+            if error is not None:
+                self.running.remove(req)
+                return self._finish(req, FinishReason("abort", message=f"constrained decoding: {error}"), emit=False,
+                                    prompt_lps=prompt_lps)
         if token_lp is not None:
             req.output_logprobs.append(token_lp)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        stop_string = self.text[req.rid].push(token)
-        reason = self._finish_reason(req, token, stop_string)
+        appended, reason = [], None
+        for i, tok in enumerate(tokens):
+            req.append_output(tok)
+            appended.append(tok)
+            self.stats.generated_tokens += 1
+            reason = self._finish_reason(req, tok, self.text[req.rid].push(tok))
+            if reason is None and i == len(tokens) - 1 and req.grammar is not None and req.grammar.finished:
+                reason = FinishReason("stop", tok if tok in req.stop_ids else None)  # nothing more can follow
+            if reason is not None:
+                break
         if reason is not None:
             self.running.remove(req)
-            return self._finish(req, reason, new_tokens=[token], new_lps=req.output_logprobs[-1:] if token_lp else [],
+            return self._finish(req, reason, new_tokens=appended, new_lps=req.output_logprobs[-1:] if token_lp else [],
                                 emit=False, prompt_lps=prompt_lps)
         return RequestOutput(
-            rid=req.rid, token_ids=[token], text=self.text[req.rid].take(final=False),
+            rid=req.rid, token_ids=appended, text=self.text[req.rid].take(final=False),
             output_logprobs=[token_lp] if token_lp else [], prompt_logprobs=prompt_lps,
             prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output, cached_tokens=req.num_cached,
         )

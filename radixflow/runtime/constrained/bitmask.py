@@ -1,0 +1,31 @@
+"""Token masks for a batch: llguidance fills one int32 bitmask row per constrained request; one vectorised
+`masked_fill` applies all of them to the batch's logits."""
+
+from __future__ import annotations
+
+import torch
+
+_BITS = torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64)
+
+
+def fill_bitmask(matchers: list, vocab_size: int) -> torch.Tensor:
+    """[len(matchers), ceil(vocab / 32)] int32; a None matcher leaves its row all-allowed."""
+    words = (vocab_size + 31) // 32
+    bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
+    for i, matcher in enumerate(matchers):
+        if matcher is not None:
+            row = bitmask[i]
+            matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+    return bitmask
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab] bool from the packed bitmask (bit j of word w allows token 32*w + j)."""
+    bits = (bitmask.to(torch.int64)[:, :, None] & _BITS) != 0
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size]
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: disallowed tokens get -inf. logits: [rows, vocab] on any device; bitmask on the CPU."""
+    allowed = allowed_tokens(bitmask, logits.shape[1]).to(logits.device, non_blocking=True)
+    logits.masked_fill_(~allowed, float("-inf"))
