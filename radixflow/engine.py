@@ -93,6 +93,7 @@ class Engine:
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self.core.grammar.shutdown()
 
     def __enter__(self):
         return self

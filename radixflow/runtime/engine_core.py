@@ -130,6 +130,7 @@ class EngineCore:
                 "grammar_compiled": g.compiled, "grammar_cache_hits": g.cache_hits,
                 "grammar_compile_seconds": g.compile_seconds, "jump_forward_tokens": g.jump_forward_tokens,
                 "jump_forward_steps": g.jump_forward_steps,
+                "grammar_mask_us_per_row": 1e6 * self.runner.mask_seconds / max(self.runner.mask_rows, 1),
                 "cached_tokens_in_tree": self.cache.tree.total_size(),
                 "kv_evictable_tokens": self.cache.tree.evictable_size()}
 

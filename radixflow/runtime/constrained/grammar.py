@@ -19,6 +19,9 @@ import llguidance.hf
 from radixflow.runtime.constrained.spec import Constraint
 
 
+COMPILE_WORKERS = 4
+
+
 class GrammarError(ValueError):
     """A grammar llguidance refused when compiling it against the tokenizer."""
 
@@ -43,7 +46,9 @@ class GrammarBackend:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self._templates: OrderedDict[Constraint, llguidance.LLMatcher] = OrderedDict()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        # Several workers: a grammar that compiles slowly (and then times out; a thread cannot be killed) must
+        # not hold up the grammars of other requests. llguidance releases the GIL while it compiles.
+        self._pool = ThreadPoolExecutor(COMPILE_WORKERS, thread_name_prefix="grammar-compile")
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
@@ -21,6 +23,8 @@ class ModelRunner:
         self.table = req_to_token.table
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.mask_seconds = 0.0  # time spent filling grammar masks, and how many request-steps it covered
+        self.mask_rows = 0
 
     def run(self, batch: ScheduledBatch) -> ModelOutput:
         # Decodes first, then extends: a pure-decode batch is then one group covering every row in order.
@@ -107,7 +111,12 @@ class ModelRunner:
         next_lps: list[TokenLogprobs | None] = [None] * len(reqs)
         if sampling:
             matchers = [s.req.grammar.matcher if s.req.grammar is not None else None for _, s in sampling]
-            bitmask = fill_bitmask(matchers, logits.shape[1]) if any(m is not None for m in matchers) else None
+            bitmask = None
+            if any(m is not None for m in matchers):
+                start = time.perf_counter()
+                bitmask = fill_bitmask(matchers, logits.shape[1])
+                self.mask_seconds += time.perf_counter() - start
+                self.mask_rows += sum(m is not None for m in matchers)
             result = sample(logits[sample_rows], [_sampling_row(s) for _, s in sampling], self.generator, bitmask)
             for j, (i, s) in enumerate(sampling):
                 next_ids[i] = result.token_ids[j]
