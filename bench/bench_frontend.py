@@ -6,6 +6,7 @@
   parallelism  skeleton-of-thought: fork into 5 expansions vs expanding them one after another (target >= 2x)
   select       20-shot 4-way select over N questions vs scoring every choice with its own request and the radix
                cache off (target >= 5x)
+  prefetch     run_batch of N 20-shot programs on an empty cache, with its constant-prefix prefetch vs without
 """
 
 from __future__ import annotations
@@ -85,6 +86,33 @@ def choose(s, question):
     s += sgl.select("answer", choices=[" red", " green", " blue", " yellow"])
 
 
+@sgl.function
+def long_few_shot(s, question):
+    s += few_shot_prefix(20) + f"Question: {question}\nAnswer:"
+    s += sgl.gen("answer", max_tokens=8, temperature=0, ignore_eos=True)
+
+
+class _NoPrefetch(sgl.EngineBackend):
+    """run_batch without its prefix prefetch (the program has no fork, the other caller of cache_prefix)."""
+
+    def cache_prefix(self, text: str) -> None:
+        pass
+
+
+def prefetch(engine: sgl.Engine, n: int) -> dict:
+    batch = [{"question": f"What is {i} plus {i + 1}?"} for i in range(n)]
+    long_few_shot.run_batch(batch[:2], backend=engine)  # warm-up
+    results = {}
+    for name, backend in (("without", _NoPrefetch(engine)), ("with", sgl.EngineBackend(engine))):
+        engine.flush_cache()
+        start = time.perf_counter()
+        states = long_few_shot.run_batch(batch, backend=backend)
+        results[f"{name}_s"] = time.perf_counter() - start
+        results[f"{name}_cached_tokens"] = sum(s.get_meta_info("answer")["cached_tokens"] for s in states)
+    results["speedup"] = results["without_s"] / results["with_s"]
+    return results
+
+
 def select_sharing(n: int, quick: bool) -> dict:
     questions = [f"Which color is item number {i}?" for i in range(n)]
     engine = sgl.Engine(max_total_tokens=32768, num_threads=2)
@@ -114,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
-    parser.add_argument("--only", default="overhead,parallelism,select", help="comma-separated subset")
+    parser.add_argument("--only", default="overhead,parallelism,select,prefetch", help="comma-separated subset")
     args = parser.parse_args()
     only = set(args.only.split(","))
     torch.set_num_threads(2)
@@ -128,6 +156,9 @@ def main() -> None:
         if "parallelism" in only:
             results["parallelism"] = parallelism(engine)
             print("parallelism", json.dumps(results["parallelism"]), flush=True)
+        if "prefetch" in only:
+            results["prefetch"] = prefetch(engine, 16 if args.quick else 64)
+            print("prefetch", json.dumps(results["prefetch"]), flush=True)
     finally:
         engine.shutdown()
     if "select" in only:

@@ -10,6 +10,8 @@ from radixflow.lang.api import (assistant, assistant_begin, assistant_end, flush
                                 system_begin, system_end, user, user_begin, user_end)
 from radixflow.lang.choices import (greedy_token_selection, token_length_normalized,
                                     unconditional_likelihood_normalized)
+from radixflow.lang.compiler import CompiledFunction
+from radixflow.lang.graph import TracedProgram, TracingError
 from radixflow.lang.runtime import Runtime
 from radixflow.runtime.sampling_params import InvalidRequestError, SamplingParams
 
@@ -18,6 +20,6 @@ __all__ = [
     "function", "gen", "gen_int", "gen_string", "select", "image", "system", "user", "assistant", "system_begin",
     "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end", "set_default_backend",
     "flush_cache", "get_server_info", "token_length_normalized", "greedy_token_selection",
-    "unconditional_likelihood_normalized",
+    "unconditional_likelihood_normalized", "TracingError", "TracedProgram", "CompiledFunction",
 ]
 __version__ = "0.1.0"

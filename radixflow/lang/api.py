@@ -8,10 +8,16 @@ import os
 import weakref
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from radixflow.lang.choices import ChoiceMethod
+from radixflow.lang.graph import TracedProgram, TracingError
 from radixflow.lang.interpreter import ProgramState, StreamExecutor
 from radixflow.lang.ir import Gen, Image, RoleBegin, RoleEnd, Select, Text, as_node
+from radixflow.lang.tracer import TracerState, trace_program
+
+if TYPE_CHECKING:
+    from radixflow.lang.compiler import CompiledFunction
 
 _default_backend = None
 _engine_backends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one backend per in-process Engine
@@ -161,6 +167,7 @@ def assistant_end():
 _SAMPLING_KEYS = ("max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
                   "frequency_penalty", "presence_penalty", "ignore_eos")
 _LOGPROB_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
+MIN_PREFETCH_CHARS = 64  # as SGLang: a shorter shared prefix is not worth a request of its own
 
 
 class SglFunction:
@@ -175,7 +182,7 @@ class SglFunction:
     def __call__(self, *args, **kwargs):
         """Inside another program, `other_fn(s, ...)` appends to that program's state; called on its own,
         `fn(question=..., temperature=0)` is `fn.run(...)`, as in SGLang."""
-        if args and isinstance(args[0], ProgramState):
+        if args and isinstance(args[0], (ProgramState, TracerState)):
             return self.func(*args, **{**self.bind_arguments, **kwargs})
         return self.run(*args, **kwargs)
 
@@ -205,6 +212,8 @@ class SglFunction:
             # Threads mostly wait on the runtime, so many are cheap; too few would feed the engine in waves
             # (32 threads for 64 programs doubled the decode steps on this 2-core machine).
             num_threads = min(len(batch_kwargs), max(96, 16 * (os.cpu_count() or 1)))
+        if len(batch_kwargs) > 1:
+            self._prefetch(chosen, batch_kwargs)
         run = lambda kw: self._run_one((), {**self.bind_arguments, **kw}, defaults, False, chosen)  # noqa: E731
         with ThreadPoolExecutor(num_threads) as pool:
             futures = [pool.submit(run, kw) for kw in batch_kwargs]
@@ -214,6 +223,34 @@ class SglFunction:
                 for _ in tqdm((f for f in futures), total=len(futures), desc="run_batch"):
                     _.result()
             return [f.result() for f in futures]
+
+    def trace(self, **kwargs) -> TracedProgram:
+        """Run the function on symbolic arguments (those not given here or bound) and return the graph of what it
+        appends, without running anything. Raises TracingError where the program needs a value only a run has."""
+        return trace_program(self.func, {**self.bind_arguments, **kwargs})
+
+    def compile(self, *, hoist_constants: bool = False, **kwargs) -> CompiledFunction:
+        """Trace (arguments given here are fixed) and optimise into a CompiledFunction, whose run / run_batch give
+        the same results as this function's; see radixflow/lang/compiler.py for the passes."""
+        # Imported here: the compiler builds on this module.
+        from radixflow.lang.compiler import compile_function
+
+        return compile_function(self, kwargs, hoist_constants)
+
+    def _prefetch(self, backend, batch_kwargs: list[dict]) -> None:
+        """Before a batch: compute the program's argument-independent prefix once, so every program finds it in the
+        radix cache instead of all of them computing it at the same time."""
+        try:
+            prefix = self._batch_prefix(backend.get_chat_template(), batch_kwargs)
+            if len(prefix) >= MIN_PREFETCH_CHARS:
+                backend.cache_prefix(prefix)
+        except Exception:  # noqa: BLE001 - only an optimisation: the programs run (and report errors) without it
+            return
+
+    def _batch_prefix(self, template, batch_kwargs: list[dict]) -> str:
+        """Traced up to where tracing stops: the nodes before that point are what every program appends first."""
+        shared = _shared_arguments(self.func, [{**self.bind_arguments, **kw} for kw in batch_kwargs])
+        return trace_program(self.func, shared, partial=True).constant_prefix(template)
 
     def _run_one(self, args, kwargs, defaults: dict, stream: bool, backend) -> ProgramState:
         executor = StreamExecutor(backend, defaults, stream)
@@ -243,6 +280,24 @@ def _defaults(local: dict) -> dict:
     return {"sampling": sampling, "logprob": logprob}
 
 
+def _shared_arguments(func, batch: list[dict]) -> dict:
+    """The arguments every program of the batch has with the same value (or leaves at the same default): tracing
+    with them concrete makes more of the prefix constant."""
+    shared = {}
+    for parameter in list(inspect.signature(func).parameters.values())[1:]:
+        first, *rest = [kw.get(parameter.name, parameter.default) for kw in batch]
+        if first is not inspect.Parameter.empty and all(_same(first, value) for value in rest):
+            shared[parameter.name] = first
+    return shared
+
+
+def _same(a, b) -> bool:
+    try:
+        return a is b or (type(a) is type(b) and bool(a == b))
+    except Exception:  # noqa: BLE001 - values without a plain == (arrays, ...) are not shared
+        return False
+
+
 def function(func=None, *, num_api_spec_tokens: int | None = None):
     """`@function` / `@function(num_api_spec_tokens=...)`: the first argument of `func` is the state `s`."""
     if func is None:
@@ -252,4 +307,4 @@ def function(func=None, *, num_api_spec_tokens: int | None = None):
 
 __all__ = ["function", "gen", "gen_int", "gen_string", "select", "image", "system", "user", "assistant",
            "system_begin", "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end",
-           "set_default_backend", "flush_cache", "get_server_info", "Text"]
+           "set_default_backend", "flush_cache", "get_server_info", "Text", "TracingError"]

@@ -82,6 +82,15 @@ def test_one_vectorised_mask_over_a_batch_leaves_unconstrained_rows_alone(backen
     assert torch.equal(logits[1, sorted(digits)], original[1, sorted(digits)])
 
 
+def test_batch_fill_in_parallel_equals_row_by_row(backend, toy_tokenizer):
+    vocab = len(toy_tokenizer)
+    matchers = [backend.matcher(Constraint("regex", r)) for r in ("[0-9]+", "(yes|no)", "[a-z ]+")]
+    batch = fill_bitmask([matchers[0], None, matchers[1], matchers[2]], vocab)
+    rows = [fill_bitmask([m], vocab)[0] for m in matchers]
+    assert torch.equal(batch[0], rows[0]) and torch.equal(batch[2], rows[1]) and torch.equal(batch[3], rows[2])
+    assert bool((batch[1] == -1).all())
+
+
 def test_bitmask_unpacking_handles_bit_31(toy_tokenizer):
     bitmask = torch.zeros(1, 2, dtype=torch.int32)
     bitmask[0, 0] = -2**31  # only bit 31 of the first word: token 31

@@ -3,19 +3,36 @@
 
 from __future__ import annotations
 
+import os
+
+import llguidance
 import torch
 
 _BITS = torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64)
+
+
+_executor: llguidance.LLExecutor | None = None
+
+
+def _parallel() -> llguidance.LLExecutor:
+    """llguidance's thread pool, one per process: the model is idle while masks are filled, so every core helps."""
+    global _executor
+    if _executor is None:
+        _executor = llguidance.LLExecutor(num_threads=max(os.cpu_count() or 1, 1))
+    return _executor
 
 
 def fill_bitmask(matchers: list, vocab_size: int) -> torch.Tensor:
     """[len(matchers), ceil(vocab / 32)] int32; a None matcher leaves its row all-allowed."""
     words = (vocab_size + 31) // 32
     bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
-    for i, matcher in enumerate(matchers):
-        if matcher is not None:
-            row = bitmask[i]
-            matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+    rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
+    if len(rows) == 1:
+        matcher, i = rows[0]
+        row = bitmask[i]
+        matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+    elif rows:
+        _parallel().unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), words * 4, len(matchers))
     return bitmask
 
 
