@@ -4,9 +4,11 @@
 
 extraction  JSON extraction on SmolLM2: 32 descriptions (16 cities, 16 characters) -> an object with typed
             fields. Two constraint variants: the whole-object JSON schema, and one regex spelling the object
-            with a pattern per field. Each is run with jump-forward on and off (two engines, same weights, caches
-            flushed before every run), and compared with unconstrained generation of the same number of tokens
-            per request. Reported: batch throughput (all requests at once) and single-request latency.
+            with a pattern per field. Each is run with jump-forward on and off (one engine whose switch is flipped
+            between runs: two engines would mean two OpenMP thread teams, which slows both; caches flushed
+            before every run), and compared with unconstrained generation of the same number of tokens
+            per request. Reported: batch throughput (all requests at once; best of 3 runs per configuration,
+            interleaved, as this machine's run-to-run noise is about 15%) and single-request latency.
 mask        Mask cost per decode step per request, in microseconds: llguidance filling one bitmask row while
             following a valid output token by token (median / p90 / max), plus what the engine measured during
             the extraction runs.
@@ -17,6 +19,7 @@ Ratios are measured in one run on one machine; the command line, commit and mach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -76,14 +79,14 @@ def workload(engine: Engine) -> list[tuple[str, dict, str]]:
     return items
 
 
-def run_batch(engine: Engine, prompts: list[str], params: list[dict]) -> tuple[float, list[dict]]:
+def run_batch(engine, prompts: list[str], params: list[dict]) -> tuple[float, list[dict]]:
     engine.flush_cache()
     start = time.perf_counter()
     outs = engine.generate(prompts, params)
     return time.perf_counter() - start, outs
 
 
-def run_single(engine: Engine, prompts: list[str], params: list[dict]) -> float:
+def run_single(engine, prompts: list[str], params: list[dict]) -> float:
     """Mean latency of requests sent one at a time (each on a cold cache for its own prompt)."""
     engine.flush_cache()
     times = []
@@ -94,10 +97,37 @@ def run_single(engine: Engine, prompts: list[str], params: list[dict]) -> float:
     return statistics.mean(times)
 
 
+class Switch:
+    """Runs on one engine with jump-forward on or off (flipped on the engine thread between runs), and keeps the
+    mask time the runner measured under each setting."""
+
+    def __init__(self, engine: Engine, enabled: bool):
+        self.engine, self.enabled = engine, enabled
+        self.mask_seconds = self.mask_rows = 0
+
+    def generate(self, prompts, params):
+        def flip():
+            sched = self.engine.core.scheduler
+            sched.config = dataclasses.replace(sched.config, enable_jump_forward=self.enabled)
+        self.engine._call(flip)
+        runner = self.engine.core.runner
+        seconds, rows = runner.mask_seconds, runner.mask_rows
+        outs = self.engine.generate(prompts, params)
+        self.mask_seconds += runner.mask_seconds - seconds
+        self.mask_rows += runner.mask_rows - rows
+        return outs
+
+    def flush_cache(self):
+        return self.engine.flush_cache()
+
+    def mask_us_per_row(self) -> float:
+        return 1e6 * self.mask_seconds / max(self.mask_rows, 1)
+
+
 def extraction(quick: bool) -> dict:
-    on = Engine(num_threads=2, max_total_tokens=32768)
-    off = Engine(num_threads=2, max_total_tokens=32768, enable_jump_forward=False)
-    items = workload(on)
+    engine = Engine(num_threads=2, max_total_tokens=32768)
+    on, off = Switch(engine, True), Switch(engine, False)
+    items = workload(engine)
     if quick:
         items = items[:4] + items[16:20]
     prompts = [p for p, _, _ in items]
@@ -106,14 +136,24 @@ def extraction(quick: bool) -> dict:
     results = {}
     for variant, key, pick in (("json_schema", "json_schema", 1), ("regex", "regex", 2)):
         params = [{key: item[pick], "max_new_tokens": 160, "temperature": 0.0} for item in items]
-        for engine in (on, off):  # warm up: grammars compiled and cached, torch kernels loaded
-            engine.generate(prompts[:2], params[:2])
-        t_on, outs_on = run_batch(on, prompts, params)
-        t_off, outs_off = run_batch(off, prompts, params)
+        for side in (on, off):  # warm up: grammars compiled and cached, torch kernels loaded
+            side.generate(prompts[:2], params[:2])
+        _, outs_on = run_batch(on, prompts, params)
+        _, outs_off = run_batch(off, prompts, params)
         # Unconstrained generation of the same number of tokens as the constrained output, request by request.
         free = [{"max_new_tokens": o["meta_info"]["completion_tokens"], "ignore_eos": True, "temperature": 0.0}
                 for o in outs_off]
-        t_free, _ = run_batch(off, prompts, free)
+        runs = {"on": [], "off": [], "free": []}
+        for _ in range(1 if quick else 3):
+            runs["on"].append(run_batch(on, prompts, params)[0])
+            runs["off"].append(run_batch(off, prompts, params)[0])
+            runs["free"].append(run_batch(off, prompts, free)[0])
+        t_on, t_off, t_free = min(runs["on"]), min(runs["off"]), min(runs["free"])
+        # A smaller batch (8 requests at once, best of 3): between the single request and the full batch.
+        eight = list(range(0, len(items), max(len(items) // 8, 1)))[:8]
+        t8 = {side: min(run_batch(s, [prompts[i] for i in eight], [p[i] for i in eight])[0]
+                        for _ in range(1 if quick else 3))
+              for side, s, p in (("on", on, params), ("off", off, params), ("free", off, free))}
         lat_on = run_single(on, [prompts[i] for i in single_idx], [params[i] for i in single_idx])
         lat_off = run_single(off, [prompts[i] for i in single_idx], [params[i] for i in single_idx])
         lat_free = run_single(off, [prompts[i] for i in single_idx], [free[i] for i in single_idx])
@@ -125,6 +165,9 @@ def extraction(quick: bool) -> dict:
             "requests": len(items), "output_tokens_no_jump": tokens,
             "output_tokens_jump": sum(o["meta_info"]["completion_tokens"] for o in outs_on),
             "batch_s": {"jump_forward": t_on, "no_jump_forward": t_off, "unconstrained": t_free},
+            "batch_runs_s": runs,
+            "batch8_s": t8, "batch8_jump_vs_no_jump": t8["off"] / t8["on"],
+            "batch8_jump_vs_unconstrained": t8["free"] / t8["on"],
             "batch_req_per_s_jump_vs_no_jump": t_off / t_on,
             "batch_jump_vs_unconstrained": t_free / t_on,
             "batch_no_jump_vs_unconstrained": t_free / t_off,
@@ -134,11 +177,10 @@ def extraction(quick: bool) -> dict:
             "same_parsed_values_jump_vs_no_jump": same,
         }
         print(variant, json.dumps(results[variant], indent=1), flush=True)
-    results["engine_mask_us_per_row"] = {"jump_forward": on.stats()["grammar_mask_us_per_row"],
-                                         "no_jump_forward": off.stats()["grammar_mask_us_per_row"]}
-    results["jump_forward_tokens"] = on.stats()["jump_forward_tokens"]
-    on.shutdown()
-    off.shutdown()
+    results["engine_mask_us_per_row"] = {"jump_forward": on.mask_us_per_row(),
+                                         "no_jump_forward": off.mask_us_per_row()}
+    results["jump_forward_tokens"] = engine.stats()["jump_forward_tokens"]
+    engine.shutdown()
     return results
 
 

@@ -7,6 +7,10 @@ by hand on both backends); elsewhere the tests assert the program's structure.
 
 from __future__ import annotations
 
+import json
+import re
+
+import pydantic
 import pytest
 
 import radixflow as sgl
@@ -221,3 +225,73 @@ def test_streaming(backend):
     answer_pieces = list(state.text_iter("answer"))
     assert len(answer_pieces) > 4  # token by token, not one block
     assert "".join(answer_pieces) == state["answer"] and state["answer"].strip()
+
+
+# -- integer and JSON decoding (constrained) ----------------------------------------------------------------------
+@sgl.function
+def count(s, question):
+    s += sgl.user(question)
+    # The fixed words are forced (jump-forward); only the number is the model's choice.
+    s += sgl.assistant(sgl.gen("answer", regex=r"The answer is [0-9]+\.", max_tokens=16))
+
+
+def test_integer_decoding_by_regex(backend):
+    states = count.run_batch([{"question": "How many legs does a cat have?"},
+                              {"question": "How many days are in a week?"}], temperature=0, backend=backend)
+    assert [s["answer"] for s in states] == ["The answer is 4.", "The answer is 7."]
+
+
+@sgl.function
+def typed(s):
+    s += "Pick a number: " + sgl.gen_int("n", max_tokens=6) + "\n"
+    s += "Pick a boolean: " + sgl.gen("b", dtype=bool) + "\n"
+    s += "Name a fruit in quotes: " + sgl.gen_string("fruit", max_tokens=12)
+
+
+def test_typed_gen(backend):
+    state = typed.run(temperature=0, backend=backend)
+    int(state["n"])  # a string that parses as an integer (may be cut at max_tokens: it is still digits)
+    assert state["b"] in ("True", "False")
+    assert state["fruit"].startswith('"')
+
+
+CHARACTER_REGEX = (r'\{"name": "[A-Za-z ]{1,24}", "house": "(Gryffindor|Slytherin|Ravenclaw|Hufflepuff)", '
+                   r'"blood status": "(Pure-blood|Half-blood|Muggle-born)", "wand": \{"wood": "[a-z ]{1,16}", '
+                   r'"core": "[a-z ]{1,16}", "length": [0-9]{1,2}\}, "alive": (true|false)\}')
+
+
+@sgl.function
+def character(s, name):
+    s += name + " is a character in Harry Potter. Please fill in the following information about this character.\n"
+    s += sgl.gen("json_output", max_tokens=128, regex=CHARACTER_REGEX)
+
+
+def test_json_decoding_by_regex(backend):
+    state = character.run(name="Hermione Granger", temperature=0, backend=backend)
+    assert re.fullmatch(CHARACTER_REGEX, state["json_output"])
+    value = json.loads(state["json_output"])  # the regex spells JSON: it parses (the model's facts are its own)
+    assert list(value) == ["name", "house", "blood status", "wand", "alive"] and list(value["wand"]) == [
+        "wood", "core", "length"]
+
+
+class City(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")  # additionalProperties: false, or the model may add keys
+
+    name: str = pydantic.Field(max_length=30)
+    country: str = pydantic.Field(max_length=30)
+    is_capital: bool
+
+
+@sgl.function
+def city(s, text):
+    s += sgl.user("Extract the city described below as JSON.\n" + text)
+    s += sgl.assistant(sgl.gen("city", json_schema=City, max_tokens=64))
+
+
+def test_json_decoding_by_schema(backend):
+    states = city.run_batch([{"text": "Paris is the capital of France."},
+                             {"text": "Lyon is a large city in France; it is not the capital."}],
+                            temperature=0, backend=backend)
+    cities = [City.model_validate_json(s["city"]) for s in states]
+    assert [c.name for c in cities] == ["Paris", "Lyon"]
+    assert [c.is_capital for c in cities] == [True, False]
