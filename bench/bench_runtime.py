@@ -147,10 +147,12 @@ def decode_roofline(shape: ModelShape, machine: Machine, batch: int, context: in
 class Radixflow:
     name = "radixflow"
 
-    def __init__(self):
+    def __init__(self, quantization: str | None = None):
         from radixflow import Engine
 
-        self.engine = Engine(num_threads=THREADS)
+        self.engine = Engine(num_threads=THREADS, quantization=quantization)
+        if quantization:
+            self.name = f"radixflow ({quantization})"
 
     def prefill(self, prompt: list[int]) -> None:
         self.generate([prompt], 1)
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repetition and 32 new tokens per decode run")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--quantization", choices=["int8"], help="run our side quantized (transformers stays fp32)")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     torch.set_num_threads(THREADS)
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_model = load_transformers_model()
     shape, vocab_size = ModelShape.of(hf_model), hf_model.config.vocab_size
     # Both sides stay loaded and take turns; the idle engine thread only polls its inbox every 50 ms.
-    ours_side = Radixflow()
+    ours_side = Radixflow(args.quantization)
     try:
         ours, theirs = measure([ours_side, Transformers(hf_model)], vocab_size, s)
     finally:

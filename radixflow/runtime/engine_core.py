@@ -17,7 +17,7 @@ from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.constrained.grammar import GrammarBackend
-from radixflow.runtime.model.llama import LlamaModel, ModelArgs
+from radixflow.runtime.model.llama import LlamaModel, ModelArgs, quantize_int8
 from radixflow.runtime.model.loader import ModelSource, load_weights, resolve_model
 from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.request import Req
@@ -45,6 +45,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     mc = config.model
     if mc.dtype not in _DTYPES:
         raise ValueError(f"dtype: {mc.dtype!r} is not one of {', '.join(_DTYPES)}")
+    if mc.quantization not in (None, "int8"):
+        raise ValueError(f"quantization: {mc.quantization!r} is not supported (use int8, or none)")
+    if mc.quantization == "int8" and (mc.device != "cpu" or mc.dtype != "float32"):
+        raise ValueError("quantization: int8 runs on the CPU with dtype float32 activations")
     if mc.num_threads:
         torch.set_num_threads(mc.num_threads)
     device = torch.device(mc.device)
@@ -56,6 +60,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model.inv_freq = _rope_buffer(args, device)
     model.load_weights(weights)
     model.eval()
+    if mc.quantization == "int8":
+        quantize_int8(model)
     tokenizer = load_tokenizer(source, mc.chat_template)
     return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))
 
