@@ -1,7 +1,8 @@
 """A demo program against a running radixflow server (the README's main job runs it).
 
-It uses the server the way users do: the official `openai` SDK for chat, and the native /generate API for a
-few-shot batch whose shared prefix the radix cache computes once.
+It uses the server the way users do: the official `openai` SDK for chat and for structured output (a pydantic
+model as `response_format`), and the native /generate API for a few-shot batch whose shared prefix the radix cache
+computes once.
 
     python examples/demo_client.py --url http://127.0.0.1:30000
 """
@@ -13,6 +14,7 @@ import time
 
 import httpx
 import openai
+import pydantic
 
 FEW_SHOT = """Classify the sentiment of each review as positive or negative.
 Review: The food was wonderful and the staff were kind. Sentiment: positive
@@ -37,6 +39,22 @@ def chat(client: openai.OpenAI, model: str) -> None:
     print()
 
 
+class City(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    name: str = pydantic.Field(max_length=40)
+    country: str = pydantic.Field(max_length=40)
+    is_capital: bool
+
+
+def structured(client: openai.OpenAI, model: str) -> None:
+    print("\n== structured output (openai SDK, response_format = a pydantic model; always parses)")
+    for text in ("Paris is the capital of France.", "Osaka is a large city in Japan, but not its capital."):
+        out = client.chat.completions.parse(model=model, max_tokens=64, temperature=0, response_format=City,
+                                            messages=[{"role": "user", "content": f"Extract the city as JSON. {text}"}])
+        print(f"{text:55s} -> {out.choices[0].message.parsed!r}")
+
+
 def few_shot(url: str) -> None:
     print("\n== few-shot batch (native /generate; the shared prefix is computed once)")
     prompts = [f"{FEW_SHOT}Review: {r} Sentiment:" for r in REVIEWS]
@@ -58,6 +76,7 @@ def main() -> None:
     client = openai.OpenAI(base_url=f"{args.url}/v1", api_key=args.api_key)
     model = client.models.list().data[0].id
     chat(client, model)
+    structured(client, model)
     few_shot(args.url)
     info = httpx.get(f"{args.url}/get_server_info", timeout=30).json()["stats"]
     print(f"\nserver: cache hit rate {info['cache_hit_rate']:.0%}, {info['generated_tokens']} tokens generated")

@@ -9,6 +9,7 @@ mix of both.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,11 @@ class Linear(nn.Module):
             weight = self.weight_t.t().contiguous()
             scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
             zero_points = torch.zeros(scales.shape, dtype=torch.int64)
-            qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+            with warnings.catch_warnings():
+                # torch marks its quantized tensor types deprecated (to go in a later release); 2.13 has them, and
+                # quantize_int8() turns their absence into a clear error.
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+                qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
             bias = None if self.bias is None else self.bias.detach().clone()
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.weight_t = None
@@ -261,8 +266,9 @@ _KEEP_FP32 = ("down_proj",)
 def quantize_int8(model: nn.Module) -> None:
     """Turn the linear layers of `model` (qkv, o, gate/up, lm_head; not down_proj) into int8 dynamic ones;
     embeddings and norms stay fp32. CPU only (fbgemm)."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise ValueError("quantization: int8 needs torch's fbgemm backend (x86 CPU), which this build lacks")
+    if "fbgemm" not in torch.backends.quantized.supported_engines or not hasattr(torch.ops.quantized,
+                                                                                   "linear_dynamic"):
+        raise ValueError("quantization: int8 needs torch's fbgemm quantized ops (x86 CPU), which this build lacks")
     torch.backends.quantized.engine = "fbgemm"
     for name, module in model.named_modules():
         if isinstance(module, Linear) and not name.endswith(_KEEP_FP32):
