@@ -35,8 +35,11 @@ class ModelRunner:
         logit_rows, row_of = self._logit_rows(reqs, offsets)
         attn = AttentionInputs(self.kv.k, self.kv.v, out_loc, self._groups(reqs, offsets),
                                torch.tensor(logit_rows, dtype=torch.int64, device=self.device))
+        # Grammar masks depend only on what each request has emitted, so they are filled before the forward:
+        # right after a forward, torch's OpenMP workers still spin on both cores and would slow the fill.
+        bitmask = self._grammar_masks(reqs)
         logits = self.model(input_ids, positions, attn)
-        output = self._outputs(reqs, logits, row_of)
+        output = self._outputs(reqs, logits, row_of, bitmask)
         return _reorder(output, order)
 
     def _token_inputs(self, reqs: list[ScheduledReq]):
@@ -104,19 +107,23 @@ class ModelRunner:
             rows.extend(prompt_rows + sample_row)
         return rows, row_of
 
-    def _outputs(self, reqs: list[ScheduledReq], logits: torch.Tensor, row_of) -> ModelOutput:
+    def _grammar_masks(self, reqs: list[ScheduledReq]) -> torch.Tensor | None:
+        """One bitmask row per sampling request (in sampling order), or None when no sampling request has one."""
+        matchers = [s.req.grammar.matcher if s.req.grammar is not None else None for s in reqs if s.samples]
+        if all(m is None for m in matchers):
+            return None
+        start = time.perf_counter()
+        bitmask = fill_bitmask(matchers, self.model.args.vocab_size)
+        self.mask_seconds += time.perf_counter() - start
+        self.mask_rows += sum(m is not None for m in matchers)
+        return bitmask
+
+    def _outputs(self, reqs: list[ScheduledReq], logits: torch.Tensor, row_of, bitmask) -> ModelOutput:
         sampling = [(i, s) for i, s in enumerate(reqs) if s.samples]
         sample_rows = [row_of[i][0] + row_of[i][1] for i, _ in sampling]
         next_ids: list[int | None] = [None] * len(reqs)
         next_lps: list[TokenLogprobs | None] = [None] * len(reqs)
         if sampling:
-            matchers = [s.req.grammar.matcher if s.req.grammar is not None else None for _, s in sampling]
-            bitmask = None
-            if any(m is not None for m in matchers):
-                start = time.perf_counter()
-                bitmask = fill_bitmask(matchers, logits.shape[1])
-                self.mask_seconds += time.perf_counter() - start
-                self.mask_rows += sum(m is not None for m in matchers)
             result = sample(logits[sample_rows], [_sampling_row(s) for _, s in sampling], self.generator, bitmask)
             for j, (i, s) in enumerate(sampling):
                 next_ids[i] = result.token_ids[j]
