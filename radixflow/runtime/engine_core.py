@@ -17,7 +17,7 @@ from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.constrained.grammar import GrammarBackend
-from radixflow.runtime.model.llama import LlamaModel, ModelArgs, quantize_int8
+from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8
 from radixflow.runtime.model.loader import ModelSource, load_weights, resolve_model
 from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.request import Req
@@ -62,6 +62,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model.eval()
     if mc.quantization == "int8":
         quantize_int8(model)
+    elif mc.onednn_linear and device.type == "cpu" and mc.dtype == "float32" and not prepack_onednn(model):
+        logger.info("oneDNN linear layers unavailable in this torch build; using torch's matmul")
     tokenizer = load_tokenizer(source, mc.chat_template)
     return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))
 

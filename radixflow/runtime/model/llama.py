@@ -113,13 +113,22 @@ class Linear(nn.Module):
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.packed = None  # int8 weights packed for fbgemm, after quantize_int8()
+        self.onednn = None  # fp32 weights in oneDNN's blocked layout, after prepack_onednn()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.quantized.linear_dynamic(x, self.packed, _REDUCE_RANGE)
+        if self.onednn is not None and x.shape[0] > 1:
+            return torch.ops.mkldnn._linear_pointwise(x, self.onednn, self.bias, "none", [], "")
         if self.bias is None:
             return x @ self.weight_t
         return torch.addmm(self.bias, x, self.weight_t)
+
+    def prepack_onednn(self) -> None:
+        """Keep a copy of the weight in oneDNN's blocked layout for calls with more than one row (prefill,
+        batched decode); a single row stays on MKL's [in, out] GEMV, which is faster for it."""
+        with torch.no_grad():
+            self.onednn = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), _PACK_ROWS)
 
     def quantize_int8(self) -> None:
         """Opt-in W8A8 dynamic: int8 weights with one scale per output channel; each call quantizes its input per
@@ -244,6 +253,34 @@ class LlamaModel(nn.Module):
 
 
 _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
+_PACK_ROWS = 512  # the row count oneDNN tunes the packed layout for; any row count works
+
+
+def prepack_onednn(model: nn.Module) -> bool:
+    """Pack every fp32 linear weight for oneDNN (CPU). Measured on this 2-core AMD EPYC: 2.4x (512 rows) to 4x
+    (32 rows) faster than MKL's sgemm, which does not use AVX-512 on AMD CPUs; results agree with fp64 to 1e-6
+    relative, as MKL's do. Returns False (and packs nothing) where this torch build cannot do it correctly."""
+    if not _onednn_linear_works():
+        return False
+    for module in model.modules():
+        if isinstance(module, Linear) and module.packed is None:
+            module.prepack_onednn()
+    return True
+
+
+def _onednn_linear_works() -> bool:
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        weight, bias, x = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen), torch.randn(7, 40, generator=gen)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return bool(torch.allclose(out, torch.addmm(bias, x, weight.t()), rtol=1e-4, atol=1e-4))
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def _has_vnni() -> bool:
