@@ -1,4 +1,5 @@
-"""Opt-in int8 linear layers: the model still answers like itself, and bad settings are refused clearly."""
+"""Linear-layer back ends: opt-in int8 (the model still answers like itself; bad settings refused clearly) and the
+default oneDNN prepacked fp32 path (same results as torch's matmul)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,32 @@ def test_smollm2_int8_stays_close_to_fp32(smol_engine):
                                                    out["meta_info"]["input_token_logprobs"][1:])]
         assert max(diffs) < 1.0  # measured 0.4 on a longer prompt; fp32 matches transformers within 2e-2
         int8.check_integrity()
+
+
+def test_onednn_prepacked_linear_matches_matmul():
+    import torch
+
+    from radixflow.runtime.model.llama import _onednn_linear_works
+
+    assert _onednn_linear_works()  # this machine's torch has it; the fast path must not silently switch off
+    torch.manual_seed(1)
+    layer = Linear(64, 96, bias=True)
+    with torch.no_grad():
+        layer.weight_t.normal_()
+        layer.bias.normal_()
+        layer.prepack_onednn()
+        for rows in (1, 5, 300):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(layer(x), torch.addmm(layer.bias, x, layer.weight_t), rtol=1e-5, atol=1e-4)
+
+
+def test_engine_packs_its_linears_unless_told_not_to(tiny_model_dir):
+    with Engine(model_path=str(tiny_model_dir), max_total_tokens=1024) as fast, \
+            Engine(model_path=str(tiny_model_dir), max_total_tokens=1024, onednn_linear=False) as plain:
+        layers = [m for m in fast.core.loaded.model.modules() if isinstance(m, Linear)]
+        assert layers and all(m.onednn is not None for m in layers)
+        assert all(m.onednn is None for m in plain.core.loaded.model.modules() if isinstance(m, Linear))
+        params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+        prompts = ["The quick brown fox", "Hello there, how are"]
+        assert [o["output_ids"] for o in fast.generate(prompts, params)] == [
+            o["output_ids"] for o in plain.generate(prompts, params)]

@@ -124,7 +124,9 @@ class ModelRunner:
         next_ids: list[int | None] = [None] * len(reqs)
         next_lps: list[TokenLogprobs | None] = [None] * len(reqs)
         if sampling:
-            result = sample(logits[sample_rows], [_sampling_row(s) for _, s in sampling], self.generator, bitmask)
+            want = any(s.req.logprob.return_logprob for _, s in sampling)
+            result = sample(logits[sample_rows], [_sampling_row(s) for _, s in sampling], self.generator, bitmask,
+                            want_logprobs=want)
             for j, (i, s) in enumerate(sampling):
                 next_ids[i] = result.token_ids[j]
                 if s.req.logprob.return_logprob:

