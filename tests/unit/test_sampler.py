@@ -93,3 +93,18 @@ def test_seed_reproduces_regardless_of_batch():
 def test_logprobs_are_the_models_own():
     result = sample(LOGITS, [row(temperature=0.5, top_k=2)])
     assert torch.allclose(result.logprobs, torch.log_softmax(LOGITS, -1))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_callers_logits_are_left_unmodified(masked):
+    """The sampler works on a copy: with a grammar mask, penalties and banned ids all applied to it."""
+    logits = torch.randn(2, 40)
+    before = logits.clone()
+    bitmask = torch.tensor([[0b1010, 0], [-1, 0]], dtype=torch.int32) if masked else None
+    rows = [row(output=[1, 3], prior=[5], banned=frozenset({1}), temperature=0.7, frequency_penalty=0.5,
+                repetition_penalty=1.3, seed=1), row(temperature=0.0, presence_penalty=1.0, output=[2])]
+    tokens = sample(logits, rows, bitmask=bitmask).token_ids
+    assert torch.equal(logits, before)
+    if masked:
+        assert tokens[0] == 3  # bits 1 and 3 allowed; 1 is banned
+        assert tokens[1] < 32

@@ -1,7 +1,7 @@
 """Sampling, vectorised over the batch.
 
-Order: grammar mask -> penalties -> min_new_tokens mask -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows skip the
-draw. Seeded rows draw from a generator seeded by (seed, position), so a seed reproduces the same tokens
+Order: grammar mask -> penalties -> min_new_tokens mask -> temperature -> top-k -> top-p -> min-p -> draw.
+Greedy rows skip the draw. Seeded rows draw from a generator seeded by (seed, position), so a seed reproduces the same tokens
 whatever else shares the batch. Reported logprobs are the model's own (log-softmax of the raw logits), as
 OpenAI's API reports them, not of the processed distribution.
 """
@@ -58,11 +58,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
     log-softmax over the vocabulary (2 ms for 32 rows here) when no row reports logprobs."""
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if bitmask is not None:
-        logits = logits.clone()
+        logits = logits.clone()  # the caller's logits stay unmodified; everything below works on this copy
         apply_bitmask(logits, bitmask)
     if all(r.params.greedy and not r.params.has_penalties and not r.banned_ids for r in rows):
         return SampleResult(logits.argmax(dim=-1).tolist(), logprobs)
-    logits = logits.clone()
+    if bitmask is None:
+        logits = logits.clone()
     apply_penalties(logits, rows)
     for i, row in enumerate(rows):
         if row.banned_ids:
