@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from radixflow import Engine
+from radixflow.runtime.model import runner as runner_module
 from tests.conftest import GREEDY
 
 SHARED = ("You are a careful assistant. Answer the question using the examples. " * 6)
@@ -55,6 +56,25 @@ def test_tiny_outputs_identical(tiny_model_dir, tiny_reference, name):
         assert stats["cache_hit_tokens"] == 0 and ref_stats["cache_hit_tokens"] > 0
     if name == "tiny-pool":
         assert stats["num_retractions"] > 0  # the pool really was too small to run everything at once
+
+
+def test_shared_prefix_attention_keeps_outputs(tiny_model_dir, tiny_reference, monkeypatch):
+    """The reference's shared prefix is too short for shared-prefix attention; forcing it on for every shared
+    prefix (decodes behind the common instructions, the second batch's extends on cached prompts) must not
+    change a token."""
+    calls = []
+    real = runner_module._shared_prefixes
+
+    def spy(kv_indices, starts):
+        prefixes, skip = real(kv_indices, starts)
+        calls.append(len(prefixes))
+        return prefixes, skip
+
+    monkeypatch.setattr(runner_module, "MIN_SHARED_GATHER", 1)
+    monkeypatch.setattr(runner_module, "_shared_prefixes", spy)
+    outs, _ = run_config(str(tiny_model_dir), 20, max_total_tokens=16384)
+    assert sum(calls) > 0
+    assert outs == tiny_reference[0]
 
 
 @pytest.mark.slow

@@ -1,0 +1,131 @@
+"""Attention over the KV pool against a per-request reference: padded groups, grouped-query heads, causal
+extends after a cached prefix, and shared-prefix (cascade) attention merged through log-sum-exps."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from radixflow.runtime.cache.kv_pool import ReqToTokenPool
+from radixflow.runtime.model import attention as attention_module
+from radixflow.runtime.model import runner as runner_module
+from radixflow.runtime.model.llama import LlamaModel, ModelArgs
+from radixflow.runtime.model.attention import AttentionInputs, paged_attention
+from radixflow.runtime.model.runner import ModelRunner, _offsets, _shared_prefixes
+
+HEADS, KV_HEADS, DIM, POOL = 6, 2, 16, 4096
+
+
+ARGS = ModelArgs(vocab_size=32, hidden_size=HEADS * DIM, intermediate_size=8, num_layers=1, num_heads=HEADS,
+                 num_kv_heads=KV_HEADS, head_dim=DIM, rms_norm_eps=1e-5, rope_theta=10000.0, max_position=512,
+                 tie_word_embeddings=False)
+
+
+def build(contexts: list[list[int]], news: list[int]):
+    """A runner whose slot rows hold `contexts` (pool indices, new tokens last), and its requests with
+    `news[i]` new tokens each. The group builders only read the slot table and the model's head counts."""
+    slots = ReqToTokenPool(len(contexts), max(map(len, contexts)), torch.device("cpu"))
+    runner = ModelRunner(LlamaModel(ARGS), SimpleNamespace(k=[], v=[]), slots, torch.device("cpu"))
+    table = slots.table
+    reqs = []
+    for slot, (ctx, n) in enumerate(zip(contexts, news)):
+        table[slot, : len(ctx)] = torch.tensor(ctx)
+        reqs.append(SimpleNamespace(req=SimpleNamespace(slot=slot), start=len(ctx) - n, num_new=n, end=len(ctx),
+                                    is_decode=n == 1))
+    return runner, table, reqs
+
+
+def reference(q, k_cache, v_cache, contexts, news):
+    """Each new token attends to its request's keys up to its own position, one request at a time."""
+    out, row = [], 0
+    for ctx, n in zip(contexts, news):
+        keys = k_cache[torch.tensor(ctx)].repeat_interleave(HEADS // KV_HEADS, dim=1)  # [L, H, D]
+        values = v_cache[torch.tensor(ctx)].repeat_interleave(HEADS // KV_HEADS, dim=1)
+        for j in range(n):
+            pos = len(ctx) - n + j
+            scores = torch.einsum("hd,lhd->hl", q[row], keys[: pos + 1]) * DIM ** -0.5
+            out.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), values[: pos + 1]))
+            row += 1
+    return torch.stack(out)
+
+
+def run(contexts, news, shared_min: int, monkeypatch):
+    # The runner lays decodes out first (its groups rely on it).
+    order = sorted(range(len(news)), key=lambda i: news[i] != 1)
+    contexts, news = [contexts[i] for i in order], [news[i] for i in order]
+    monkeypatch.setattr(runner_module, "MIN_SHARED_GATHER", shared_min)
+    runner, table, reqs = build(contexts, news)
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(POOL, KV_HEADS, DIM, generator=gen), torch.randn(POOL, KV_HEADS, DIM, generator=gen)
+    total = sum(news)
+    q = torch.randn(total, HEADS, DIM, generator=gen)
+    k_new, v_new = torch.randn(total, KV_HEADS, DIM, generator=gen), torch.randn(total, KV_HEADS, DIM, generator=gen)
+    out_loc = torch.cat([table[s.req.slot, s.start:s.end] for s in reqs])
+    groups = runner._groups(reqs, _offsets(news))
+    attn = AttentionInputs([k_cache.clone()], [v_cache.clone()], out_loc, groups, None)
+    got = paged_attention(q, k_new, v_new, 0, attn)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[out_loc], v_ref[out_loc] = k_new, v_new
+    return got, reference(q, k_ref, v_ref, contexts, news), groups
+
+
+def shared_workload(gen_seed: int = 1):
+    """Two families of requests behind two different cached prefixes (100 and 60 tokens), one loner; each with
+    its own tail. Pool indices are distinct except where prefixes are shared."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    free = torch.randperm(POOL, generator=gen).tolist()
+    take = lambda n: [free.pop() for _ in range(n)]  # noqa: E731
+    first, second = take(100), take(60)
+    contexts = [first + take(n) for n in (5, 17, 1)] + [second + take(n) for n in (9, 30)] + [take(40)]
+    return contexts
+
+
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("shared_min", [1, 10**9])
+def test_matches_reference_with_and_without_shared_prefix_attention(decode, shared_min, monkeypatch):
+    contexts = shared_workload()
+    news = [1] * len(contexts) if decode else [1, 4, 1, 7, 3, 12]
+    got, want, groups = run(contexts, news, shared_min, monkeypatch)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    used = [len(p.kv_indices) for g in groups for p in g.prefixes]
+    assert sorted(used) == ([] if shared_min > 1 else ([60, 100] if decode else [60, 100]))
+
+
+def test_mixed_decode_and_extend_batch_with_a_fresh_prompt(monkeypatch):
+    contexts = shared_workload(2)
+    news = [1, 1, 5, 1, 2, 40]  # the last is a whole fresh prompt
+    got, want, groups = run(contexts, news, 1, monkeypatch)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert len(groups) == 2 and any(g.prefixes for g in groups)
+
+
+def test_shared_prefixes_found_by_pool_slots():
+    kv = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 2], [5, 6, 3, 4, 0], [7, 6, 7, 8, 9], [7, 6, 7, 8, 0],
+                       [11, 12, 13, 14, 15]])
+    starts = torch.tensor([4, 4, 4, 4, 3, 4])
+    old = runner_module.MIN_SHARED_GATHER
+    runner_module.MIN_SHARED_GATHER = 1
+    try:
+        prefixes, skip = _shared_prefixes(kv, starts)
+    finally:
+        runner_module.MIN_SHARED_GATHER = old
+    found = sorted((p.members.tolist(), p.kv_indices.tolist()) for p in prefixes)
+    # Rows 0-2 share slots 5, 6 (row 2 diverges at the third key); rows 3-4 share four slots but row 4's new
+    # token is at position 3, so only three are context for both.
+    assert found == [([0, 1, 2], [5, 6]), ([3, 4], [7, 6, 7])]
+    assert skip.tolist() == [2, 2, 2, 3, 3, 0]
+    assert _shared_prefixes(kv, starts)[0] == []  # default threshold: sharing 2-3 keys saves too little
+
+
+def test_log_sum_exp_paths_agree():
+    """The plain-matmul path (devices without torch's CPU flash kernel) gives the same output and log-sum-exp."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, KV_HEADS, n, DIM, generator=gen) for n in (9, 30, 30))
+    mask = torch.zeros(2, 1, 9, 30).masked_fill_(torch.rand(2, 1, 9, 30, generator=gen) < 0.3, float("-inf"))
+    mask[..., 0] = 0.0
+    for m in (None, mask):
+        out, lse = attention_module._attend(q, k, v, m)
+        ref_out, ref_lse = attention_module._attend_matmul(q, k, v, m, DIM ** -0.5)
+        assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
