@@ -46,6 +46,10 @@ class SchedulerConfig:
     max_running_requests: int = _help("requests decoding at once (request-table slots)", default=64)
     chunked_prefill_size: int = _help("token budget of one step; a longer prompt is prefilled in chunks", default=512)
     enable_chunked_prefill: bool = _help("split long prompts across steps (stall-free batching)", default=True)
+    prefill_context_tokens: int | None = _help(
+        "a continuing prefill chunk's tokens each cost 1 + (context before the chunk) / this many tokens of the "
+        "step budget, so the late chunks of a long prompt shrink and every step costs about the same; 0 counts "
+        "tokens only; default: derived from the model's shape", default=None)
     schedule_policy: str = _help("waiting-queue order: lpm, dfs-weight, fcfs, lof, random", default="lpm")
     starvation_timeout_s: float = _help("a request waiting longer than this is admitted first", default=10.0)
     new_token_ratio: float = _help("initial share of max_new_tokens reserved for running decodes", default=0.7)

@@ -129,3 +129,18 @@ def test_log_sum_exp_paths_agree():
         out, lse = attention_module._attend(q, k, v, m)
         ref_out, ref_lse = attention_module._attend_matmul(q, k, v, m, DIM ** -0.5)
         assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("news", [[1] * 7, [1, 1, 6, 1, 3, 1, 9]])
+def test_a_long_context_gets_its_own_group(news, monkeypatch):
+    """One long request among short ones is not padded against: decodes and extends split by context length
+    (flat rows mapped back correctly), shared prefixes still found within a group."""
+    contexts = shared_workload(4)
+    gen = torch.Generator().manual_seed(5)
+    used = {i for ctx in contexts for i in ctx}
+    contexts.append([i for i in torch.randperm(POOL, generator=gen).tolist() if i not in used][:900])
+    got, want, groups = run(contexts, news, 1, monkeypatch)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert any(g.kv_indices.shape[1] >= 900 and g.kv_indices.shape[0] == 1 for g in groups)
+    assert max(g.kv_indices.shape[1] for g in groups if g.kv_indices.shape[0] > 1) < 200
+    assert any(g.prefixes for g in groups)

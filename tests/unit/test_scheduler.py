@@ -181,6 +181,7 @@ def workloads(draw):
         "chunked_prefill_size": draw(st.sampled_from([8, 16, 32, 64])),
         "max_running_requests": draw(st.integers(1, 4)),
         "enable_chunked_prefill": draw(st.booleans()),
+        "prefill_context_tokens": draw(st.sampled_from([None, 0, 4, 1000])),
         "disable_radix_cache": draw(st.booleans()),
     }
     # (shared base, tokens of it used, own tokens, max_new_tokens, step it arrives at)
@@ -240,6 +241,29 @@ def test_chunked_prefill_splits_a_long_prompt_while_decodes_keep_going():
     assert rig.reqs["long"].num_output == 1  # nothing was sampled before the last chunk
     rig.run()
     assert rig.tokens["long"] == expected_tokens("long", 2) and rig.tokens["d"] == expected_tokens("d", 20)
+
+
+def test_continuing_chunks_shrink_as_their_context_grows():
+    """Cost-aware chunking: each later chunk of a long prompt also pays for attending to the chunks before it
+    (1 + context / C per token), so it is the largest that fits the budget left after the decodes."""
+    rig = Rig(chunked_prefill_size=64, prefill_context_tokens=100)
+    rig.add("d", tokens(10, 8), max_new_tokens=40)
+    rig.step()
+    rig.add("long", tokens(100, 300), max_new_tokens=2)
+    while not rig.tokens["long"]:
+        before = len(rig.tokens["d"])
+        rig.step()
+        assert len(rig.tokens["d"]) == before + 1
+    chunks = [c for _, c in rig.chunks_of("long")]
+    assert chunks[0].num_new == 63  # a fresh prompt counts tokens only
+    for c in chunks[1:-1]:
+        per_token = 1 + c.start / 100
+        assert c.num_new * per_token <= 63 < (c.num_new + 1) * per_token, (c.start, c.num_new)
+    sizes = [c.num_new for c in chunks[:-1]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 30
+    assert sum(c.num_new for c in chunks) == 300
+    rig.run()
+    assert rig.tokens["long"] == expected_tokens("long", 2) and rig.tokens["d"] == expected_tokens("d", 40)
 
 
 def test_without_chunked_prefill_the_whole_prompt_goes_in_one_step():

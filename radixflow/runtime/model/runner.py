@@ -57,19 +57,22 @@ class ModelRunner:
         return torch.tensor(ids, **to), torch.tensor(positions, **to), out_loc
 
     def _groups(self, reqs: list[ScheduledReq], offsets: list[int]) -> list[AttentionGroup]:
-        decodes = [i for i, s in enumerate(reqs) if s.is_decode]
-        extends = [i for i, s in enumerate(reqs) if not s.is_decode]
+        decodes = _by_length([i for i, s in enumerate(reqs) if s.is_decode], reqs)
+        extends = _by_length([i for i, s in enumerate(reqs) if not s.is_decode], reqs)
         groups = []
-        if decodes:
-            groups.append(self._decode_group([reqs[i] for i in decodes], whole_batch=not extends))
-        if extends:
-            groups.append(self._extend_group([reqs[i] for i in extends], [offsets[i] for i in extends]))
+        for part in decodes:
+            # Decodes come first, one row each, so decode i is flat row i.
+            whole_batch = len(decodes) == 1 and not extends
+            groups.append(self._decode_group([reqs[i] for i in part], None if whole_batch else part))
+        for part in extends:
+            groups.append(self._extend_group([reqs[i] for i in part], [offsets[i] for i in part]))
         return groups
 
-    def _decode_group(self, reqs: list[ScheduledReq], whole_batch: bool) -> AttentionGroup:
+    def _decode_group(self, reqs: list[ScheduledReq], flat_rows: list[int] | None) -> AttentionGroup:
+        """flat_rows: each request's row in the batch; None when the group is the whole batch in order."""
         dev = self.device
         starts = torch.tensor([s.start for s in reqs], device=dev)
-        rows = None if whole_batch else torch.arange(len(reqs), device=dev)[:, None]
+        rows = None if flat_rows is None else torch.tensor(flat_rows, device=dev)[:, None]
         kv_indices, mask, prefixes = self._context(reqs, starts, starts[:, None])
         return AttentionGroup(rows=rows, valid=None, kv_indices=kv_indices, mask=mask, prefixes=prefixes)
 
@@ -164,6 +167,24 @@ class ModelRunner:
             prompt_lps.append([_token_logprobs(lp[j], t, s.req.logprob.top_logprobs_num) for j, t in enumerate(targets)])
         return ModelOutput(next_ids, next_lps, prompt_lps)
 
+
+def _by_length(indices: list[int], reqs: list[ScheduledReq]) -> list[list[int]]:
+    """Split requests into attention groups of similar context length, longest first. A group pads every request
+    to its longest context, so one 4,000-token request among 16 short ones made each decode step gather and
+    attend 17 x 4,000 keys (1.4-2.8 s steps on this CPU instead of ~0.1 s). A request starts a new group when
+    the group's longest context exceeds twice its own plus PAD_SLACK tokens; below that an extra attention call
+    per layer costs more than the padding."""
+    order = sorted(indices, key=lambda i: reqs[i].end, reverse=True)
+    parts: list[list[int]] = []
+    for i in order:
+        if parts and reqs[parts[-1][0]].end <= 2 * reqs[i].end + PAD_SLACK:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    return [sorted(part) for part in parts]
+
+
+PAD_SLACK = 256
 
 # Shared-prefix attention pays one extra attention call and a merge per prefix and layer; it wins once it saves
 # gathering about a thousand tokens per layer (measured on this 2-core CPU: 32 requests sharing 40 tokens, 4x

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -176,14 +177,28 @@ class Scheduler:
     def _schedule_inflight(self, batch: ScheduledBatch, budget: int | None) -> int | None:
         scheduled = {id(s.req) for s in batch.reqs}
         for req in [r for r in self.running if r.num_pending > 1 and id(r) not in scheduled]:
-            num = req.num_pending if budget is None else min(req.num_pending, budget)
+            num, cost = (req.num_pending, 0) if budget is None else self._continuing_chunk(req, budget)
             if num <= 0:
                 break
             if not self.cache.alloc(req, req.num_computed, num):
                 break  # memory is short; decodes are already in, the prefill continues next step
             batch.reqs.append(ScheduledReq(req, req.num_computed, num))
-            budget = None if budget is None else budget - num
+            budget = None if budget is None else budget - cost
         return budget
+
+    def _continuing_chunk(self, req: Req, budget: int) -> tuple[int, int]:
+        """Tokens of the next chunk of a prompt already being prefilled, and the budget they use. Each token also
+        attends to the context before the chunk, which grows chunk by chunk; counting that (1 + context / C per
+        token) keeps late chunks as cheap as the first, so decodes sharing those steps are not stalled by them.
+        Fresh prompts and cached prefixes count tokens only (shared prefixes are attended once for all
+        requests)."""
+        per_token = 1.0
+        if self.config.prefill_context_tokens:
+            per_token += req.num_computed / self.config.prefill_context_tokens
+        if budget <= 0:
+            return 0, 0
+        num = min(req.num_pending, max(1, int(budget / per_token)))  # some progress every step, however long
+        return num, min(budget, math.ceil(num * per_token))
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int | None) -> None:
         if not self.waiting:
