@@ -7,7 +7,8 @@ Every figure is a ratio of two configurations measured in the same run on the sa
   multi_turn     chat sessions of 4 turns, each turn re-sending the whole conversation: radix cache on vs off.
   no_reuse       random prompts with nothing to share: cost of keeping the cache (on vs off).
   stall_free     16 requests decoding when a 4,000-token prompt arrives: p99 inter-token latency of the decodes
-                 and total throughput, chunked prefill on vs off.
+                 and total throughput, chunked prefill on vs off (--prefill-context-tokens 0: chunks by token
+                 count only).
 """
 
 from __future__ import annotations
@@ -104,13 +105,14 @@ def compare_cache(run, repeats: int = 1) -> dict:
     return figures
 
 
-def stall_free(quick: bool) -> dict:
+def stall_free(quick: bool, prefill_context_tokens: int | None = None) -> dict:
     rng = random.Random(SEED + 4)
     decoders = [random_ids(rng, 64) for _ in range(16)]
     long_prompt = random_ids(rng, 1500 if quick else 4000)
     figures = {}
     for name, chunked in (("chunked", True), ("unchunked", False)):
-        engine = make_engine(enable_chunked_prefill=chunked, chunked_prefill_size=512)
+        engine = make_engine(enable_chunked_prefill=chunked, chunked_prefill_size=512,
+                             prefill_context_tokens=prefill_context_tokens)
         try:
             engine.generate(input_ids=decoders[0], sampling_params={"max_new_tokens": 2})  # warm-up
             engine.flush_cache()
@@ -162,6 +164,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workloads (a smoke run, not for the README)")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--only", help="comma-separated subset of: " + ", ".join(WORKLOADS))
+    parser.add_argument("--prefill-context-tokens", type=int, default=None,
+                        help="stall_free: the engine's cost-aware chunking constant (0 = plain token budget; "
+                             "default: the engine's own)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     names = args.only.split(",") if args.only else list(WORKLOADS)
@@ -169,7 +174,8 @@ def main() -> None:
     results = {"commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads()}
     for name in names:
         start = time.perf_counter()
-        results[name] = WORKLOADS[name](args.quick)
+        extra = {"prefill_context_tokens": args.prefill_context_tokens} if name == "stall_free" else {}
+        results[name] = WORKLOADS[name](args.quick, **extra)
         print(f"## {name} ({time.perf_counter() - start:.0f}s)\n{json.dumps(results[name], indent=2)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -11,7 +11,8 @@ extraction  JSON extraction on SmolLM2: 32 descriptions (16 cities, 16 character
             interleaved, as this machine's run-to-run noise is about 15%) and single-request latency.
 mask        Mask cost per decode step per request, in microseconds: llguidance filling one bitmask row while
             following a valid output token by token (median / p90 / max), plus what the engine measured during
-            the extraction runs.
+            the extraction runs (wall time per constrained request per step, by batch size, with the lazy check
+            for greedy rows and with masks filled first).
 compile     Grammar compile time per schema, cold and from the cache.
 Ratios are measured in one run on one machine; the command line, commit and machine go with every figure.
 """
@@ -103,25 +104,35 @@ class Switch:
 
     def __init__(self, engine: Engine, enabled: bool):
         self.engine, self.enabled = engine, enabled
-        self.mask_seconds = self.mask_rows = 0
+        self.lazy = True  # greedy rows check the model's choice before filling a mask (the engine's default)
+        self.label = "batch"  # what the mask time is filed under: the batch size of the runs being made
+        self.mask: dict[str, list[float]] = {}  # label -> [seconds, rows]
 
     def generate(self, prompts, params):
         def flip():
             sched = self.engine.core.scheduler
             sched.config = dataclasses.replace(sched.config, enable_jump_forward=self.enabled)
+            self.engine.core.runner.lazy_grammar_masks = self.lazy
         self.engine._call(flip)
         runner = self.engine.core.runner
         seconds, rows = runner.mask_seconds, runner.mask_rows
         outs = self.engine.generate(prompts, params)
-        self.mask_seconds += runner.mask_seconds - seconds
-        self.mask_rows += runner.mask_rows - rows
+        totals = self.mask.setdefault(self.label, [0.0, 0])
+        totals[0] += runner.mask_seconds - seconds
+        totals[1] += runner.mask_rows - rows
         return outs
 
     def flush_cache(self):
         return self.engine.flush_cache()
 
-    def mask_us_per_row(self) -> float:
-        return 1e6 * self.mask_seconds / max(self.mask_rows, 1)
+    def mask_us_per_row(self) -> dict[str, float]:
+        """Wall time the runner spent filling masks, per constrained request per step, by batch size: a batch's
+        rows are filled in parallel on every core, a single request's alone."""
+        return {label: 1e6 * seconds / max(rows, 1) for label, (seconds, rows) in self.mask.items()}
+
+    def labelled(self, label: str) -> "Switch":
+        self.label = label
+        return self
 
 
 def extraction(quick: bool) -> dict:
@@ -137,7 +148,8 @@ def extraction(quick: bool) -> dict:
     for variant, key, pick in (("json_schema", "json_schema", 1), ("regex", "regex", 2)):
         params = [{key: item[pick], "max_new_tokens": 160, "temperature": 0.0} for item in items]
         for side in (on, off):  # warm up: grammars compiled and cached, torch kernels loaded
-            side.generate(prompts[:2], params[:2])
+            side.labelled("warm-up").generate(prompts[:2], params[:2])
+            side.labelled(f"batch of {len(items)}")
         _, outs_on = run_batch(on, prompts, params)
         _, outs_off = run_batch(off, prompts, params)
         # Unconstrained generation of the same number of tokens as the constrained output, request by request.
@@ -151,12 +163,20 @@ def extraction(quick: bool) -> dict:
         t_on, t_off, t_free = min(runs["on"]), min(runs["off"]), min(runs["free"])
         # A smaller batch (8 requests at once, best of 3): between the single request and the full batch.
         eight = list(range(0, len(items), max(len(items) // 8, 1)))[:8]
-        t8 = {side: min(run_batch(s, [prompts[i] for i in eight], [p[i] for i in eight])[0]
+        t8 = {side: min(run_batch(s.labelled("batch of 8"), [prompts[i] for i in eight], [p[i] for i in eight])[0]
                         for _ in range(1 if quick else 3))
               for side, s, p in (("on", on, params), ("off", off, params), ("free", off, free))}
-        lat_on = run_single(on, [prompts[i] for i in single_idx], [params[i] for i in single_idx])
-        lat_off = run_single(off, [prompts[i] for i in single_idx], [params[i] for i in single_idx])
+        lat_on = run_single(on.labelled("single"), [prompts[i] for i in single_idx], [params[i] for i in single_idx])
+        lat_off = run_single(off.labelled("single"), [prompts[i] for i in single_idx],
+                             [params[i] for i in single_idx])
         lat_free = run_single(off, [prompts[i] for i in single_idx], [free[i] for i in single_idx])
+        # Once more with every mask filled before the forward (no lazy check), for the mask-cost figures.
+        for side in (on, off):
+            side.lazy = False
+            run_batch(side.labelled(f"batch of {len(items)}, masks first"), prompts, params)
+            run_single(side.labelled("single, masks first"), [prompts[i] for i in single_idx[:4]],
+                       [params[i] for i in single_idx[:4]])
+            side.lazy = True
         valid_on = sum(_valid(o["text"], variant, item) for o, item in zip(outs_on, items))
         valid_off = sum(_valid(o["text"], variant, item) for o, item in zip(outs_off, items))
         same = sum(_parsed(a["text"]) == _parsed(b["text"]) for a, b in zip(outs_on, outs_off))
@@ -179,7 +199,9 @@ def extraction(quick: bool) -> dict:
         print(variant, json.dumps(results[variant], indent=1), flush=True)
     results["engine_mask_us_per_row"] = {"jump_forward": on.mask_us_per_row(),
                                          "no_jump_forward": off.mask_us_per_row()}
-    results["jump_forward_tokens"] = engine.stats()["jump_forward_tokens"]
+    stats = engine.stats()
+    results["jump_forward_tokens"] = stats["jump_forward_tokens"]
+    results["lazy_mask_refusals"] = stats["grammar_lazy_refusals"]
     engine.shutdown()
     return results
 

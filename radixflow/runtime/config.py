@@ -59,6 +59,9 @@ class SchedulerConfig:
                                       "instead of decoding it token by token", default=True)
     grammar_compile_timeout_s: float = _help("a constrained request whose grammar takes longer to compile fails",
                                              default=30.0)
+    lazy_grammar_masks: bool = _help(
+        "greedy constrained requests check the model's choice against the grammar and fill the full token mask "
+        "only when it is refused (same tokens as masking first)", default=True)
     grammar_cache_size: int = _help("compiled grammars kept, keyed by their spec (LRU)", default=256)
 
 

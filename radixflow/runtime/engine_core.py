@@ -125,7 +125,8 @@ class EngineCore:
                 config.scheduler, prefill_context_tokens=prefill_context_tokens(args, device)))
             self.config = config
         self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits, self.grammar)
-        self.runner = ModelRunner(self.loaded.model, kv, slots, device, config.seed)
+        self.runner = ModelRunner(self.loaded.model, kv, slots, device, config.seed,
+                                  config.scheduler.lazy_grammar_masks)
         self._was_busy = False
 
     def step(self) -> list[RequestOutput]:
@@ -160,6 +161,7 @@ class EngineCore:
                 "grammar_compile_seconds": g.compile_seconds, "jump_forward_tokens": g.jump_forward_tokens,
                 "jump_forward_steps": g.jump_forward_steps,
                 "grammar_mask_us_per_row": 1e6 * self.runner.mask_seconds / max(self.runner.mask_rows, 1),
+                "grammar_lazy_refusals": self.runner.lazy_refusals,
                 "cached_tokens_in_tree": self.cache.tree.total_size(),
                 "kv_evictable_tokens": self.cache.tree.evictable_size()}
 

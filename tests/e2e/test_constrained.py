@@ -107,6 +107,68 @@ def test_random_json_schemas_always_parse_and_conform(engines, schema, seed):
         assert conforms(json.loads(out["text"]), schema), (schema, out["text"])
 
 
+def set_lazy(engine: Engine, lazy: bool) -> None:
+    def flip():
+        engine.core.runner.lazy_grammar_masks = lazy
+    engine._call(flip)
+
+
+def lazy_and_eager(engine: Engine, prompts, params) -> tuple[list, list, int, int]:
+    """Outputs with lazy masks (the default) and with every mask filled first; the mask rows and the refusals
+    (model's choice rejected, full mask filled) counted during the lazy run, and checks that the eager run
+    made no lazy checks."""
+    runner = engine.core.runner
+    counts = lambda: engine._call(lambda: (runner.mask_rows, runner.lazy_refusals))  # noqa: E731
+    rows, refusals = counts()
+    lazy = engine.generate(prompts, params)
+    rows_after, refusals_after = counts()
+    set_lazy(engine, False)
+    try:
+        eager = engine.generate(prompts, params)
+        assert counts()[1] == refusals_after  # the switch really turns the lazy path off
+    finally:
+        set_lazy(engine, True)
+    return lazy, eager, rows_after - rows, refusals_after - refusals
+
+
+GREEDY_CONSTRAINTS = [
+    {"regex": "[0-9]{3}-[a-z]{2,4}"}, {"regex": "(yes|no|maybe)!"}, {"regex": "[A-Z][a-z ]{3,12}\\."},
+    {"json_schema": _object({"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}})},
+    {"json_schema": _object({"name": {"type": "string", "maxLength": 8}, "tag": {"enum": ["a", "bb", "ccc"]}})},
+    {"ebnf": 'root ::= ("red" | "green") " " [0-9] [0-9]?'},
+]
+
+
+@pytest.mark.parametrize("jump", [True, False])
+def test_lazy_masks_give_the_tokens_masking_first_gives(engines, jump):
+    """Greedy constrained rows are sampled unmasked and checked: the random tiny model's choice is almost always
+    refused, so this exercises the fallback (fill the mask, best allowed token) on every step."""
+    engine = engines[0] if jump else engines[1]
+    prompts = ["Answer:", "JSON please", "Colour?"] * 2
+    params = [{**c, "max_new_tokens": 40, "temperature": 0.0} for c in GREEDY_CONSTRAINTS]
+    lazy, eager, rows, refusals = lazy_and_eager(engine, prompts, params)
+    assert [o["output_ids"] for o in lazy] == [o["output_ids"] for o in eager]
+    assert refusals > 0 and rows > 0
+    for out, c in zip(lazy, GREEDY_CONSTRAINTS):
+        assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+        if "regex" in c:
+            assert re.fullmatch(c["regex"], out["text"]), (c, out["text"])
+        elif "json_schema" in c:
+            assert conforms(json.loads(out["text"]), c["json_schema"]), out["text"]
+
+
+@SETTINGS
+@given(constraint=st.one_of(REGEXES.map(lambda r: {"regex": r}), SCHEMAS.map(lambda s: {"json_schema": s})),
+       prompt=st.sampled_from(["Answer:", "JSON:", "x", "The value is"]))
+def test_lazy_masks_agree_with_masking_first_on_random_constraints(engines, constraint, prompt):
+    """With random weights the model's choice is an arbitrary token at every step: wherever the one-token check
+    and the full mask disagreed about a token, the outputs would differ."""
+    engine = engines[1]  # no jump-forward: every step is a lazy check or a forced-text mask
+    params = {**constraint, "max_new_tokens": 64, "temperature": 0.0}
+    lazy, eager, _, _ = lazy_and_eager(engine, prompt, params)
+    assert lazy["output_ids"] == eager["output_ids"], (constraint, lazy["text"], eager["text"])
+
+
 def test_a_batch_mixing_constrained_and_free_requests(engines):
     engine = engines[0]
     params = [{"regex": "[0-9]{3}", "max_new_tokens": 8, "temperature": 1.0},
@@ -250,6 +312,11 @@ def test_smollm2_extraction_is_valid_and_agrees_with_and_without_jump_forward(sm
     # Greedy decoding with and without jump-forward: the same parsed values (re-tokenization at the boundary
     # feeds the model the token split it would itself produce, so its choices do not change here).
     assert parsed_with == parsed_without
+    # Lazy masks (the default for greedy rows) against masking first: the same tokens; and the model's own choice
+    # was accepted on most steps, which is what makes the lazy check cheaper than a mask.
+    lazy, eager, rows, refusals = lazy_and_eager(smol_engine, prompts, params)
+    assert [o["output_ids"] for o in lazy] == [o["output_ids"] for o in eager]
+    assert 0 < rows and refusals < rows / 2
     # What a 135M model does get right here (its countries and populations are often wrong).
     assert [v["name"] for v in parsed_with] == ["Paris", "Lyon", "Tokyo", "Berlin", "Osaka"]
     assert [v["is_capital"] for v in parsed_with] == [True, False, True, True, False]
