@@ -81,6 +81,14 @@ class Req:
     # max(logprob.prompt_start, 1) (position 0 has no context to score it).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs_emitted: int = 0  # how many of them went out in a RequestOutput
+
+    def unsent_prompt_logprobs(self) -> list[TokenLogprobs]:
+        """Prompt logprobs not yet emitted (a chunked prefill scores its prompt over several steps, and only the
+        last chunk, which samples, produces an output), marked as emitted."""
+        out = self.prompt_logprobs[self.prompt_logprobs_emitted:]
+        self.prompt_logprobs_emitted = len(self.prompt_logprobs)
+        return out
 
     # Constrained decoding, owned by the scheduler process: the grammar's compile future while the request waits
     # for it, then the request's matcher (a `RequestGrammar`).

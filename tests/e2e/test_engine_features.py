@@ -104,6 +104,30 @@ def test_output_and_prompt_logprobs(tiny_engine):
         pytest.approx([x[0] for x in meta["input_token_logprobs"]], abs=1e-4)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_logprobs_of_a_chunked_prefill_all_come_back(tiny_model_dir, tiny_engine, stream):
+    """A 70-token prompt in chunks of 16 is scored over five steps; every position comes back, equal to the
+    unchunked scores (the chunks before the last used to be kept but never sent)."""
+    from radixflow import Engine
+
+    ids = list(range(1000, 1070))
+    params = {"max_new_tokens": 2, "ignore_eos": True, **GREEDY}
+    whole = tiny_engine.generate(input_ids=ids, sampling_params=params, return_logprob=True, logprob_start_len=5)
+    with Engine(model_path=str(tiny_model_dir), max_total_tokens=4096, chunked_prefill_size=16) as engine:
+        if stream:
+            chunks = list(engine.generate(input_ids=ids, sampling_params=params, return_logprob=True,
+                                          logprob_start_len=5, stream=True))
+            # meta_info is cumulative (as SGLang streams it): complete from the first token on.
+            scored = chunks[0]["meta_info"]["input_token_logprobs"]
+            assert chunks[-1]["meta_info"]["input_token_logprobs"] == scored
+        else:
+            scored = engine.generate(input_ids=ids, sampling_params=params, return_logprob=True,
+                                     logprob_start_len=5)["meta_info"]["input_token_logprobs"]
+    expected = whole["meta_info"]["input_token_logprobs"]
+    assert len(expected) == len(ids) - 5 and [t for _, t, _ in scored] == [t for _, t, _ in expected]
+    assert [lp for lp, _, _ in scored] == pytest.approx([lp for lp, _, _ in expected], abs=1e-4)
+
+
 def test_n_returns_independent_samples(tiny_engine):
     outs = tiny_engine.generate(PROMPT, {"max_new_tokens": 12, "temperature": 1.0, "n": 3, "ignore_eos": True})
     assert isinstance(outs, list) and len(outs) == 3

@@ -313,8 +313,8 @@ class Scheduler:
                 # in-step dedupe, or the next turn of a conversation, hits it while this one still decodes.
                 self.cache.cache_progress(req)
             if token is None:
-                continue
-            outputs.append(self._append_token(req, token, token_lp, prompt_lps))
+                continue  # a chunk before the last: its prompt logprobs go out with the first token
+            outputs.append(self._append_token(req, token, token_lp, req.unsent_prompt_logprobs()))
         outputs.extend(self.drain_outputs())
         return outputs
 
