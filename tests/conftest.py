@@ -31,6 +31,10 @@ def build_tiny_model(directory, architecture: str = "llama", **overrides):
     torch.manual_seed(0)
     if architecture == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif architecture == "mistral-window":  # a real Mistral config, for its sliding window
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(**common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
         if architecture == "mistral":

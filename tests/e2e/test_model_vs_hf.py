@@ -58,6 +58,42 @@ def test_tiny_model_matches_transformers(tmp_path, architecture):
         engine.shutdown()
 
 
+@pytest.mark.parametrize("chunk", [512, 16])
+def test_mistral_sliding_window_matches_transformers(tmp_path, chunk):
+    """A window of 8 on a 60-token prompt: the fresh prompt, chunks of 16 (each attending to part of the one
+    before), decodes, and a second request behind the cached prompt all see only the last 8 keys."""
+    from transformers import AutoModelForCausalLM
+
+    directory = build_tiny_model(tmp_path / "mistral", "mistral-window", sliding_window=8)
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32).eval()
+    assert hf.config.sliding_window == 8
+    engine = Engine(model_path=str(directory), max_total_tokens=4096, chunked_prefill_size=chunk)
+    try:
+        assert engine.core.loaded.args.sliding_window == 8
+        ids = engine.tokenizer.encode(PROMPT)[:12] * 5
+        assert_logprobs_close(engine, hf, ids, 2e-3)
+        out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 24, "ignore_eos": True, **GREEDY})
+        assert out["output_ids"] == hf_greedy(hf, ids, 24)
+        longer = ids + out["output_ids"][:10]  # hits the cache for the prompt, then extends and decodes
+        again = engine.generate(input_ids=[longer, ids], sampling_params={"max_new_tokens": 8, "ignore_eos": True,
+                                                                           **GREEDY})
+        assert again[0]["meta_info"]["cached_tokens"] >= len(ids) - 1
+        assert again[0]["output_ids"] == hf_greedy(hf, longer, 8)
+        assert again[1]["output_ids"] == out["output_ids"][:8]
+    finally:
+        engine.shutdown()
+
+
+def test_qwen2_per_layer_sliding_window_is_refused():
+    from radixflow.runtime.model.llama import ModelArgs
+
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "use_sliding_window": True}
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        ModelArgs.from_hf_config(cfg)
+    assert ModelArgs.from_hf_config({**cfg, "use_sliding_window": False}).sliding_window is None
+
+
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -41,6 +41,7 @@ class ModelArgs:
     attention_bias: bool = False
     rope_scaling: dict | None = None
     architecture: str = "llama"
+    sliding_window: int | None = None  # Mistral: a token attends to itself and the window - 1 tokens before it
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -69,12 +70,24 @@ class ModelArgs:
             attention_bias=cfg.get("attention_bias", family == "qwen2"),
             rope_scaling=rope if rope and rope.get("rope_type", rope.get("type")) not in (None, "default") else None,
             architecture=family,
+            sliding_window=_sliding_window(cfg, family),
         )
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V for one token across all layers, at fp32."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+
+def _sliding_window(cfg: dict, family: str) -> int | None:
+    """Mistral's window (v0.1: 4,096; later versions set none). Qwen2 checkpoints may declare one per layer
+    (`use_sliding_window` with `max_window_layers`); that variant is refused rather than silently computed as full
+    attention."""
+    if family == "mistral":
+        return cfg.get("sliding_window") or None
+    if family == "qwen2" and cfg.get("use_sliding_window"):
+        raise ValueError("unsupported: Qwen2 with use_sliding_window=true (per-layer sliding windows)")
+    return None
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

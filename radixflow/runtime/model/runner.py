@@ -80,7 +80,8 @@ class ModelRunner:
 
     def _extend_group(self, reqs: list[ScheduledReq], offsets: list[int]) -> AttentionGroup:
         dev = self.device
-        if len(reqs) == 1 and reqs[0].start == 0:
+        window = self.model.args.sliding_window
+        if len(reqs) == 1 and reqs[0].start == 0 and (window is None or reqs[0].end <= window):
             s = reqs[0]
             rows = torch.arange(offsets[0], offsets[0] + s.num_new, device=dev)[None, :]
             return AttentionGroup(rows=rows, valid=None, kv_indices=self.table[s.req.slot, : s.end][None, :],
@@ -103,7 +104,11 @@ class ModelRunner:
         slots = torch.tensor([s.req.slot for s in reqs], device=dev)
         ends = torch.tensor([s.end for s in reqs], device=dev)
         full = self.table[slots, : int(ends.max())]
-        prefixes, skip = _shared_prefixes(full, starts)
+        window = self.model.args.sliding_window
+        if window is None or full.shape[1] <= window:
+            prefixes, skip = _shared_prefixes(full, starts)
+        else:  # some keys fall outside some queries' windows: no key is attended by every query
+            prefixes, skip = [], torch.zeros(len(reqs), dtype=torch.int64, device=dev)
         if prefixes:
             # Row i keeps its keys from skip[i] on: gather the table shifted left by skip[i] (padding clamped).
             width = int((ends - skip).max())
@@ -113,6 +118,8 @@ class ModelRunner:
             kv_indices = full
         key_pos = skip[:, None, None] + torch.arange(kv_indices.shape[1], device=dev)[None, None, :]
         allowed = key_pos <= q_pos[:, :, None]  # [B, Q, L]: causal, which also masks each row's padding
+        if window is not None:
+            allowed &= key_pos > q_pos[:, :, None] - window
         if bool(allowed.all()):
             return kv_indices, None, prefixes
         if not prefixes:
