@@ -126,10 +126,11 @@ def _merge_prefix(folded, out, lse, k_cache, v_cache, prefix: SharedPrefix):
     """Attend the members' queries to their shared prefix (one gathered copy, one call) and fold the result into
     their suffix attention: softmax over the union = the two partial softmaxes weighted by exp(lse)."""
     members = prefix.members
-    m, kv_heads, rows, dim = folded[members].shape
+    member_q = folded[members]
+    m, kv_heads, rows, dim = member_q.shape
     keys, values = _gather(k_cache, v_cache, prefix.kv_indices[None, :])
     # All members' query rows against the one prefix: [1, Hkv, m * rows, D].
-    queries = folded[members].transpose(0, 1).reshape(1, kv_heads, m * rows, dim)
+    queries = member_q.transpose(0, 1).reshape(1, kv_heads, m * rows, dim)
     p_out, p_lse = _attend(queries, keys, values, None)
     p_out = p_out.view(kv_heads, m, rows, dim).transpose(0, 1)
     p_lse = p_lse.view(kv_heads, m, rows).transpose(0, 1)

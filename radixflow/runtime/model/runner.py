@@ -143,21 +143,24 @@ class ModelRunner:
 
     def _grammar_masks(self, reqs: list[ScheduledReq]) -> tuple[torch.Tensor | None, list[int]]:
         """One bitmask row per sampling request (in sampling order), or None when no row needs one; and the
-        sampling rows left to the lazy check (see `_check_lazy`), whose bitmask rows stay all-allowed."""
+        sampling rows left to the lazy check (see `_check_lazy`), whose bitmask rows stay all-allowed. The time
+        spent here counts as mask time, the forced-text queries included."""
         sampling = [s for s in reqs if s.samples]
         matchers = [s.req.grammar.matcher if s.req.grammar is not None else None for s in sampling]
+        if all(m is None for m in matchers):
+            return None, []
+        start = time.perf_counter()
         # Not where the grammar forces text: there llguidance's mask admits only the forced text's own token
         # split (`{"`, not `{` then `"`), which a one-token check does not see; such masks are cheap anyway.
         lazy = [j for j, (s, m) in enumerate(zip(sampling, matchers))
                 if m is not None and self.lazy_grammar_masks and _plain_greedy(s) and not m.compute_ff_bytes()]
         for j in lazy:
             matchers[j] = None
-        if all(m is None for m in matchers):
-            return None, lazy
-        start = time.perf_counter()
-        bitmask = fill_bitmask(matchers, self.model.args.vocab_size)
+        bitmask = None
+        if any(m is not None for m in matchers):
+            bitmask = fill_bitmask(matchers, self.model.args.vocab_size)
+            self.mask_rows += sum(m is not None for m in matchers)
         self.mask_seconds += time.perf_counter() - start
-        self.mask_rows += sum(m is not None for m in matchers)
         return bitmask, lazy
 
     def _check_lazy(self, sampling: list[ScheduledReq], logits: torch.Tensor, tokens: list[int], lazy: list[int]):
