@@ -187,16 +187,16 @@ class Scheduler:
         return budget
 
     def _continuing_chunk(self, req: Req, budget: int) -> tuple[int, int]:
-        """Tokens of the next chunk of a prompt already being prefilled, and the budget they use. Each token also
-        attends to the context before the chunk, which grows chunk by chunk; counting that (1 + context / C per
-        token) keeps late chunks as cheap as the first, so decodes sharing those steps are not stalled by them.
-        Fresh prompts and cached prefixes count tokens only (shared prefixes are attended once for all
-        requests)."""
+        """Tokens of the next chunk of a running request with several pending tokens (a prompt prefilled in
+        chunks, or text jump-forward appended), and the budget they use. Each token also attends to the context
+        before the chunk, which grows chunk by chunk; counting that (1 + context / C per token) keeps late chunks
+        as cheap as the first, so decodes sharing those steps are not stalled by them. Fresh prompts and cached
+        prefixes count tokens only (shared prefixes are attended once for all requests)."""
+        if budget <= 0:
+            return 0, 0
         per_token = 1.0
         if self.config.prefill_context_tokens:
             per_token += req.num_computed / self.config.prefill_context_tokens
-        if budget <= 0:
-            return 0, 0
         num = min(req.num_pending, max(1, int(budget / per_token)))  # some progress every step, however long
         return num, min(budget, math.ceil(num * per_token))
 
