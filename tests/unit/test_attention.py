@@ -105,12 +105,9 @@ def test_shared_prefixes_found_by_pool_slots():
     kv = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 2], [5, 6, 3, 4, 0], [7, 6, 7, 8, 9], [7, 6, 7, 8, 0],
                        [11, 12, 13, 14, 15]])
     starts = torch.tensor([4, 4, 4, 4, 3, 4])
-    old = runner_module.MIN_SHARED_GATHER
-    runner_module.MIN_SHARED_GATHER = 1
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module, "MIN_SHARED_GATHER", 1)
         prefixes, skip = _shared_prefixes(kv, starts)
-    finally:
-        runner_module.MIN_SHARED_GATHER = old
     found = sorted((p.members.tolist(), p.kv_indices.tolist()) for p in prefixes)
     # Rows 0-2 share slots 5, 6 (row 2 diverges at the third key); rows 3-4 share four slots but row 4's new
     # token is at position 3, so only three are context for both.

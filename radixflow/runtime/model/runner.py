@@ -173,7 +173,7 @@ class ModelRunner:
         refused = [j for j in lazy if sampling[j].req.grammar.matcher.validate_tokens([tokens[j]]) != 1]
         if refused:
             masks = fill_bitmask([sampling[j].req.grammar.matcher for j in refused], self.model.args.vocab_size)
-            rows = logits[refused].clone()
+            rows = logits[refused]  # indexing with a list copies: the caller's logits stay as they are
             apply_bitmask(rows, masks)
             for j, token in zip(refused, rows.argmax(dim=-1).tolist()):
                 tokens[j] = token
@@ -242,7 +242,7 @@ def _shared_prefixes(kv_indices: torch.Tensor, starts: torch.Tensor) -> tuple[li
     skip = torch.zeros(batch, dtype=torch.int64, device=kv_indices.device)
     if batch < 2 or kv_indices.shape[1] == 0:
         return [], skip
-    firsts, inverse, counts = torch.unique(kv_indices[:, 0], return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(kv_indices[:, 0], return_inverse=True, return_counts=True)
     prefixes = []
     for k in torch.nonzero(counts > 1).flatten().tolist():
         members = torch.nonzero(inverse == k).flatten()
