@@ -20,7 +20,6 @@ Ratios are measured in one run on one machine; the command line, commit and mach
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -29,7 +28,7 @@ import time
 
 from radixflow import Engine
 from radixflow.runtime.constrained.bitmask import fill_bitmask
-from radixflow.runtime.constrained.grammar import GrammarBackend
+from radixflow.runtime.constrained.grammar import GrammarCompiler
 from radixflow.runtime.constrained.spec import Constraint
 
 CITIES = [("Paris", "France", 2_100_000, True), ("Lyon", "France", 520_000, False),
@@ -109,17 +108,17 @@ class Switch:
         self.mask: dict[str, list[float]] = {}  # label -> [seconds, rows]
 
     def generate(self, prompts, params):
+        masker = self.engine.core.runner.masker
+
         def flip():
-            sched = self.engine.core.scheduler
-            sched.config = dataclasses.replace(sched.config, enable_jump_forward=self.enabled)
-            self.engine.core.runner.lazy_grammar_masks = self.lazy
+            self.engine.core.scheduler.output.enable_jump_forward = self.enabled
+            masker.lazy = self.lazy
         self.engine._call(flip)
-        runner = self.engine.core.runner
-        seconds, rows = runner.mask_seconds, runner.mask_rows
+        seconds, rows = masker.mask_seconds, masker.mask_rows
         outs = self.engine.generate(prompts, params)
         totals = self.mask.setdefault(self.label, [0.0, 0])
-        totals[0] += runner.mask_seconds - seconds
-        totals[1] += runner.mask_rows - rows
+        totals[0] += masker.mask_seconds - seconds
+        totals[1] += masker.mask_rows - rows
         return outs
 
     def flush_cache(self):
@@ -225,7 +224,7 @@ def _valid(text: str, variant: str, item) -> bool:
 
 def mask_cost(tokenizer, vocab_size: int, eos: int) -> dict:
     """Per-step mask time while following a valid output (the engine's path: one bitmask row per request)."""
-    backend = GrammarBackend(tokenizer, vocab_size, eos)
+    backend = GrammarCompiler(tokenizer, vocab_size, eos)
     out = {}
     samples = {
         "city_schema": (Constraint("json_schema", json.dumps(CITY_SCHEMA)),
@@ -253,8 +252,8 @@ def mask_cost(tokenizer, vocab_size: int, eos: int) -> dict:
 
 
 def compile_cost(tokenizer, vocab_size: int, eos: int) -> dict:
-    backend = GrammarBackend(tokenizer, vocab_size, eos)
-    backend.tokenizer  # built once per engine; not part of a grammar's compile time
+    backend = GrammarCompiler(tokenizer, vocab_size, eos)
+    _ = backend.tokenizer  # built once per engine; not part of a grammar's compile time
     out = {"tokenizer_setup_s": backend.stats.tokenizer_seconds}
     for name, constraint in (("city_schema", Constraint("json_schema", json.dumps(CITY_SCHEMA))),
                              ("character_schema", Constraint("json_schema", json.dumps(CHARACTER_SCHEMA))),
@@ -285,8 +284,8 @@ def main() -> None:
     if "extraction" in only:
         report["extraction"] = extraction(args.quick)
     if only & {"mask", "compile"}:
-        from radixflow.runtime.engine_core import load_model
         from radixflow.runtime.config import EngineConfig
+        from radixflow.runtime.engine_core import load_model
 
         loaded = load_model(EngineConfig.from_kwargs())
         eos = loaded.tokenizer.eos_token_id

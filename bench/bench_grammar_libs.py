@@ -63,7 +63,8 @@ def bench_llguidance(tok, vocab: int, ids: list[int]) -> dict:
             fill_bitmask([m], vocab)
             times.append(time.perf_counter() - start)
             assert m.consume_token(t), m.get_error()
-    return {"version": _version("llguidance"), "tokenizer_setup_s": setup, "compile_ms": 1e3 * compiled, **_summary(times)}
+    return {"version": _version("llguidance"), "tokenizer_setup_s": setup, "compile_ms": 1e3 * compiled,
+            **_summary(times)}
 
 
 def bench_xgrammar(tok, vocab: int, ids: list[int]) -> dict:
@@ -84,7 +85,8 @@ def bench_xgrammar(tok, vocab: int, ids: list[int]) -> dict:
             m.fill_next_token_bitmask(bitmask, 0)
             times.append(time.perf_counter() - start)
             assert m.accept_token(t)
-    return {"version": _version("xgrammar"), "tokenizer_setup_s": setup, "compile_ms": 1e3 * compile_s, **_summary(times)}
+    return {"version": _version("xgrammar"), "tokenizer_setup_s": setup, "compile_ms": 1e3 * compile_s,
+            **_summary(times)}
 
 
 def bench_outlines_core(tok, vocab: int, ids: list[int]) -> dict:

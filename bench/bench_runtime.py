@@ -200,7 +200,8 @@ class Transformers:
 
 def load_transformers_model():
     import transformers
-    from radixflow.runtime.model.loader import resolve_model
+
+    from radixflow.runtime.model_source import resolve_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

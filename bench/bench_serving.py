@@ -24,10 +24,8 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,8 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.serving_data import (BenchRequest, SharedPrefixSpec, ShareGPTSpec, sharegpt_requests,
-                                shared_prefix_requests)
+from bench.serving_data import BenchRequest, SharedPrefixSpec, ShareGPTSpec, shared_prefix_requests, sharegpt_requests
+from radixflow.server.launch import ServerProcess
 
 THREADS = 2
 SEED = 0
@@ -108,38 +106,15 @@ class CpuClock:
 
 
 # -- the server --------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    """`radixflow serve` as a subprocess on a free port; its output goes to a log file kept for the report."""
+    """`radixflow serve` on the embedded SmolLM2 through the shared launcher, and the calls the benchmark makes."""
 
     def __init__(self, startup_timeout_s: float = 300.0):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="radixflow-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "radixflow", "serve", "--port", str(port), "--log-level", "warning",
-               "--num-threads", str(THREADS)]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        args = ["--log-level", "warning", "--num-threads", str(THREADS)]
+        self.process = ServerProcess(args, cwd=REPO).start()
+        self.process.wait_ready(startup_timeout_s)
+        self.url, self.proc, self.log = self.process.url, self.process.proc, self.process.log
         self.http = httpx.Client(base_url=self.url, timeout=60)
-        self._wait_healthy(startup_timeout_s)
-
-    def _wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self.http.get("/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {timeout_s:.0f}s:\n{self.log_tail()}")
 
     def stats(self) -> dict:
         return self.http.get("/get_server_info").raise_for_status().json()["stats"]
@@ -152,17 +127,11 @@ class Server:
         raise RuntimeError("the server kept refusing /flush_cache")
 
     def log_tail(self, chars: int = 4000) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-chars:]
+        return self.process.log_tail(chars)
 
     def stop(self) -> None:
         self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.process.stop()
 
 
 # -- the client --------------------------------------------------------------------------------------------------
@@ -307,7 +276,7 @@ WARMUP = BenchRequest(list(range(300, 364)), 4)
 
 
 def build_workloads(s: Settings, only: list[str]) -> dict[str, list[BenchRequest]]:
-    from radixflow.runtime.model.loader import resolve_model
+    from radixflow.runtime.model_source import resolve_model
     from radixflow.runtime.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model(None))
@@ -336,9 +305,9 @@ def run_server_phase(workloads: dict[str, list[BenchRequest]], s: Settings) -> t
     finally:
         server.stop()
     if "Traceback" in tail or "ERROR" in tail:
-        print(f"server log ({server.log.name}) reports errors:\n{tail}", file=sys.stderr)
+        print(f"server log ({server.log}) reports errors:\n{tail}", file=sys.stderr)
     else:
-        Path(server.log.name).unlink()
+        server.log.unlink()
     return results, outputs
 
 

@@ -3,23 +3,39 @@
 `import radixflow as sgl` gives the SGLang frontend API (`function`, `gen`, `select`, roles, `fork`, backends).
 """
 
-from radixflow.backends import BaseBackend, EngineBackend, RuntimeEndpoint
+from radixflow.backends import BaseBackend, EngineBackend, Runtime, RuntimeEndpoint
 from radixflow.engine import Engine
-from radixflow.lang.api import (assistant, assistant_begin, assistant_end, flush_cache, function, gen, gen_int,
-                                gen_string, get_server_info, image, select, set_default_backend, system,
-                                system_begin, system_end, user, user_begin, user_end)
-from radixflow.lang.choices import (greedy_token_selection, token_length_normalized,
-                                    unconditional_likelihood_normalized)
-from radixflow.lang.compiler import CompiledFunction
+from radixflow.errors import InvalidRequestError
+from radixflow.lang.api import (
+                                assistant,
+                                assistant_begin,
+                                assistant_end,
+                                flush_cache,
+                                function,
+                                gen,
+                                gen_int,
+                                gen_string,
+                                get_server_info,
+                                image,
+                                select,
+                                set_default_backend,
+                                system,
+                                system_begin,
+                                system_end,
+                                user,
+                                user_begin,
+                                user_end,
+)
+from radixflow.lang.choices import greedy_token_selection, token_length_normalized, unconditional_likelihood_normalized
+from radixflow.lang.function import CompiledFunction, SglFunction
 from radixflow.lang.graph import TracedProgram, TracingError
-from radixflow.lang.runtime import Runtime
-from radixflow.runtime.sampling_params import InvalidRequestError, SamplingParams
+from radixflow.runtime.sampling_params import SamplingParams
 
 __all__ = [
     "Engine", "InvalidRequestError", "SamplingParams", "BaseBackend", "EngineBackend", "RuntimeEndpoint", "Runtime",
     "function", "gen", "gen_int", "gen_string", "select", "image", "system", "user", "assistant", "system_begin",
     "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end", "set_default_backend",
     "flush_cache", "get_server_info", "token_length_normalized", "greedy_token_selection",
-    "unconditional_likelihood_normalized", "TracingError", "TracedProgram", "CompiledFunction",
+    "unconditional_likelihood_normalized", "TracingError", "TracedProgram", "CompiledFunction", "SglFunction",
 ]
 __version__ = "0.1.0"

@@ -10,13 +10,13 @@ import logging
 import sys
 import time
 
+from radixflow.engine import Engine
+from radixflow.errors import InvalidRequestError
 from radixflow.runtime.config import EngineConfig, ServerConfig, add_cli_args, from_cli_args
+from radixflow.server.app import serve
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from radixflow.engine import Engine
-    from radixflow.runtime.sampling_params import InvalidRequestError
-
     config = from_cli_args(EngineConfig, args)
     start = time.monotonic()
     engine = Engine.from_config(config)
@@ -47,8 +47,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from radixflow.server.launch import serve
-
     serve(from_cli_args(EngineConfig, args), from_cli_args(ServerConfig, args))
     return 0
 

@@ -5,8 +5,7 @@ once and all of them are batched together. Requests are tokenized and validated 
 request raises there and never reaches the loop.
 
 The model is loaded on that same thread, so torch's OpenMP thread team belongs to it alone: once a second thread
-(the caller's) has run parallel torch work, every matmul of both is 10-15% slower on this CPU (measured with a
-64x576 @ 576x1536 matmul: 727 us on one thread, 783-832 us with two threads each owning a team).
+(the caller's) has run parallel torch work, every matmul of both gets slower (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -17,12 +16,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
+from radixflow.backends.engine_backend import EngineBackend
+from radixflow.entrypoints.generate import GenerateInput, is_sample_of
+from radixflow.entrypoints.result import ResultCollector
+from radixflow.errors import InvalidRequestError
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.engine_core import EngineCore
-from radixflow.runtime.request import LogprobOptions, Req
-from radixflow.runtime.request_builder import build_reqs, logprob_options, prompt_batch
-from radixflow.runtime.result import ResultCollector
-from radixflow.runtime.sampling_params import InvalidRequestError
+from radixflow.runtime.inbox import AbortRequest, AddRequest, Call
+from radixflow.runtime.request import Req
 from radixflow.runtime.scheduler.output import RequestOutput
 
 
@@ -35,6 +36,7 @@ class Engine:
         self._streams: dict[str, Callable[[RequestOutput], None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._endpoint: EngineBackend | None = None
         started: Future = Future()
         self._thread = threading.Thread(target=self._loop, args=(started,), name="radixflow-engine", daemon=True)
         self._thread.start()
@@ -51,35 +53,41 @@ class Engine:
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
-                 rid: str | None = None):
-        """Generate for one prompt (returns a dict) or a batch (returns a list of dicts, in order).
+                 rid: str | list[str] | None = None):
+        """Generate for one prompt (returns a dict) or a batch (a flat list of dicts, prompt by prompt).
 
-        With `stream=True` (single prompt only) returns an iterator of incremental dicts instead.
-        A request with `n > 1` returns a list of n dicts for that prompt.
+        The shapes are `POST /generate`'s (radixflow/entrypoints/generate.py): a prompt with `n > 1` gives a list
+        of its n results. With `stream=True` (a single prompt, n == 1) returns an iterator of incremental dicts.
         """
-        prompts, batched = prompt_batch(prompt, input_ids)
-        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise InvalidRequestError("sampling_params", f"{len(params_list)} entries for {len(prompts)} prompts")
-        logprob = logprob_options(return_logprob, logprob_start_len, top_logprobs_num)
-        groups = [self._make_reqs(p, sp, logprob, rid if not batched else None) for p, sp in zip(prompts, params_list)]
-        if stream:
-            if batched or len(groups[0]) != 1:
-                raise InvalidRequestError("stream", "streaming takes a single prompt with n=1")
-            return self._stream(groups[0][0])
-        futures = [[self._submit(r) for r in group] for group in groups]
-        results = [[f.result() for f in group] for group in futures]
-        flat = [group[0] if len(group) == 1 else group for group in results]
-        return flat if batched else flat[0]
+        normalized = GenerateInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
+                                   top_logprobs_num, stream).normalize(text_field="prompt")
+        reqs = normalized.build(self.tokenizer, self.core.loaded.eos_ids, self.limits)
+        if normalized.stream:
+            return self._stream(reqs[0])
+        futures = [self._submit(r) for r in reqs]
+        return normalized.shape([f.result() for f in futures])
 
-    def generate_stream(self, prompt: str | None = None, sampling_params: dict | None = None, **kwargs) -> Iterator[dict]:
+    def generate_stream(self, prompt: str | None = None, sampling_params: dict | None = None,
+                        **kwargs) -> Iterator[dict]:
         return self.generate(prompt, sampling_params, stream=True, **kwargs)
 
     async def async_generate(self, prompt=None, sampling_params=None, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.generate(prompt, sampling_params, **kwargs))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.generate(prompt, sampling_params, **kwargs))
 
     def abort(self, rid: str) -> None:
-        self._inbox.put(("abort", rid))
+        """Abort the request `rid`, and the requests made from it (a batch's or n samples' `{rid}_{k}`)."""
+        with self._lock:
+            family = [r for r in self._streams if r == rid or is_sample_of(r, rid)]
+        for r in family or [rid]:
+            self._inbox.put(AbortRequest(r))
+
+    @property
+    def endpoint(self) -> EngineBackend:
+        """This engine as a frontend backend (`set_default_backend(engine)` and `run(backend=engine)` use it)."""
+        if self._endpoint is None:
+            self._endpoint = EngineBackend(self)
+        return self._endpoint
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -107,16 +115,13 @@ class Engine:
         self.shutdown()
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _make_reqs(self, prompt, params, logprob: LogprobOptions, rid: str | None) -> list[Req]:
-        return build_reqs(self.tokenizer, self.core.loaded.eos_ids, self.limits, prompt, params, logprob, rid)
-
     def _register(self, req: Req, sink) -> None:
         """`sink(output)` is called on the engine thread for each of the request's outputs."""
         with self._lock:
             if req.rid in self._streams:
                 raise InvalidRequestError("rid", f"request id {req.rid!r} is already in use")
             self._streams[req.rid] = sink
-        self._inbox.put(req)
+        self._inbox.put(AddRequest(req))
 
     def _submit(self, req: Req) -> Future:
         fut: Future = Future()
@@ -152,7 +157,7 @@ class Engine:
                 fut.set_result(fn())
             except Exception as exc:  # noqa: BLE001 - handed back to the caller's thread
                 fut.set_exception(exc)
-        self._inbox.put(run)
+        self._inbox.put(Call(run))
         return fut.result()
 
     def _loop(self, started: Future) -> None:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from radixflow.backends.base import RuntimeBackend
 from radixflow.lang.chat_template import RoleTemplate
 
+if TYPE_CHECKING:  # the engine builds its backend (`Engine.endpoint`), so this module must not import it
+    from radixflow.engine import Engine
+
 
 class EngineBackend(RuntimeBackend):
-    def __init__(self, engine=None, **engine_kwargs):
-        from radixflow.engine import Engine
-
-        self.engine = engine or Engine(**engine_kwargs)
-        self._owns_engine = engine is None
+    def __init__(self, engine: Engine):
+        self.engine = engine
         tokenizer = self.engine.tokenizer
         self._template = (RoleTemplate.from_renderer(
             lambda m, g: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g))
@@ -35,7 +37,3 @@ class EngineBackend(RuntimeBackend):
 
     def get_server_info(self) -> dict:
         return {"stats": self.engine.stats()}
-
-    def shutdown(self) -> None:
-        if self._owns_engine:
-            self.engine.shutdown()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 _MARK = "\x00radixflow-content\x00"
 
 Renderer = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> prompt text
@@ -66,8 +68,6 @@ def _markers(render: Renderer, history: list[dict], role: str) -> tuple[str, str
 
 def jinja_renderer(template: str, bos_token: str = "", eos_token: str = "") -> Renderer:
     """Render a Hugging Face chat template the way transformers does (sandboxed Jinja, raise_exception)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise ValueError(message)
 

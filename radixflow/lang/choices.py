@@ -27,6 +27,11 @@ class ChoiceMethod:
         raise NotImplementedError
 
 
+def _at(lps: list[float], position: int) -> float:
+    """A choice's logprob at `position`; past its end, the mean of its logprobs (as SGLang pads short choices)."""
+    return lps[position] if position < len(lps) else _mean(lps)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / max(len(values), 1)
 
@@ -49,11 +54,9 @@ class GreedyTokenSelection(ChoiceMethod):
         alive = list(range(len(scores.choices)))
         longest = max(len(lps) for lps in scores.token_logprobs)
         for position in range(longest):
-            def score(i):
-                lps = scores.token_logprobs[i]
-                return lps[position] if position < len(lps) else _mean(lps)
-            best = max(score(i) for i in alive)
-            alive = [i for i in alive if score(i) == best]
+            at = {i: _at(scores.token_logprobs[i], position) for i in alive}
+            best = max(at.values())
+            alive = [i for i in alive if at[i] == best]
             if len(alive) == 1:
                 break
         return ChoiceResult(scores.choices[alive[0]], {"input_token_logprobs": scores.token_logprobs})

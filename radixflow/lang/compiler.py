@@ -1,10 +1,10 @@
 """Compilation: a program traced once into a graph, optimised, then run by a graph executor.
 
 `fn.compile(**kwargs)` traces `fn` (the arguments given are fixed; the others stay parameters of the compiled
-function) and returns a `CompiledFunction`. Its `run` / `run_batch` are SglFunction's own: a `GraphProgram` stands in
-for the program function and replays the graph's nodes onto the real `ProgramState`, so stream executors, fork,
-join, streaming and errors are exactly the interpreter's. The Python function does not run again, so
-`state.ret_value` is None.
+function) and returns a `CompiledFunction` (function.py). Its `run` / `run_batch` are SglFunction's own: a
+`GraphProgram` (here) stands in for the program function and replays the graph's nodes onto the real
+`ProgramState`, so stream executors, fork, join, streaming and errors are exactly the interpreter's. The Python
+function does not run again, so `state.ret_value` is None.
 
 Passes over the graph:
 - constant-prefix prefetch (always): before a batch, the graph's argument-independent prefix (text and role markers
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from radixflow.lang.api import SglFunction
 from radixflow.lang.graph import ArgumentUse, Kind, Step, TracedProgram, substitute_fields
 from radixflow.lang.ir import Text, as_node
 
@@ -55,7 +54,8 @@ def _append(replay: _Replay, node) -> None:
 
 def _append_with_arguments(replay: _Replay, node) -> None:
     """Gen / select / image: their parameters may be arguments."""
-    fill = lambda value: replay.values[value.name] if isinstance(value, ArgumentUse) else value
+    def fill(value):
+        return replay.values[value.name] if isinstance(value, ArgumentUse) else value
     replay.states[node.stream] += substitute_fields(node.payload, fill)
 
 
@@ -108,29 +108,3 @@ def hoist_constant_text(graph: TracedProgram) -> TracedProgram:
     constant = [group for group in statements.values() if all(isinstance(s.payload, Text) for s in group)]
     dependent = [group for group in statements.values() if not all(isinstance(s.payload, Text) for s in group)]
     return graph.with_steps([step for group in constant + dependent for step in group] + steps[end:])
-
-
-class CompiledFunction(SglFunction):
-    """A traced and optimised program: `run` / `run_batch` take the same arguments and give the same ProgramStates
-    as the interpreted function's (see the module docstring for what differs)."""
-
-    def __init__(self, graph: TracedProgram, num_api_spec_tokens: int | None = None,
-                 bind_arguments: dict | None = None):
-        super().__init__(GraphProgram(graph), num_api_spec_tokens, bind_arguments)
-        self.graph = graph
-
-    def bind(self, **kwargs) -> CompiledFunction:
-        return CompiledFunction(self.graph, self.num_api_spec_tokens, {**self.bind_arguments, **kwargs})
-
-    def _batch_prefix(self, template, batch_kwargs: list[dict]) -> str:
-        return self.graph.constant_prefix(template)  # from the compiled graph: nothing is traced per batch
-
-    def __repr__(self) -> str:
-        return f"CompiledFunction({self.graph.name}, {len(self.graph)} nodes)"
-
-
-def compile_function(function: SglFunction, arguments: dict, hoist_constants: bool = False) -> CompiledFunction:
-    graph = function.trace(**arguments)
-    if hoist_constants:
-        graph = hoist_constant_text(graph)
-    return CompiledFunction(graph, function.num_api_spec_tokens)

@@ -7,6 +7,7 @@ to the backend once (so the runtime caches it), and starts child executors that 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import queue
 import threading
@@ -15,8 +16,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from radixflow.lang.ir import (Concat, Gen, Image, Node, RoleBegin, RoleEnd, Select, Text, VarScopeBegin,
-                               VarScopeEnd, as_node)
+from radixflow.lang.ir import (
+    Concat,
+    Gen,
+    Image,
+    Node,
+    RoleBegin,
+    RoleEnd,
+    Select,
+    Text,
+    VarScopeBegin,
+    VarScopeEnd,
+    as_node,
+)
 
 
 class ProgramError(RuntimeError):
@@ -301,8 +313,6 @@ class ProgramState:
                 yield event.text
 
     async def text_async_iter(self, var_name: str | None = None):
-        import asyncio
-
         if not self._executor.stream:
             yield self.text() if var_name is None else self[var_name]
             return

@@ -13,8 +13,17 @@ import operator
 import re
 from collections.abc import Iterator
 
-from radixflow.lang.graph import (ArgumentUse, Fork, Join, SetVar, Step, TracedProgram, TracingError, VariableUse,
-                                  substitute_fields)
+from radixflow.lang.graph import (
+    ArgumentUse,
+    Fork,
+    Join,
+    SetVar,
+    Step,
+    TracedProgram,
+    TracingError,
+    VariableUse,
+    substitute_fields,
+)
 from radixflow.lang.interpreter import ProgramState, ProgramStateGroup
 from radixflow.lang.ir import Concat, Node, Text, as_node
 

@@ -24,11 +24,13 @@ class ModelConfig:
     )
     device: str = _help("torch device: cpu, cuda, cuda:1, ...", default="cpu")
     dtype: str = _help("weights and activations dtype (float32 on CPU; bfloat16/float16 on GPU)", default="float32")
-    context_length: int | None = _help("maximum tokens per request (prompt + output); default: the model's", default=None)
+    context_length: int | None = _help("maximum tokens per request (prompt + output); default: the model's",
+                                       default=None)
     num_threads: int | None = _help("torch intra-op threads on CPU; default: all cores", default=None)
     chat_template: str | None = _help("Jinja chat template (file path or literal) overriding the model's", default=None)
     onednn_linear: bool = _help("on CPU in float32, run multi-row linear layers on oneDNN with prepacked weights "
-                                "(2-4x faster than MKL here); off: torch's default matmul", default=True)
+                                "(faster than MKL on CPUs where MKL skips AVX-512); off: torch's default matmul",
+                                default=True)
     quantization: str | None = _help("int8: linear layers in int8 with dynamic activation quantization (CPU, "
                                      "fbgemm); several times faster GEMMs, logits no longer bit-equal to fp32",
                                      default=None)
@@ -55,6 +57,8 @@ class SchedulerConfig:
     new_token_ratio: float = _help("initial share of max_new_tokens reserved for running decodes", default=0.7)
     min_new_token_ratio: float = _help("floor of that share as it adapts", default=0.15)
     new_token_ratio_decay: float = _help("per-step decay of the reserved share", default=0.002)
+    retract_new_token_ratio_step: float = _help("rise of the reserved share after each retraction (capped at 1)",
+                                                default=0.1)
     enable_jump_forward: bool = _help("constrained decoding appends text the grammar forces in one extend step "
                                       "instead of decoding it token by token", default=True)
     grammar_compile_timeout_s: float = _help("a constrained request whose grammar takes longer to compile fails",

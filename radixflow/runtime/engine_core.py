@@ -7,24 +7,27 @@ in a loop fed by an inbox; the in-process `Engine` runs that loop on a thread, t
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from radixflow.errors import InvalidRequestError
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.manager import CacheManager
+from radixflow.runtime.cache.prefix_cache import NoPrefixCache
+from radixflow.runtime.cache.radix_cache import RadixCache
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.constrained.grammar import GrammarBackend
-from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8
-from radixflow.runtime.model.loader import ModelSource, load_weights, resolve_model
+from radixflow.runtime.constrained.grammar import GrammarCompiler
+from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
+from radixflow.runtime.limits import RequestLimits
+from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
+from radixflow.runtime.model.loader import load_weights
 from radixflow.runtime.model.runner import ModelRunner
-from radixflow.runtime.request import Req
-from radixflow.runtime.request_builder import RequestLimits
-from radixflow.runtime.sampling_params import InvalidRequestError
+from radixflow.runtime.model_source import ModelSource, resolve_model
 from radixflow.runtime.scheduler.output import RequestOutput
 from radixflow.runtime.scheduler.scheduler import Scheduler
 from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
@@ -59,7 +62,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     with torch.device("meta"):
         model = LlamaModel(args)
     model = model.to_empty(device=device).to(_DTYPES[mc.dtype])
-    model.inv_freq = _rope_buffer(args, device)
+    # `to_empty` leaves buffers uninitialised too, and the RoPE frequencies are not in the checkpoint.
+    model.inv_freq = rope_inv_freq(args).float().to(device)
     model.load_weights(weights)
     model.eval()
     if mc.quantization == "int8":
@@ -76,12 +80,6 @@ def _primary_eos(loaded: LoadedModel) -> int | None:
     return eos if eos in loaded.eos_ids or not loaded.eos_ids else min(loaded.eos_ids)
 
 
-def _rope_buffer(args: ModelArgs, device: torch.device) -> torch.Tensor:
-    from radixflow.runtime.model.llama import rope_inv_freq
-
-    return rope_inv_freq(args).float().to(device)
-
-
 def kv_pool_size(config: EngineConfig, args: ModelArgs) -> int:
     if config.cache.max_total_tokens:
         return config.cache.max_total_tokens
@@ -90,16 +88,15 @@ def kv_pool_size(config: EngineConfig, args: ModelArgs) -> int:
     return int(config.cache.kv_cache_gb * 2**30 // per_token)
 
 
-# Attention kernels reach a smaller share of the machine's peak than GEMMs: on this 2-core CPU torch's flash
-# attention ran at ~176 GFLOP/s against oneDNN's ~400 for the linear layers. On other devices assume parity.
+# Attention kernels reach a smaller share of the machine's peak than GEMMs (on the CPU measured, torch's flash
+# attention ran at about 0.4x oneDNN's GEMM rate; bench/RESULTS.md). On other devices assume parity.
 _ATTENTION_EFFICIENCY = {"cpu": 0.4}
 
 
-def prefill_context_tokens(args, device: torch.device) -> int:
+def prefill_context_tokens(args: ModelArgs, device: torch.device) -> int:
     """The context length at which a prefill token's attention costs as much as its linear layers: per layer,
     2 * linear params FLOPs against 4 * heads * head_dim * context, scaled by how fast attention runs relative to
-    GEMMs. SmolLM2-135M on this CPU: 3,070 * 0.4 = 1,228 (measured: a 512-token chunk over a 3,500-token context
-    spent 0.8 s in attention and about 0.3 s in linear layers)."""
+    GEMMs (SmolLM2-135M on a CPU: 3,070 * 0.4 = 1,228)."""
     q_out, kv_out = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     linear = args.hidden_size * (2 * q_out + 2 * kv_out) + 3 * args.hidden_size * args.intermediate_size
     return max(1, int(_ATTENTION_EFFICIENCY.get(device.type, 1.0) * linear / (2 * q_out)))
@@ -115,17 +112,18 @@ class EngineCore:
         pool_size = kv_pool_size(config, args)
         self.max_context = min(config.model.context_length or args.max_position, args.max_position)
         kv = KVPool(pool_size, args.num_layers, args.num_kv_heads, args.head_dim, dtype, device)
-        slots = ReqToTokenPool(config.scheduler.max_running_requests, self.max_context + 1, device)
-        self.cache = CacheManager(kv, slots, config.cache.disable_radix_cache)
+        req_to_token = ReqToTokenPool(config.scheduler.max_running_requests, self.max_context + 1, device)
+        prefix_cache = NoPrefixCache() if config.cache.disable_radix_cache else RadixCache(free_kv=kv.free)
+        self.cache = CacheManager(kv, req_to_token, prefix_cache)
         self.limits = RequestLimits(self.max_context, pool_size, args.vocab_size)
-        self.grammar = GrammarBackend(self.loaded.tokenizer, args.vocab_size, _primary_eos(self.loaded),
+        self.grammar = GrammarCompiler(self.loaded.tokenizer, args.vocab_size, _primary_eos(self.loaded),
                                       config.scheduler.grammar_cache_size)
         if config.scheduler.prefill_context_tokens is None:
             config = dataclasses.replace(config, scheduler=dataclasses.replace(
                 config.scheduler, prefill_context_tokens=prefill_context_tokens(args, device)))
             self.config = config
         self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits, self.grammar)
-        self.runner = ModelRunner(self.loaded.model, kv, slots, device, config.seed,
+        self.runner = ModelRunner(self.loaded.model, kv, req_to_token, device, config.seed,
                                   config.scheduler.lazy_grammar_masks)
         self._was_busy = False
 
@@ -156,18 +154,21 @@ class EngineCore:
         """Scheduler figures plus KV pool and cache sizes (the engine's `stats()`, the server's stats call)."""
         s = self.scheduler.refresh_stats()
         g = self.grammar.stats
+        masker = self.runner.masker
+        prefix_cache = self.cache.prefix_cache
         return {**s.__dict__, "cache_hit_rate": s.cache_hit_rate, "kv_free_tokens": self.cache.kv.free_count(),
                 "grammar_compiled": g.compiled, "grammar_cache_hits": g.cache_hits,
                 "grammar_compile_seconds": g.compile_seconds, "jump_forward_tokens": g.jump_forward_tokens,
                 "jump_forward_steps": g.jump_forward_steps,
-                "grammar_mask_us_per_row": 1e6 * self.runner.mask_seconds / max(self.runner.mask_rows, 1),
-                "grammar_lazy_refusals": self.runner.lazy_refusals,
-                "cached_tokens_in_tree": self.cache.tree.total_size(),
-                "kv_evictable_tokens": self.cache.tree.evictable_size()}
+                "grammar_mask_us_per_row": 1e6 * masker.mask_seconds / max(masker.mask_rows, 1),
+                "grammar_lazy_refusals": masker.lazy_refusals,
+                "cached_tokens_in_tree": prefix_cache.total_size(),
+                "kv_evictable_tokens": prefix_cache.evictable_size()}
 
-    def serve_forever(self, inbox: queue.Queue, emit, stop: threading.Event) -> None:
-        """Drain `inbox` (Req to add, or ("abort", rid), or a callable run on this thread), step, and hand each
-        step's outputs to `emit(list)` in one call (one message per step across a process boundary)."""
+    def serve_forever(self, inbox: queue.Queue[InboxItem], emit: Callable[[list[RequestOutput]], None],
+                      stop: threading.Event) -> None:
+        """Drain `inbox` (runtime/inbox.py), step, and hand each step's outputs to `emit(list)` in one call (one
+        message per step across a process boundary)."""
         while not stop.is_set():
             self._drain(inbox, block=self.scheduler.idle)
             if self.scheduler.idle:
@@ -188,7 +189,7 @@ class EngineCore:
         except Exception:  # noqa: BLE001
             logger.exception("KV cache integrity check failed")
 
-    def _drain(self, inbox: queue.Queue, block: bool) -> None:
+    def _drain(self, inbox: queue.Queue[InboxItem], block: bool) -> None:
         try:
             item = inbox.get(timeout=0.05) if block else inbox.get_nowait()
         except queue.Empty:
@@ -200,16 +201,17 @@ class EngineCore:
             except queue.Empty:
                 return
 
-    def _handle(self, item) -> None:
-        if isinstance(item, Req):
-            try:
-                self.scheduler.add_request(item)
-            except InvalidRequestError as exc:  # callers validate first; this is the last line of defence
-                self.scheduler.reject(item.rid, str(exc))
-        elif isinstance(item, tuple) and item[0] == "abort":
-            self.scheduler.abort(item[1])
-        elif callable(item):
-            item()
-        else:
-            raise TypeError(f"unexpected inbox item {item!r}")
+    def _handle(self, item: InboxItem) -> None:
+        match item:
+            case AddRequest(req=req):
+                try:
+                    self.scheduler.add_request(req)
+                except InvalidRequestError as exc:  # callers validate first; this is the last line of defence
+                    self.scheduler.reject(req.rid, str(exc))
+            case AbortRequest(rid=rid):
+                self.scheduler.abort(rid)
+            case Call(fn=fn):
+                fn()
+            case _:
+                raise TypeError(f"unexpected inbox item {item!r}")
 

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from radixflow.runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # type-only: both modules import this one
+    from radixflow.runtime.cache.radix_cache import TreeNode
+    from radixflow.runtime.constrained.grammar import RequestGrammar
 
 
 class ReqStatus(enum.Enum):
@@ -26,7 +31,7 @@ class ReqStatus(enum.Enum):
 class FinishReason:
     """`type` is "stop" (EOS, stop token or stop string), "length" or "abort"; `matched` says what stopped it."""
 
-    type: str
+    type: Literal["stop", "length", "abort"]
     matched: int | str | None = None
     message: str | None = None
 
@@ -59,26 +64,25 @@ class Req:
     rid: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
-    logprob: LogprobOptions = field(default_factory=LogprobOptions)
+    logprob_options: LogprobOptions = field(default_factory=LogprobOptions)
     stop_ids: frozenset[int] = frozenset()  # EOS ids (unless ignore_eos) plus stop_token_ids
     arrival: float = field(default_factory=time.monotonic)
 
     status: ReqStatus = ReqStatus.WAITING
     num_computed: int = 0
-    num_cached: int = 0           # prompt tokens served from the prefix cache at first admission (reported)
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache at first admission (reported)
     num_retractions: int = 0
     finish_reason: FinishReason | None = None
-    first_token_time: float | None = None
 
-    # Owned by the cache manager while RUNNING: request-table slot, positions with a KV index (computed or being
-    # computed this step), how many of those the tree owns, and the locked tree node.
+    # Owned by the cache manager while RUNNING: the request-to-token slot, positions with a KV index (computed or
+    # being computed this step), how many of those the prefix cache owns, and the locked cache node.
     slot: int | None = None
-    kv_len: int = 0
-    tree_len: int = 0
-    tree_node: Any = None
+    num_allocated: int = 0
+    num_in_tree: int = 0
+    tree_node: TreeNode | None = None
 
     # Logprobs accumulate here: one entry per output token, and per prompt position from
-    # max(logprob.prompt_start, 1) (position 0 has no context to score it).
+    # max(logprob_options.prompt_start, 1) (position 0 has no context to score it).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs_emitted: int = 0  # how many of them went out in a RequestOutput
@@ -92,9 +96,9 @@ class Req:
 
     # Constrained decoding, owned by the scheduler process: the grammar's compile future while the request waits
     # for it, then the request's matcher (a `RequestGrammar`).
-    grammar_future: Any = None
+    grammar_future: Future | None = None
     grammar_deadline: float = 0.0
-    grammar: Any = None
+    grammar: RequestGrammar | None = None
 
     _output_ids: list[int] = field(default_factory=list)
 

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses; `field` names the offending parameter."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+from radixflow.errors import InvalidRequestError
+from radixflow.runtime.constrained.spec import constraint_of
 
 
 @dataclass
@@ -50,8 +45,6 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
-        from radixflow.runtime.constrained.spec import constraint_of  # here: spec imports this module
-
         self.constraint = constraint_of(self.regex, self.json_schema, self.ebnf)
         if self.constraint is not None:
             self.json_schema = self.constraint.spec if self.constraint.kind == "json_schema" else None
@@ -91,7 +84,8 @@ class SamplingParams:
         _check_float(self, "repetition_penalty", 0.0, 10.0, low_inclusive=False)
         _check_float(self, "top_p", 0.0, 1.0, low_inclusive=False)
         if self.min_new_tokens > self.max_new_tokens:
-            raise InvalidRequestError("min_new_tokens", f"{self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+            raise InvalidRequestError("min_new_tokens",
+                                      f"{self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop", "must be a non-empty string or a list of non-empty strings")
         if len(self.stop) > 16:

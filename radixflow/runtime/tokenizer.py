@@ -7,20 +7,22 @@ That conversion takes seconds, so its result is cached on disk, keyed by the GGU
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
-from radixflow.runtime.model.loader import ModelSource, cache_dir, publish_cache_dir
+from radixflow.runtime.model_source import ModelSource, cache_dir, publish_cache_dir
 
 logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(source: ModelSource, chat_template: str | None = None):
     """A transformers fast tokenizer with `chat_template` set (the model's own unless overridden)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # there is no model hub to reach; never try
+    # Imported here, after the line above (the hub client reads it at import), and only by what loads a tokenizer.
     from transformers import AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # there is no model hub to reach; never try
     if source.kind == "hf":
         tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     else:
@@ -46,8 +48,6 @@ def _gguf_tokenizer(source: ModelSource):
 
 def eos_token_ids(tokenizer, source: ModelSource) -> frozenset[int]:
     """EOS ids: the tokenizer's, plus generation_config.json's (Llama 3 lists several)."""
-    import json
-
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_config = source.directory / "generation_config.json"
     if source.kind == "hf" and gen_config.exists():

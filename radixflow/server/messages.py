@@ -1,8 +1,9 @@
 """Every message that crosses the process boundary (HTTP process <-> scheduler process), and its serializer.
 
-The scheduler process owns the model; the HTTP process tokenizes and validates. Requests travel as `Req`
-(already validated), results as `RequestOutput` deltas batched per step; control calls (flush, stats, ...) as `ControlRequest`
-answered by `ControlReply`. One serializer (pickle: both ends are our own processes on one machine).
+The scheduler process owns the model; the HTTP process tokenizes and validates. Requests travel as `AddRequest`
+(a validated `Req`) and `AbortRequest`, the engine inbox's own messages (runtime/inbox.py); results as
+`RequestOutput` deltas batched per step; control calls (flush, stats, ...) as `ControlRequest` answered by
+`ControlReply`. One serializer (pickle: both ends are our own processes on one machine).
 """
 
 from __future__ import annotations
@@ -11,18 +12,11 @@ import pickle
 from dataclasses import dataclass
 from typing import Any
 
-from radixflow.runtime.request import Req
+from radixflow.runtime.inbox import AbortRequest, AddRequest
 from radixflow.runtime.scheduler.output import RequestOutput
 
-
-@dataclass
-class AddRequest:
-    req: Req
-
-
-@dataclass
-class AbortRequest:
-    rid: str
+__all__ = ["AbortRequest", "AddRequest", "ControlReply", "ControlRequest", "Message", "OutputBatch", "Ready", "dumps",
+           "loads"]
 
 
 @dataclass

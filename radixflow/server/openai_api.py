@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
 
-Request bodies are pydantic models; a validation error becomes a 400 in OpenAI's error shape with `param` set to
-the offending field. Unknown fields are ignored, as OpenAI's own server does for forward compatibility.
+Each body (openai_protocol.py) is converted to the native request (`GenerateInput`) and runs through the same
+normaliser as `/generate`; errors name the field as the OpenAI client spelled it.
 """
 
 from __future__ import annotations
@@ -9,93 +9,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from radixflow.entrypoints.generate import GenerateInput
 from radixflow.runtime.constrained.spec import json_object_schema
 from radixflow.runtime.request import Req
-from radixflow.runtime.request_builder import logprob_options
-from radixflow.runtime.sampling_params import InvalidRequestError
+from radixflow.server.common import ServerState, event_stream, sse
 from radixflow.server.errors import APIError, bad_request
-from radixflow.server.http_app import ServerState, event_stream, read_json, sse, until_disconnect
+from radixflow.server.openai_protocol import ChatBody, ChatMessage, CompletionBody, SamplingBody
+
+# The runtime's field names as the OpenAI client knows them, for error messages.
+_COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
+                     "json_schema": "response_format"}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    # Extensions SGLang also accepts.
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    # Structured output: OpenAI's response_format, plus SGLang's regex / ebnf extensions.
-    response_format: dict | None = None
-    regex: str | None = None
-    ebnf: str | None = None
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list | None = None
-
-
-def _parse(model_cls, body):
-    try:
-        return model_cls.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if not _is_union_member(p)) or None
-        raise bad_request(f"{param or 'body'}: {first['msg']}", param) from exc
-
-
-def _is_union_member(part) -> bool:
-    # pydantic names the union member it tried in the location (`stop.list[str].0`); clients know only fields.
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
-
-
-def _build(state: ServerState, prompt, params: dict, logprob, renames: dict[str, str]) -> list[Req]:
-    """`state.build`, with the runtime's parameter names in its errors replaced by the ones this client sent."""
-    try:
-        return state.build(prompt, params, logprob)
-    except InvalidRequestError as exc:
-        message, field = str(exc), renames.get(exc.field, exc.field)
-        for runtime_name, api_name in renames.items():
-            message = message.replace(runtime_name, api_name)
-        raise bad_request(message, field) from exc
-
-
-def _response_format(body: _Body) -> dict:
+def _response_format(body: SamplingBody) -> dict:
     """Sampling params for the body's structured-output request: `json_object` is any JSON object,
     `json_schema` carries `{"name", "schema", "strict"}` as in OpenAI's API."""
     fmt = body.response_format
@@ -116,9 +45,10 @@ def _response_format(body: _Body) -> dict:
                       "response_format.type")
 
 
-def _sampling(body: _Body, max_tokens: int) -> dict:
+def _sampling(body: SamplingBody, max_tokens: int) -> dict:
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    return {**_response_format(body), "max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+    return {**_response_format(body), "max_new_tokens": max_tokens, "temperature": body.temperature,
+            "top_p": body.top_p,
             "top_k": body.top_k, "min_p": body.min_p, "presence_penalty": body.presence_penalty,
             "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
             "min_new_tokens": body.min_tokens, "ignore_eos": body.ignore_eos, "stop": stop,
@@ -150,30 +80,25 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
                                              "owned_by": "radixflow"}]}
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = _parse(CompletionBody, await read_json(request))
+    async def completions(body: CompletionBody, request: Request):
         check_model(body.model)
-        prompts = _completion_prompts(body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        top = body.logprobs or 0
-        logprob = logprob_options(body.logprobs is not None, 0 if body.echo and body.logprobs is not None else -1, top)
-        params = {**_sampling(body, max_tokens), "n": body.n}
-        renames = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
-                   "json_schema": "response_format"}
-        groups = [_build(state, p, params, logprob, renames) for p in prompts]
-        reqs = [r for g in groups for r in g]
+        echo_logprobs = body.echo and body.logprobs is not None
+        _, reqs = state.prepare(GenerateInput(
+            **_completion_prompts(body.prompt), sampling_params={**_sampling(body, max_tokens), "n": body.n},
+            return_logprob=body.logprobs is not None, logprob_start_len=0 if echo_logprobs else -1,
+            top_logprobs_num=body.logprobs or 0), text_field="prompt", renames=_COMPLETION_NAMES)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return event_stream(_stream_completion(state, reqs, body, rid))
-        collectors = await until_disconnect(request, asyncio.gather(*(state.run(r) for r in reqs)))
+        collectors = await state.run_all(request, reqs)
         choices = [_completion_choice(i, c, state, body) for i, c in enumerate(collectors)]
         metas = [c.meta() for c in collectors]
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": state.model_name,
                 "choices": choices, "usage": _usage(metas, metas[:: body.n])}
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = _parse(ChatBody, await read_json(request))
+    async def chat(body: ChatBody, request: Request):
         check_model(body.model)
         if body.tools:
             raise bad_request("tools: tool calling is not supported by this server yet", "tools")
@@ -185,13 +110,14 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
             limits = state.manager.limits
             room = min(limits.max_context, limits.pool_size) - len(state.manager.tokenizer.encode(prompt))
             max_tokens = min(max(room, 1), 4096)
-        logprob = logprob_options(body.logprobs, -1, body.top_logprobs or 0 if body.logprobs else 0)
-        reqs = _build(state, prompt, {**_sampling(body, max_tokens), "n": body.n}, logprob,
-                      {"max_new_tokens": max_name, "min_new_tokens": "min_tokens", "json_schema": "response_format"})
+        _, reqs = state.prepare(GenerateInput(
+            text=prompt, sampling_params={**_sampling(body, max_tokens), "n": body.n}, return_logprob=body.logprobs,
+            top_logprobs_num=body.top_logprobs or 0 if body.logprobs else 0), text_field="prompt",
+            renames={**_COMPLETION_NAMES, "max_new_tokens": max_name})
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return event_stream(_stream_chat(state, reqs, body, rid))
-        collectors = await until_disconnect(request, asyncio.gather(*(state.run(r) for r in reqs)))
+        collectors = await state.run_all(request, reqs)
         choices = []
         for i, c in enumerate(collectors):
             meta = c.meta()
@@ -205,14 +131,13 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
                 "choices": choices, "usage": _usage(metas, metas[:1])}
 
 
-def _completion_prompts(prompt) -> list:
-    if isinstance(prompt, str):
-        return [prompt]
+def _completion_prompts(prompt) -> dict:
+    """OpenAI's `prompt` (a string, strings, token ids or lists of them) as the native `text` or `input_ids`."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, str) for p in prompt)):
+        return {"text": prompt}
     if not prompt:
         raise bad_request("prompt: must not be empty", "prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [prompt]
-    return list(prompt)
+    return {"input_ids": prompt}
 
 
 def _chat_prompt(state: ServerState, messages: list[ChatMessage]) -> str:

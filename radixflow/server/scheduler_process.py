@@ -16,8 +16,17 @@ import zmq
 
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.engine_core import EngineCore
-from radixflow.server.messages import (AbortRequest, AddRequest, ControlReply, ControlRequest, OutputBatch, Ready,
-                                       dumps, loads)
+from radixflow.runtime.inbox import Call
+from radixflow.server.messages import (
+    AbortRequest,
+    AddRequest,
+    ControlReply,
+    ControlRequest,
+    OutputBatch,
+    Ready,
+    dumps,
+    loads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +81,15 @@ def _receive(pull, inbox: queue.Queue, core: EngineCore, push, stop: threading.E
             continue
         message = loads(pull.recv())
         match message:
-            case AddRequest(req=req):
-                inbox.put(req)
-            case AbortRequest(rid=rid):
-                inbox.put(("abort", rid))
+            case AddRequest() | AbortRequest():
+                inbox.put(message)
             case ControlRequest():
                 inbox.put(_control_call(message, core, push))
             case _:
                 logger.error("unexpected message %r", type(message).__name__)
 
 
-def _control_call(message: ControlRequest, core: EngineCore, push):
+def _control_call(message: ControlRequest, core: EngineCore, push) -> Call:
     def run() -> None:
         op = CONTROL_OPS.get(message.op)
         if op is None:
@@ -92,4 +99,4 @@ def _control_call(message: ControlRequest, core: EngineCore, push):
             push.send(dumps(ControlReply(message.call_id, result=op(core))))
         except Exception as exc:  # noqa: BLE001 - the caller gets the error; the engine keeps going
             push.send(dumps(ControlReply(message.call_id, error=f"{type(exc).__name__}: {exc}")))
-    return run
+    return Call(run)

@@ -15,21 +15,28 @@ from collections.abc import AsyncIterator
 import zmq
 import zmq.asyncio
 
+from radixflow.entrypoints.generate import is_sample_of
+from radixflow.errors import InvalidRequestError
 from radixflow.runtime.config import EngineConfig
-from radixflow.runtime.model.loader import resolve_model
+from radixflow.runtime.limits import RequestLimits
+from radixflow.runtime.model_source import resolve_model
 from radixflow.runtime.request import FinishReason, Req
-from radixflow.runtime.request_builder import RequestLimits
 from radixflow.runtime.scheduler.output import RequestOutput
 from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
-from radixflow.server.messages import (AbortRequest, AddRequest, ControlReply, ControlRequest, OutputBatch, Ready,
-                                       dumps, loads)
+from radixflow.server.errors import SchedulerDiedError
+from radixflow.server.messages import (
+    AbortRequest,
+    AddRequest,
+    ControlReply,
+    ControlRequest,
+    OutputBatch,
+    Ready,
+    dumps,
+    loads,
+)
 from radixflow.server.scheduler_process import run_scheduler_process
 
 logger = logging.getLogger(__name__)
-
-
-class SchedulerDiedError(RuntimeError):
-    pass
 
 
 class TokenizerManager:
@@ -107,8 +114,6 @@ class TokenizerManager:
         if not self.alive:
             raise SchedulerDiedError(self.dead_reason or "scheduler process is not running")
         if req.rid in self._queues:
-            from radixflow.runtime.sampling_params import InvalidRequestError
-
             raise InvalidRequestError("rid", f"request id {req.rid!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[req.rid] = queue
@@ -129,10 +134,10 @@ class TokenizerManager:
             self._push.send(dumps(AbortRequest(rid)))
 
     def abort_family(self, rid: str) -> None:
-        """Abort `rid` and the n > 1 samples created from it (`rid-0`, `rid-1`, ...)."""
+        """Abort `rid` and the requests made from it (a batch's or n samples' `{rid}_{k}`)."""
         self.abort(rid)
         for other in list(self._queues):
-            if other.startswith(f"{rid}-"):
+            if is_sample_of(other, rid):
                 self.abort(other)
 
     async def control(self, op: str, timeout_s: float = 30.0):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import GREEDY
+from tests.helpers.models import GREEDY
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from radixflow import Engine
-from radixflow.runtime.model import runner as runner_module
-from tests.conftest import GREEDY
+from radixflow.runtime.model import attention as attention_module
+from tests.helpers.models import GREEDY
 
 SHARED = ("You are a careful assistant. Answer the question using the examples. " * 6)
 QUESTIONS = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(10)]
@@ -63,15 +63,15 @@ def test_shared_prefix_attention_keeps_outputs(tiny_model_dir, tiny_reference, m
     prefix (decodes behind the common instructions, the second batch's extends on cached prompts) must not
     change a token."""
     calls = []
-    real = runner_module._shared_prefixes
+    real = attention_module.shared_prefixes
 
     def spy(kv_indices, starts):
         prefixes, skip = real(kv_indices, starts)
         calls.append(len(prefixes))
         return prefixes, skip
 
-    monkeypatch.setattr(runner_module, "MIN_SHARED_GATHER", 1)
-    monkeypatch.setattr(runner_module, "_shared_prefixes", spy)
+    monkeypatch.setattr(attention_module, "MIN_SHARED_GATHER", 1)
+    monkeypatch.setattr(attention_module, "shared_prefixes", spy)
     outs, _ = run_config(str(tiny_model_dir), 20, max_total_tokens=16384)
     assert sum(calls) > 0
     assert outs == tiny_reference[0]

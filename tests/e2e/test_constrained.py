@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from radixflow import Engine
-from radixflow.runtime.constrained.grammar import GrammarBackend
-from radixflow.runtime.sampling_params import InvalidRequestError
+from radixflow.errors import InvalidRequestError
+from radixflow.runtime.constrained.grammar import GrammarCompiler
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -78,11 +78,13 @@ def conforms(value, schema) -> bool:
     if kind == "null":
         return value is None
     if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool) and schema["minimum"] <= value <= schema["maximum"]
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and schema["minimum"] <= value <= schema["maximum"])
     if kind == "string":
         return isinstance(value, str) and len(value) <= schema["maxLength"]
     if kind == "array":
-        return isinstance(value, list) and len(value) <= schema["maxItems"] and all(conforms(v, schema["items"]) for v in value)
+        return (isinstance(value, list) and len(value) <= schema["maxItems"]
+                and all(conforms(v, schema["items"]) for v in value))
     return (isinstance(value, dict) and set(value) == set(schema["properties"])
             and all(conforms(value[k], s) for k, s in schema["properties"].items()))
 
@@ -109,7 +111,7 @@ def test_random_json_schemas_always_parse_and_conform(engines, schema, seed):
 
 def set_lazy(engine: Engine, lazy: bool) -> None:
     def flip():
-        engine.core.runner.lazy_grammar_masks = lazy
+        engine.core.runner.masker.lazy = lazy
     engine._call(flip)
 
 
@@ -117,8 +119,8 @@ def lazy_and_eager(engine: Engine, prompts, params) -> tuple[list, list, int, in
     """Outputs with lazy masks (the default) and with every mask filled first; the mask rows and the refusals
     (model's choice rejected, full mask filled) counted during the lazy run, and checks that the eager run
     made no lazy checks."""
-    runner = engine.core.runner
-    counts = lambda: engine._call(lambda: (runner.mask_rows, runner.lazy_refusals))  # noqa: E731
+    masker = engine.core.runner.masker
+    counts = lambda: engine._call(lambda: (masker.mask_rows, masker.lazy_refusals))  # noqa: E731
     rows, refusals = counts()
     lazy = engine.generate(prompts, params)
     rows_after, refusals_after = counts()
@@ -236,14 +238,14 @@ def test_invalid_constraint_is_refused_before_the_engine_and_others_keep_running
 
 
 def test_slow_grammar_times_out_cleanly_while_others_run(tiny_model_dir, monkeypatch):
-    original = GrammarBackend.matcher
+    original = GrammarCompiler.matcher
 
     def slow(self, constraint):
         if constraint.spec == "slow[0-9]":
             time.sleep(3.0)
         return original(self, constraint)
 
-    monkeypatch.setattr(GrammarBackend, "matcher", slow)
+    monkeypatch.setattr(GrammarCompiler, "matcher", slow)
     with Engine(model_path=str(tiny_model_dir), max_total_tokens=4096, grammar_compile_timeout_s=1.0) as engine:
         results = {}
         thread = threading.Thread(target=lambda: results.update(
@@ -260,14 +262,14 @@ def test_slow_grammar_times_out_cleanly_while_others_run(tiny_model_dir, monkeyp
 
 
 def test_grammar_failing_to_compile_in_the_engine_fails_only_its_request(tiny_model_dir, monkeypatch):
-    original = GrammarBackend.matcher
+    original = GrammarCompiler.matcher
 
     def broken(self, constraint):
         if constraint.spec == "boom":
             raise RuntimeError("compiler exploded")
         return original(self, constraint)
 
-    monkeypatch.setattr(GrammarBackend, "matcher", broken)
+    monkeypatch.setattr(GrammarCompiler, "matcher", broken)
     with Engine(model_path=str(tiny_model_dir), max_total_tokens=4096) as engine:
         outs = engine.generate(["a", "b"], [{"regex": "boom"}, {"regex": "[0-9]{2}", "max_new_tokens": 4}])
         assert outs[0]["meta_info"]["finish_reason"]["type"] == "abort"

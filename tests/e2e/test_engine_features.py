@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import GREEDY
+from tests.helpers.models import GREEDY
 
 PROMPT = "Once upon a time in a land far away"
 
@@ -61,7 +61,8 @@ def test_seed_reproduces_across_batches(tiny_engine):
 
 def test_top_k_one_equals_greedy(tiny_engine):
     assert greedy(tiny_engine, 16)["output_ids"] == \
-        tiny_engine.generate(PROMPT, {"max_new_tokens": 16, "top_k": 1, "temperature": 1.0, "ignore_eos": True})["output_ids"]
+        tiny_engine.generate(PROMPT, {"max_new_tokens": 16, "top_k": 1, "temperature": 1.0,
+                                      "ignore_eos": True})["output_ids"]
 
 
 def test_streaming_increments_add_up(tiny_engine):

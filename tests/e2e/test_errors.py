@@ -7,7 +7,7 @@ import json
 import pytest
 
 from radixflow import Engine, InvalidRequestError
-from radixflow.runtime.model.loader import ModelLoadError
+from radixflow.runtime.model_source import ModelLoadError
 
 OK = {"max_new_tokens": 4, "temperature": 0}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from radixflow import Engine
-from tests.conftest import GREEDY, build_tiny_model
+from tests.helpers.models import GREEDY, build_tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning there was"
 
@@ -113,7 +113,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
 def test_smollm2_gguf_matches_transformers(smol_engine):
     from transformers import AutoModelForCausalLM
 
-    from radixflow.runtime.model.loader import resolve_model
+    from radixflow.runtime.model_source import resolve_model
 
     path = resolve_model(None).path
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()

@@ -7,7 +7,7 @@ import pytest
 
 import radixflow as sgl
 from radixflow.lang.chat_template import RoleTemplate
-from radixflow.lang.compiler import CompiledFunction
+from radixflow.lang.function import CompiledFunction
 from radixflow.lang.graph import Kind
 from tests.lang.scripted_backend import ScriptedBackend
 

@@ -13,8 +13,7 @@ import radixflow as sgl
 from radixflow.lang.chat_template import RoleTemplate
 from radixflow.lang.choices import ChoiceScores
 from radixflow.lang.interpreter import ProgramError
-from tests.lang.scripted_backend import (WAIT_S, BarrierBackend, ChunkedBackend, GatedBackend, ScriptedBackend,
-                                         echo)
+from tests.lang.scripted_backend import WAIT_S, BarrierBackend, ChunkedBackend, GatedBackend, ScriptedBackend, echo
 
 pytestmark = pytest.mark.timeout(60)  # a deadlocked interpreter fails the test instead of the whole run
 

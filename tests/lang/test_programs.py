@@ -10,10 +10,26 @@ from __future__ import annotations
 import json
 import re
 
-import pydantic
 import pytest
 
 import radixflow as sgl
+from tests.lang.programs import (
+    CHARACTER_REGEX,
+    City,
+    boundary,
+    calculate,
+    capital,
+    character,
+    city,
+    count,
+    few_shot_qa,
+    qa,
+    react,
+    skeleton_of_thought,
+    tool_use,
+    two_turns,
+    typed,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +50,6 @@ def backend(request):
 
 
 # -- few-shot QA and var_scope ---------------------------------------------------------------------------------
-@sgl.function
-def few_shot_qa(s, question):
-    s += "The following are questions with answers.\n\n"
-    s += "Q: What is the capital of France?\nA: Paris\n"
-    s += "Q: What is the capital of Germany?\nA: Berlin\n"
-    s += "Q: What is the capital of Italy?\nA: Rome\n"
-    with s.var_scope("qa"):
-        s += "Q: " + question + "\n"
-        s += "A:" + sgl.gen("answer", stop="\n", max_tokens=8)
 
 
 def test_few_shot_qa(backend):
@@ -56,15 +63,6 @@ def test_few_shot_qa(backend):
 
 
 # -- multi-turn chat --------------------------------------------------------------------------------------------
-@sgl.function
-def two_turns(s, question_1, question_2):
-    s += sgl.system("You are a helpful assistant.")
-    s += sgl.user(question_1)
-    s += sgl.assistant(sgl.gen("answer_1", max_tokens=16))
-    with s.user():
-        s += question_2
-    with s.assistant():
-        s += sgl.gen("answer_2", max_tokens=16)
 
 
 def test_multi_turn_chat(backend):
@@ -79,11 +77,6 @@ def test_multi_turn_chat(backend):
 
 
 # -- select -------------------------------------------------------------------------------------------------------
-@sgl.function
-def capital(s, choices, choices_method):
-    s += "Q: What is the capital of Germany?\nA: Berlin\n"
-    s += "Q: What is the capital of France?\nA: "
-    s += sgl.select("city", choices, choices_method=choices_method)
 
 
 @pytest.mark.parametrize("method", CHOICE_METHODS, ids=lambda m: type(m).__name__)
@@ -105,11 +98,6 @@ def test_unconditional_likelihood_scores_the_same_tokens_without_context(backend
     assert all(u[0] == 0.0 for u in meta["unconditional_token_logprobs"])  # the first token has no context
 
 
-@sgl.function
-def boundary(s):
-    s += "The capital of France is " + sgl.select("city", ["Paris", "London"])
-
-
 def test_select_after_a_trailing_space_heals_the_token_boundary(backend):
     """"is " + "Paris" tokenizes as "is", " Paris": the choice is scored as the merged token (logprob about -0.3),
     not as "Paris" after a lone " " token (about -7)."""
@@ -120,18 +108,6 @@ def test_select_after_a_trailing_space_heals_the_token_boundary(backend):
 
 
 # -- tool use -------------------------------------------------------------------------------------------------------
-def calculate(expression: str) -> str:
-    return str(eval(expression, {"__builtins__": {}}))  # the model's text, evaluated as arithmetic only
-
-
-@sgl.function
-def tool_use(s, lhs, rhs):
-    s += "Please perform computations using a calculator. You can use calculate(expression) to get the results.\n"
-    s += "For example,\ncalculate(1+2)=3\ncalculate(3*4)=12\n"
-    s += f"Question: What is the product of {lhs} and {rhs}?\n"
-    s += "Answer: The answer is calculate(" + sgl.gen("expression", stop=")", max_tokens=16) + ") = "
-    with s.var_scope("answer"):
-        s += calculate(s["expression"])
 
 
 def test_tool_use_evaluates_the_generated_expression(backend):
@@ -139,35 +115,6 @@ def test_tool_use_evaluates_the_generated_expression(backend):
     assert state.error() is None
     assert state["answer"] == calculate(state["expression"])  # the program ran eval on the model's text
     assert state["expression"] == "257*983" and int(state["answer"]) == 257 * 983
-
-
-# -- ReAct: select drives the control flow ----------------------------------------------------------------------
-REACT_EXAMPLE = """Question: Which country does the founder of Microsoft live in?
-Thought 1: I need to search for the founder of Microsoft.
-Action 1: Search [Founder of Microsoft].
-Observation 1: The founder of Microsoft is Bill Gates.
-Thought 2: I need to search for the country where Bill Gates lives in.
-Action 2: Search [Where does Bill Gates live].
-Observation 2: Bill Gates lives in the United States.
-Thought 3: The answer is the United States.
-Action 3: Finish [United States].
-
-"""
-
-
-@sgl.function
-def react(s, question, max_steps=3):
-    s += REACT_EXAMPLE + "Question: " + question + "\n"
-    for i in range(1, max_steps + 1):
-        s += f"Thought {i}:" + sgl.gen(stop=[".", "\n"], max_tokens=20) + ".\n"
-        s += f"Action {i}: " + sgl.select(f"action_{i}", ["Search", "Finish"])
-        if s[f"action_{i}"] == "Search":
-            s += " [" + sgl.gen(f"query_{i}", stop="]", max_tokens=12) + "].\n"
-            s += f"Observation {i}:" + sgl.gen(stop=[".", "\n"], max_tokens=20) + ".\n"
-        else:
-            s += " [" + sgl.gen("answer", stop="]", max_tokens=12) + "].\n"
-            return i
-    return None
 
 
 def test_react_loop(backend):
@@ -182,19 +129,6 @@ def test_react_loop(backend):
 
 
 # -- skeleton of thought: fork / join ---------------------------------------------------------------------------
-@sgl.function
-def skeleton_of_thought(s, topic, n):
-    s += f"Act as a helpful assistant.\nUSER: Give some tips for {topic}.\n"
-    s += f"ASSISTANT: Okay. Here are {n} concise tips:\n1. Plan ahead\n2. Stay focused\n3. Rest well\n"
-    forks = s.fork(n)
-    forks += lambda i: f"Now, I expand tip {i + 1} into a detailed paragraph:\nTip {i + 1}:" + sgl.gen(
-        "detail", max_tokens=16, stop="\n\n")
-    forks.join()
-    s += "Here are these tips with detailed explanation:\n"
-    for i, detail in enumerate(s["detail"]):
-        s += f"Tip {i + 1}:{detail}\n"
-    s += "\nIn summary," + sgl.gen("summary", max_tokens=16, stop="\n")
-    return [f.get_meta_info("detail")["cached_tokens"] for f in forks]
 
 
 def test_skeleton_of_thought_fork_join(backend):
@@ -209,11 +143,6 @@ def test_skeleton_of_thought_fork_join(backend):
 
 
 # -- streaming ------------------------------------------------------------------------------------------------------
-@sgl.function
-def qa(s, question):
-    s += sgl.system("You are a helpful assistant.")
-    s += sgl.user(question)
-    s += sgl.assistant(sgl.gen("answer", max_tokens=16))
 
 
 def test_streaming(backend):
@@ -228,24 +157,12 @@ def test_streaming(backend):
 
 
 # -- integer and JSON decoding (constrained) ----------------------------------------------------------------------
-@sgl.function
-def count(s, question):
-    s += sgl.user(question)
-    # The fixed words are forced (jump-forward); only the number is the model's choice.
-    s += sgl.assistant(sgl.gen("answer", regex=r"The answer is [0-9]+\.", max_tokens=16))
 
 
 def test_integer_decoding_by_regex(backend):
     states = count.run_batch([{"question": "How many legs does a cat have?"},
                               {"question": "How many days are in a week?"}], temperature=0, backend=backend)
     assert [s["answer"] for s in states] == ["The answer is 4.", "The answer is 7."]
-
-
-@sgl.function
-def typed(s):
-    s += "Pick a number: " + sgl.gen_int("n", max_tokens=6) + "\n"
-    s += "Pick a boolean: " + sgl.gen("b", dtype=bool) + "\n"
-    s += "Name a fruit in quotes: " + sgl.gen_string("fruit", max_tokens=12)
 
 
 def test_typed_gen(backend):
@@ -255,37 +172,12 @@ def test_typed_gen(backend):
     assert state["fruit"].startswith('"')
 
 
-CHARACTER_REGEX = (r'\{"name": "[A-Za-z ]{1,24}", "house": "(Gryffindor|Slytherin|Ravenclaw|Hufflepuff)", '
-                   r'"blood status": "(Pure-blood|Half-blood|Muggle-born)", "wand": \{"wood": "[a-z ]{1,16}", '
-                   r'"core": "[a-z ]{1,16}", "length": [0-9]{1,2}\}, "alive": (true|false)\}')
-
-
-@sgl.function
-def character(s, name):
-    s += name + " is a character in Harry Potter. Please fill in the following information about this character.\n"
-    s += sgl.gen("json_output", max_tokens=128, regex=CHARACTER_REGEX)
-
-
 def test_json_decoding_by_regex(backend):
     state = character.run(name="Hermione Granger", temperature=0, backend=backend)
     assert re.fullmatch(CHARACTER_REGEX, state["json_output"])
     value = json.loads(state["json_output"])  # the regex spells JSON: it parses (the model's facts are its own)
     assert list(value) == ["name", "house", "blood status", "wand", "alive"] and list(value["wand"]) == [
         "wood", "core", "length"]
-
-
-class City(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")  # additionalProperties: false, or the model may add keys
-
-    name: str = pydantic.Field(max_length=30)
-    country: str = pydantic.Field(max_length=30)
-    is_capital: bool
-
-
-@sgl.function
-def city(s, text):
-    s += sgl.user("Extract the city described below as JSON.\n" + text)
-    s += sgl.assistant(sgl.gen("city", json_schema=City, max_tokens=64))
 
 
 def test_json_decoding_by_schema(backend):

@@ -11,7 +11,7 @@ import radixflow as sgl
 from radixflow.lang.chat_template import RoleTemplate
 from radixflow.lang.graph import ArgumentUse, Kind, TracingError, VariableUse
 from radixflow.lang.tracer import trace_program
-from tests.lang.test_programs import two_turns  # the multi-turn program the suite runs on real backends
+from tests.lang.programs import two_turns  # the multi-turn program the suite runs on real backends
 
 TAGS = RoleTemplate({r: f"<{r[0]}>" for r in ("system", "user", "assistant")},
                     {r: f"</{r[0]}>" for r in ("system", "user", "assistant")})

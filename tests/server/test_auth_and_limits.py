@@ -6,7 +6,8 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY, KEYED_POOL as POOL
+from tests.helpers.server import API_KEY
+from tests.helpers.server import KEYED_POOL as POOL
 
 
 def test_health_needs_no_key(keyed_server):

@@ -121,7 +121,7 @@ def test_wrong_method_and_path(client):
 
 
 def test_body_over_the_limit_is_413(client, model_name):
-    from radixflow.server.http_app import MAX_BODY_BYTES
+    from radixflow.server.errors import MAX_BODY_BYTES
 
     big = {"model": model_name, "prompt": "x", "user": "u" * (MAX_BODY_BYTES + 1)}
     assert_error(client.post("/v1/completions", json=big), 413, "limit")

@@ -10,7 +10,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.server.conftest import assert_no_kv_leak, sse_events
+from tests.helpers.server import assert_no_kv_leak, sse_events
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                            "visits": {"type": "integer", "minimum": 0, "maximum": 99},

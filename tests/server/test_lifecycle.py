@@ -12,7 +12,7 @@ import time
 import httpx
 import psutil
 
-from tests.server.conftest import sse_events, wait_idle
+from tests.helpers.server import sse_events, wait_idle
 
 LONG = {"text": "a long story", "stream": True, "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
 

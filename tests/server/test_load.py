@@ -7,7 +7,7 @@ import json
 
 import httpx
 
-from tests.server.conftest import assert_no_kv_leak, wait_idle
+from tests.helpers.server import assert_no_kv_leak, wait_idle
 
 NUM_CLIENTS = 64
 NEW_TOKENS = 16

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.server.conftest import sse_events
+from tests.helpers.server import sse_events
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.server.conftest import wait_idle
+from tests.helpers.server import wait_idle
 
 
 def scrape(client) -> dict[str, float]:

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from radixflow.runtime.request_builder import RequestLimits
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.manager import CacheManager
+from radixflow.runtime.cache.prefix_cache import NoPrefixCache
+from radixflow.runtime.cache.radix_cache import RadixCache
 from radixflow.runtime.config import SchedulerConfig
+from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.request import FinishReason, Req, ReqStatus
 from radixflow.runtime.sampling_params import SamplingParams
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch
@@ -95,11 +97,9 @@ class FakeRunner:
         pos = req.num_output
         return scripted[pos] if pos < len(scripted) else next_token(req.rid, pos)
 
-    def run(self, batch: ScheduledBatch) -> ModelOutput:
-        self.computed.append([Chunk(s.req.rid, s.start, s.num_new, s.samples) for s in batch.reqs])
-        next_ids = [self.token_for(s.req) if s.samples else None for s in batch.reqs]
-        n = len(batch.reqs)
-        return ModelOutput(next_ids, [None] * n, [[] for _ in range(n)])
+    def run(self, batch: ScheduledBatch) -> list[ModelOutput]:
+        self.computed.append([Chunk(s.req.rid, s.start, s.num_new, s.samples_next) for s in batch.reqs])
+        return [ModelOutput(self.token_for(s.req) if s.samples_next else None) for s in batch.reqs]
 
 
 @dataclass
@@ -117,8 +117,9 @@ class Rig:
         self.config = SchedulerConfig(**scheduler_options)
         self.max_context = max_context or pool_size
         kv = KVPool(pool_size, num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float32, device=CPU)
-        slots = ReqToTokenPool(self.config.max_running_requests, self.max_context + 1, CPU)
-        self.cache = CacheManager(kv, slots, disable_radix_cache)
+        req_to_token = ReqToTokenPool(self.config.max_running_requests, self.max_context + 1, CPU)
+        prefix_cache = NoPrefixCache() if disable_radix_cache else RadixCache(kv.free)
+        self.cache = CacheManager(kv, req_to_token, prefix_cache)
         self.scheduler = Scheduler(self.config, self.cache, FakeTokenizer(),
                                    RequestLimits(self.max_context, pool_size, vocab_size=100_000))
         self.runner = FakeRunner(script)
@@ -187,7 +188,7 @@ class Rig:
             self.add(f"warm{len(self.reqs)}-{i}", prompt, max_new_tokens=1)
         self.run()
         for prompt in prompts:
-            assert len(self.cache.tree.match_prefix(prompt).kv_indices) == len(prompt)
+            assert len(self.cache.prefix_cache.match_prefix(prompt).kv_indices) == len(prompt)
 
     # -- views -------------------------------------------------------------------------------------------------
     def admission_order(self, rids: Iterable[str]) -> list[str]:
@@ -202,7 +203,7 @@ class Rig:
 
     def kv_free_when_idle(self) -> int:
         """Free + evictable: the whole pool when no request runs."""
-        return self.cache.kv.free_count() + self.cache.tree.evictable_size()
+        return self.cache.kv.free_count() + self.cache.prefix_cache.evictable_size()
 
     # -- invariants --------------------------------------------------------------------------------------------
     def _check_batch(self, batch: ScheduledBatch, decoding_before: list[tuple[Req, int]]) -> None:
@@ -216,7 +217,8 @@ class Rig:
             assert x.req.status is ReqStatus.RUNNING and any(r is x.req for r in s.running)
             assert x.start == x.req.num_computed, f"{x.req.rid}: chunk at {x.start}, computed {x.req.num_computed}"
             assert 1 <= x.num_new and x.end <= x.req.num_tokens
-            assert x.req.kv_len == x.end, f"{x.req.rid}: KV allocated to {x.req.kv_len}, chunk ends at {x.end}"
+            assert x.req.num_allocated == x.end, \
+                f"{x.req.rid}: KV allocated to {x.req.num_allocated}, chunk ends at {x.end}"
         # Stall-free: every request that was decoding and was not retracted gets its one token, ahead of prefills.
         still_decoding = [r for r, retractions in decoding_before
                           if r.status is ReqStatus.RUNNING and r.num_retractions == retractions]

@@ -3,38 +3,33 @@ extends after a cached prefix, and shared-prefix (cascade) attention merged thro
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from radixflow.runtime.cache.kv_pool import ReqToTokenPool
 from radixflow.runtime.model import attention as attention_module
-from radixflow.runtime.model import runner as runner_module
-from radixflow.runtime.model.llama import LlamaModel, ModelArgs
-from radixflow.runtime.model.attention import AttentionInputs, paged_attention
-from radixflow.runtime.model.runner import ModelRunner, _offsets, _shared_prefixes
+from radixflow.runtime.model.attention import (
+    AttentionInputs,
+    AttentionPlanner,
+    QuerySpan,
+    paged_attention,
+    shared_prefixes,
+)
 
 HEADS, KV_HEADS, DIM, POOL = 6, 2, 16, 4096
-
-
-ARGS = ModelArgs(vocab_size=32, hidden_size=HEADS * DIM, intermediate_size=8, num_layers=1, num_heads=HEADS,
-                 num_kv_heads=KV_HEADS, head_dim=DIM, rms_norm_eps=1e-5, rope_theta=10000.0, max_position=512,
-                 tie_word_embeddings=False)
+CPU = torch.device("cpu")
 
 
 def build(contexts: list[list[int]], news: list[int]):
-    """A runner whose slot rows hold `contexts` (pool indices, new tokens last), and its requests with
-    `news[i]` new tokens each. The group builders only read the slot table and the model's head counts."""
-    slots = ReqToTokenPool(len(contexts), max(map(len, contexts)), torch.device("cpu"))
-    runner = ModelRunner(LlamaModel(ARGS), SimpleNamespace(k=[], v=[]), slots, torch.device("cpu"))
-    table = slots.table
-    reqs = []
+    """A planner over a request-to-token table whose slot rows hold `contexts` (pool indices, new tokens last),
+    and one query span per request with `news[i]` new tokens."""
+    req_to_token = ReqToTokenPool(len(contexts), max(map(len, contexts)), CPU)
+    planner = AttentionPlanner(req_to_token, HEADS, KV_HEADS, None, torch.float32, CPU)
+    spans = []
     for slot, (ctx, n) in enumerate(zip(contexts, news)):
-        table[slot, : len(ctx)] = torch.tensor(ctx)
-        reqs.append(SimpleNamespace(req=SimpleNamespace(slot=slot), start=len(ctx) - n, num_new=n, end=len(ctx),
-                                    is_decode=n == 1))
-    return runner, table, reqs
+        req_to_token.write(slot, 0, ctx)
+        spans.append(QuerySpan(slot, len(ctx) - n, n))
+    return planner, req_to_token.table, spans
 
 
 def reference(q, k_cache, v_cache, contexts, news):
@@ -52,18 +47,18 @@ def reference(q, k_cache, v_cache, contexts, news):
 
 
 def run(contexts, news, shared_min: int, monkeypatch):
-    # The runner lays decodes out first (its groups rely on it).
+    # The runner lays decodes out first (the planner relies on it).
     order = sorted(range(len(news)), key=lambda i: news[i] != 1)
     contexts, news = [contexts[i] for i in order], [news[i] for i in order]
-    monkeypatch.setattr(runner_module, "MIN_SHARED_GATHER", shared_min)
-    runner, table, reqs = build(contexts, news)
+    monkeypatch.setattr(attention_module, "MIN_SHARED_GATHER", shared_min)
+    planner, table, spans = build(contexts, news)
     gen = torch.Generator().manual_seed(0)
     k_cache, v_cache = torch.randn(POOL, KV_HEADS, DIM, generator=gen), torch.randn(POOL, KV_HEADS, DIM, generator=gen)
     total = sum(news)
     q = torch.randn(total, HEADS, DIM, generator=gen)
     k_new, v_new = torch.randn(total, KV_HEADS, DIM, generator=gen), torch.randn(total, KV_HEADS, DIM, generator=gen)
-    out_loc = torch.cat([table[s.req.slot, s.start:s.end] for s in reqs])
-    groups = runner._groups(reqs, _offsets(news))
+    out_loc = torch.cat([table[s.slot, s.start:s.end] for s in spans])
+    groups = planner.plan(spans)
     attn = AttentionInputs([k_cache.clone()], [v_cache.clone()], out_loc, groups, None)
     got = paged_attention(q, k_new, v_new, 0, attn)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -106,14 +101,14 @@ def test_shared_prefixes_found_by_pool_slots():
                        [11, 12, 13, 14, 15]])
     starts = torch.tensor([4, 4, 4, 4, 3, 4])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner_module, "MIN_SHARED_GATHER", 1)
-        prefixes, skip = _shared_prefixes(kv, starts)
+        patch.setattr(attention_module, "MIN_SHARED_GATHER", 1)
+        prefixes, skip = shared_prefixes(kv, starts)
     found = sorted((p.members.tolist(), p.kv_indices.tolist()) for p in prefixes)
     # Rows 0-2 share slots 5, 6 (row 2 diverges at the third key); rows 3-4 share four slots but row 4's new
     # token is at position 3, so only three are context for both.
     assert found == [([0, 1, 2], [5, 6]), ([3, 4], [7, 6, 7])]
     assert skip.tolist() == [2, 2, 2, 3, 3, 0]
-    assert _shared_prefixes(kv, starts)[0] == []  # default threshold: sharing 2-3 keys saves too little
+    assert shared_prefixes(kv, starts)[0] == []  # default threshold: sharing 2-3 keys saves too little
 
 
 def test_log_sum_exp_paths_agree():

@@ -13,10 +13,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from radixflow.errors import InvalidRequestError
 from radixflow.runtime.constrained.bitmask import allowed_tokens, apply_bitmask, fill_bitmask
-from radixflow.runtime.constrained.grammar import GrammarBackend, GrammarError, RequestGrammar
+from radixflow.runtime.constrained.grammar import GrammarCompiler, GrammarError, RequestGrammar
 from radixflow.runtime.constrained.spec import MAX_SPEC_CHARS, Constraint, constraint_of
-from radixflow.runtime.sampling_params import InvalidRequestError, SamplingParams
+from radixflow.runtime.sampling_params import SamplingParams
 
 MERGES = [('"', ","), ("{", '"'), ("y", "e"), ("ye", "s"), ("Ġ", '"')]
 
@@ -35,7 +36,7 @@ def toy_tokenizer():
 
 @pytest.fixture()
 def backend(toy_tokenizer):
-    b = GrammarBackend(toy_tokenizer, vocab_size=len(toy_tokenizer), eos_id=0, cache_size=2)
+    b = GrammarCompiler(toy_tokenizer, vocab_size=len(toy_tokenizer), eos_id=0, cache_size=2)
     yield b
     b.shutdown()
 

@@ -7,7 +7,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from radixflow.runtime.cache.radix_cache import CacheIntegrityError, RadixCache
+from radixflow.runtime.cache.prefix_cache import CacheIntegrityError, NoPrefixCache
+from radixflow.runtime.cache.radix_cache import RadixCache
 
 
 class FreedLog:
@@ -42,7 +43,8 @@ def test_match_on_empty_tree(cache: RadixCache) -> None:
 
 
 def test_exact_and_partial_match(cache: RadixCache) -> None:
-    assert cache.insert([1, 2, 3, 4], [10, 11, 12, 13]) == 0
+    inserted = cache.insert([1, 2, 3, 4], [10, 11, 12, 13])
+    assert inserted.kv_indices == [10, 11, 12, 13] and inserted.last_node.key == [1, 2, 3, 4]
     assert cache.match_prefix([1, 2, 3, 4]).kv_indices == [10, 11, 12, 13]
     assert cache.match_prefix([1, 2, 3, 4, 5, 6]).kv_indices == [10, 11, 12, 13]
     assert cache.match_prefix([1, 2, 9]).kv_indices == [10, 11]
@@ -77,13 +79,17 @@ def test_split_keeps_held_handles_and_their_locks(cache: RadixCache) -> None:
     cache.check_integrity(num_free_kv=0, pool_size=4)
 
 
-def test_insert_returns_length_already_cached_and_keeps_tree_indices(
+def test_insert_returns_what_the_tree_holds_and_keeps_its_own_indices(
     cache: RadixCache, freed: FreedLog
 ) -> None:
-    assert cache.insert([1, 2, 3], [10, 11, 12]) == 0
-    assert cache.insert([1, 2, 3, 4, 5], [20, 21, 22, 23, 24]) == 3
-    assert cache.insert([1, 2, 9], [30, 31, 32]) == 2
-    assert cache.insert([1, 2], [40, 41]) == 2
+    assert cache.insert([1, 2, 3], [10, 11, 12]).kv_indices == [10, 11, 12]
+    # The tree keeps its own indices for the cached prefix (the caller's 20-22 are duplicates) and takes 23, 24.
+    held = cache.insert([1, 2, 3, 4, 5], [20, 21, 22, 23, 24])
+    assert held.kv_indices == [10, 11, 12, 23, 24] and held.last_node.key == [4, 5]
+    assert cache.insert([1, 2, 9], [30, 31, 32]).kv_indices == [10, 11, 32]
+    held = cache.insert([1, 2], [40, 41])
+    assert held.kv_indices == [10, 11] and held.last_node.key == [1, 2]  # ends at a split edge
+    assert cache.insert([], []).last_node is cache.root
     assert cache.match_prefix([1, 2, 3, 4, 5]).kv_indices == [10, 11, 12, 23, 24]
     assert cache.match_prefix([1, 2, 9]).kv_indices == [10, 11, 32]
     assert cache.total_size() == 6
@@ -163,16 +169,6 @@ def test_evict_returns_freed_count_and_frees_exactly_those(cache: RadixCache, fr
     assert cache.evict(0) == 0 and len(freed.calls) == 1
     assert cache.evict(10) == 1 and freed.calls[-1] == [40]
     assert cache.total_size() == 0
-
-
-def test_disabled_cache_stores_nothing(freed: FreedLog) -> None:
-    cache = RadixCache(freed, disable=True)
-    assert cache.insert([1, 2, 3], [10, 11, 12]) == 0
-    result = cache.match_prefix([1, 2, 3])
-    assert result.kv_indices == [] and result.last_node is cache.root
-    assert cache.evict(10) == 0 and freed.calls == []
-    assert cache.total_size() == 0
-    cache.check_integrity(num_free_kv=8, pool_size=8)
 
 
 def test_reset_drops_everything_without_freeing(cache: RadixCache, freed: FreedLog) -> None:
@@ -308,10 +304,11 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def _finish(self, tokens: list[int], match, private: list[int]) -> None:
         matched = len(match.kv_indices)
         kv = match.kv_indices + private
-        already = self.cache.insert(tokens, kv)
-        assert already == len(self._model_match(tokens))
-        self.pool.release(kv[matched:already])  # duplicates of what another request cached
-        for i in range(already, len(tokens)):
+        before = self._model_match(tokens)
+        held = self.cache.insert(tokens, kv).kv_indices
+        assert held == before + kv[len(before):]  # its own indices where it had the token, ours for the rest
+        self.pool.release(kv[matched:len(before)])  # duplicates of what another request cached
+        for i in range(len(before), len(tokens)):
             self.model[tuple(tokens[: i + 1])] = kv[i]
         self.cache.unlock(match.last_node)
 
@@ -364,3 +361,16 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
 RadixCacheMachine.TestCase.settings = settings(max_examples=200, deadline=None, stateful_step_count=50)
 test_radix_cache_against_model = RadixCacheMachine.TestCase
+
+
+def test_no_prefix_cache_holds_nothing_and_takes_no_index() -> None:
+    """--disable-radix-cache: the same contract with nothing stored, so the caller keeps every index."""
+    cache = NoPrefixCache()
+    held = cache.insert([1, 2, 3], [10, 11, 12])
+    assert held.kv_indices == [] and cache.match_prefix([1, 2, 3]).kv_indices == []
+    cache.lock(held.last_node)
+    cache.unlock(held.last_node)
+    assert (cache.total_size(), cache.evictable_size(), cache.evict(10)) == (0, 0, 0)
+    cache.check_integrity(num_free_kv=8, pool_size=8)
+    with pytest.raises(CacheIntegrityError, match="free 7 != pool size 8"):
+        cache.check_integrity(num_free_kv=7, pool_size=8)

@@ -1,6 +1,7 @@
 import pytest
 
-from radixflow.runtime.sampling_params import InvalidRequestError, SamplingParams
+from radixflow.errors import InvalidRequestError
+from radixflow.runtime.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("field,value", [

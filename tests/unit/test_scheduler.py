@@ -375,20 +375,20 @@ def test_abort_a_waiting_and_a_running_request_frees_their_kv():
     assert rig.finish["wait"].type == "abort" and rig.tokens["wait"] == []
     assert not rig.scheduler.waiting
     assert rig.cache.kv.free_count() == 256 - 20  # only the running prompt holds KV
-    assert rig.cache.slots.free_count() == 0
+    assert rig.cache.req_to_token.free_count() == 0
 
     rig.add("next", tokens(300, 20), max_new_tokens=10)
     rig.step()  # run decodes: its 21st token gets KV
-    assert rig.reqs["run"].kv_len == 21
+    assert rig.reqs["run"].num_allocated == 21
     rig.abort("run")
     assert rig.finish["run"] == FinishReason("abort", message="aborted by the client")
     assert rig.tokens["run"] == expected_tokens("run", 2)
     req = rig.reqs["run"]
     assert req.status is ReqStatus.FINISHED and req.slot is None
-    assert rig.cache.slots.free_count() == 1
+    assert rig.cache.req_to_token.free_count() == 1
     # Its computed tokens (prompt + first output) are cached; nothing else is held.
-    assert rig.cache.kv.free_count() + rig.cache.tree.evictable_size() == 256
-    assert len(rig.cache.tree.match_prefix(req.all_ids()).kv_indices) == 21
+    assert rig.cache.kv.free_count() + rig.cache.prefix_cache.evictable_size() == 256
+    assert len(rig.cache.prefix_cache.match_prefix(req.all_ids()).kv_indices) == 21
     rig.run()
     assert rig.finish["next"].type == "length"
     assert set(rig.finish) == {"run", "wait", "next"}
@@ -427,10 +427,10 @@ def test_flush_cache_is_refused_while_requests_are_queued_and_empties_the_pool_w
     rig.scheduler.check_integrity()
     assert rig.first_start["a"] == 40
     rig.run()
-    assert rig.cache.tree.total_size() > 0
+    assert rig.cache.prefix_cache.total_size() > 0
     assert rig.scheduler.flush_cache() is True
     rig.scheduler.check_integrity()
-    assert rig.cache.kv.free_count() == 256 and rig.cache.tree.total_size() == 0
+    assert rig.cache.kv.free_count() == 256 and rig.cache.prefix_cache.total_size() == 0
     rig.add("b", P40 + tokens(600, 5), max_new_tokens=1)
     rig.run()
     assert rig.first_start["b"] == 0

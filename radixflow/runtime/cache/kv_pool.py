@@ -32,6 +32,12 @@ class ReqToTokenPool:
     def free(self, slot: int) -> None:
         self._free.append(slot)
 
+    def write(self, slot: int, start: int, kv_indices: Sequence[int] | torch.Tensor) -> None:
+        """Point positions [start, start + len(kv_indices)) of `slot` at those pool indices."""
+        if len(kv_indices):
+            values = torch.as_tensor(kv_indices, dtype=torch.int64)
+            self.table[slot, start:start + len(values)] = values.to(self.table.device)
+
     def free_count(self) -> int:
         return len(self._free)
 

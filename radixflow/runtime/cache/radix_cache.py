@@ -5,7 +5,8 @@ so the KV of any cached prefix can be reused by a new request. Running requests 
 they use; everything unlocked may be evicted, least recently used leaves first.
 
 Ownership of KV indices: the tree owns every index stored in it and returns them to the pool
-(through `free_kv`) only when it evicts them. Pure Python, so it can be tested without a model.
+(through `free_kv`) only when it evicts them (the rule of `PrefixCache`, prefix_cache.py). Pure Python,
+so it can be tested without a model.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-
-class CacheIntegrityError(Exception):
-    """The tree's structure or accounting disagrees with itself or with the KV pool."""
+from radixflow.runtime.cache.prefix_cache import CacheIntegrityError, MatchResult, PrefixCache
 
 
 @dataclass(eq=False)
@@ -39,25 +38,15 @@ class TreeNode:
     last_access: int = 0
 
 
-@dataclass
-class MatchResult:
-    """The longest cached prefix of a token sequence."""
-
-    kv_indices: list[int]  # KV indices of the matched tokens, in order
-    last_node: TreeNode  # deepest node of the match (root if nothing matched); lock/unlock take it
-
-
-class RadixCache:
+class RadixCache(PrefixCache):
     """Prefix cache over token ids with reference-count locking and LRU eviction.
 
-    `free_kv` returns KV indices to the pool; it is called by `evict` and nowhere else.
-    With `disable=True` nothing is ever cached (for ablations): matches are empty and insert
-    stores nothing, so the caller keeps ownership of all the indices it passed in.
+    `free_kv` returns KV indices to the pool; it is called by `evict` and nowhere else. A match's
+    `last_node` is the deepest `TreeNode` of the match (the root if nothing matched).
     """
 
-    def __init__(self, free_kv: Callable[[list[int]], None], disable: bool = False) -> None:
+    def __init__(self, free_kv: Callable[[list[int]], None]) -> None:
         self._free_kv = free_kv
-        self.disable = disable
         # A counter rather than wall time: ties and orderings are then reproducible in tests.
         self._clock = itertools.count(1)
         self.reset()
@@ -75,27 +64,21 @@ class RadixCache:
 
         If the match ends inside an edge, that edge is split so `last_node` ends exactly there.
         """
-        if self.disable:
-            return MatchResult(kv_indices=[], last_node=self.root)
         node, _, kv_indices = self._walk(tokens, next(self._clock))
         return MatchResult(kv_indices=kv_indices, last_node=node)
 
-    def insert(self, tokens: Sequence[int], kv_indices: Sequence[int]) -> int:
-        """Cache `tokens` with their KV indices; return how many leading tokens were already cached.
+    def insert(self, tokens: Sequence[int], kv_indices: Sequence[int]) -> MatchResult:
+        """Cache `tokens` with their KV indices; return the entry for all of `tokens`.
 
-        For that already-cached prefix the tree keeps its own indices, so the caller still owns
-        `kv_indices[:returned]` and must free those it does not hold elsewhere (duplicates).
-        The tree takes ownership of `kv_indices[returned:]`. Disabled caches store nothing and
-        return 0; the caller then keeps ownership of every index.
+        For the prefix that was already cached the tree keeps its own indices (the caller's are
+        duplicates, still the caller's to free); it takes the caller's indices for the rest.
         """
         if len(tokens) != len(kv_indices):
             raise ValueError(
                 f"insert got {len(tokens)} tokens but {len(kv_indices)} KV indices; they must match"
             )
-        if self.disable:
-            return 0
         now = next(self._clock)
-        node, cached, _ = self._walk(tokens, now)
+        node, cached, held = self._walk(tokens, now)
         if cached < len(tokens):
             leaf = TreeNode(
                 key=list(tokens[cached:]),
@@ -105,7 +88,8 @@ class RadixCache:
             )
             node.children[leaf.key[0]] = leaf
             self._evictable += len(leaf.key)
-        return cached
+            node, held = leaf, held + leaf.value
+        return MatchResult(kv_indices=held, last_node=node)
 
     def _walk(self, tokens: Sequence[int], now: int) -> tuple[TreeNode, int, list[int]]:
         """Follow `tokens` as far as the tree has them, stamping the path with `now`.
@@ -211,10 +195,6 @@ class RadixCache:
     def protected_size(self) -> int:
         """Cached tokens locked by at least one user."""
         return self._protected
-
-    def total_size(self) -> int:
-        """All cached tokens."""
-        return self._evictable + self._protected
 
     # ---- debugging ----
 

@@ -18,7 +18,6 @@ import llguidance.hf
 
 from radixflow.runtime.constrained.spec import Constraint
 
-
 COMPILE_WORKERS = 4
 
 
@@ -36,7 +35,9 @@ class GrammarStats:
     jump_forward_steps: int = 0
 
 
-class GrammarBackend:
+class GrammarCompiler:
+    """A pool of compile threads and an LRU cache of compiled matchers, for one tokenizer."""
+
     def __init__(self, hf_tokenizer, vocab_size: int, eos_id: int | None, cache_size: int = 256):
         self.hf_tokenizer = hf_tokenizer
         self.vocab_size = vocab_size
@@ -56,8 +57,8 @@ class GrammarBackend:
         with self._lock:
             if self._tokenizer is None:
                 start = time.perf_counter()
-                # JSON slices: measured faster masks than the general ones on this vocabulary, for schemas and
-                # regexes alike (bench/bench_constrained.py --only mask).
+                # JSON slices: faster masks than the general ones on this vocabulary, for schemas and regexes
+                # alike (bench/bench_constrained.py --only mask).
                 self._tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
                                                                eos_token=self.eos_id,
                                                                slices=llguidance.LLTokenizer.json_slices())
@@ -95,9 +96,9 @@ class GrammarBackend:
 class RequestGrammar:
     """One request's matcher plus the jump-forward step (the paper's compressed FSM)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, backend: GrammarBackend):
+    def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler):
         self.matcher = matcher
-        self.backend = backend
+        self.compiler = compiler
 
     @property
     def finished(self) -> bool:
@@ -122,20 +123,20 @@ class RequestGrammar:
         if m.validate_tokens(tokens) != len(tokens) or not m.consume_tokens(tokens):
             m.consume_token(token)
             return [token], None
-        self.backend.stats.jump_forward_steps += 1
-        self.backend.stats.jump_forward_tokens += len(tokens) - 1
+        self.compiler.stats.jump_forward_steps += 1
+        self.compiler.stats.jump_forward_tokens += len(tokens) - 1
         return tokens, None
 
     def _retokenize(self, token: int, forced: bytes) -> list[int] | None:
         """Tokens for (the sampled token's text + the forced text), as the tokenizer would split them: the model
         then sees e.g. `",` as the one token it would have produced, not `"` followed by `,`."""
-        ll = self.backend.tokenizer
+        ll = self.compiler.tokenizer
         text_bytes = ll.decode_bytes([token]) + forced
         try:
             text = text_bytes.decode("utf-8")
         except UnicodeDecodeError:  # the sampled token ends inside a multi-byte character: no safe split
             return None
-        tokens = self.backend.hf_tokenizer.encode(text, add_special_tokens=False)
+        tokens = self.compiler.hf_tokenizer.encode(text, add_special_tokens=False)
         if not tokens or ll.decode_bytes(tokens) != text_bytes:
             return None
         return tokens

@@ -15,7 +15,7 @@ from functools import lru_cache
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
 
-from radixflow.runtime.sampling_params import InvalidRequestError
+from radixflow.errors import InvalidRequestError
 
 CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf")
 MAX_SPEC_CHARS = 100_000

@@ -8,22 +8,25 @@ attention call per layer (plus one per shared prefix):
 * extend: several new tokens per request (prefill, chunked prefill, or the suffix after a cached prefix),
   keys = cached prefix + new tokens, causal.
 
+`AttentionPlanner` builds a batch's groups from the request-to-token table (this module's first half); the
+attention functions run them (its second half). Requests of very different context lengths go to different
+groups, because a group pads every request to its longest context.
+
 Each group gathers its requests' keys and values from the pool with one `index_select` over a padded
-`[requests, max_context]` index table (index_select is ~7x faster than advanced indexing on CPU) and masks the
-padding. New K/V are written to the pool before the gather, so a request's own new tokens come back through the
-same path as its cached prefix.
+`[requests, max_context]` index table (index_select is much faster than advanced indexing on CPU; see
+bench/RESULTS.md) and masks the padding. New K/V are written to the pool before the gather, so a request's own
+new tokens come back through the same path as its cached prefix.
 
 Shared prefixes: requests that sit under the same radix-tree path have the same pool slots for those tokens.
-Gathering them once per request per layer is what dominated decoding behind a long few-shot prefix (64 requests
-x 1,000 shared tokens: 45 ms of copying per layer). Instead the runner splits each such request's context in two:
-the shared prefix, attended by all its requests' queries in one call against one gathered copy, and the
-request's own suffix. The two partial results are merged exactly with their log-sum-exps (the FlashAttention
-rescaling), so the output equals attention over the whole context.
+Gathering them once per request per layer is what dominated decoding behind a long few-shot prefix. Instead the
+planner splits each such request's context in two: the shared prefix, attended by all its requests' queries in
+one call against one gathered copy, and the request's own suffix. The two partial results are merged exactly
+with their log-sum-exps (the FlashAttention rescaling), so the output equals attention over the whole context.
 
 For that merge the queries are laid out with the query heads that share a KV head folded into the query axis
 (`[B, kv_heads, queries * group, D]`), which torch's CPU flash kernel takes with no copies of K/V per query head
 and which lets all members of a prefix share one call. Groups without a shared prefix keep SDPA's layout, whose
-masks are `group` times smaller (a 512-token chunk over a 4,000-token context: 2 MB rather than 24).
+masks are `group` times smaller.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from radixflow.runtime.cache.kv_pool import ReqToTokenPool
+
+# A request starts a new attention group when the group's longest context exceeds twice its own plus this many
+# tokens; below that, an extra attention call per layer costs more than the padding.
+PAD_SLACK = 256
+
+# Shared-prefix attention pays one extra attention call and a merge per prefix and layer; it wins once it saves
+# gathering about a thousand tokens per layer (bench/RESULTS.md, "Shared-prefix attention").
+MIN_SHARED_GATHER = 1024
 
 
 @dataclass
@@ -76,6 +89,156 @@ class AttentionInputs:
     logits_rows: torch.Tensor | None  # rows whose logits are needed; None = all rows
 
 
+@dataclass(frozen=True)
+class QuerySpan:
+    """One request's new tokens in a batch: positions [start, start + num_new) of its request-to-token slot."""
+
+    slot: int
+    start: int
+    num_new: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new == 1
+
+
+class AttentionPlanner:
+    """Turns a batch's query spans into attention groups over the request-to-token table."""
+
+    def __init__(self, req_to_token: ReqToTokenPool, num_heads: int, num_kv_heads: int,
+                 sliding_window: int | None, dtype: torch.dtype, device: torch.device):
+        self.req_to_token = req_to_token
+        self.per_kv = num_heads // num_kv_heads
+        self.window = sliding_window
+        self.dtype = dtype
+        self.device = device
+
+    def plan(self, spans: list[QuerySpan]) -> list[AttentionGroup]:
+        """`spans` in the batch's flat token order, decodes first (a pure-decode batch is one group over every row
+        in order: the fast path with no scatter)."""
+        offsets = _offsets([s.num_new for s in spans])
+        decodes = _by_length([i for i, s in enumerate(spans) if s.is_decode], spans)
+        extends = _by_length([i for i, s in enumerate(spans) if not s.is_decode], spans)
+        groups = []
+        for part in decodes:
+            # Decodes come first, one row each, so decode i is flat row i.
+            whole_batch = len(decodes) == 1 and not extends
+            groups.append(self._decode_group([spans[i] for i in part], None if whole_batch else part))
+        for part in extends:
+            groups.append(self._extend_group([spans[i] for i in part], [offsets[i] for i in part]))
+        return groups
+
+    def _decode_group(self, spans: list[QuerySpan], flat_rows: list[int] | None) -> AttentionGroup:
+        """flat_rows: each request's row in the batch; None when the group is the whole batch in order."""
+        starts = torch.tensor([s.start for s in spans], device=self.device)
+        rows = None if flat_rows is None else torch.tensor(flat_rows, device=self.device)[:, None]
+        kv_indices, mask, prefixes = self._context(spans, starts, starts[:, None])
+        return AttentionGroup(rows=rows, valid=None, kv_indices=kv_indices, mask=mask, prefixes=prefixes)
+
+    def _extend_group(self, spans: list[QuerySpan], offsets: list[int]) -> AttentionGroup:
+        dev = self.device
+        if len(spans) == 1 and spans[0].start == 0 and (self.window is None or spans[0].end <= self.window):
+            s = spans[0]
+            rows = torch.arange(offsets[0], offsets[0] + s.num_new, device=dev)[None, :]
+            kv_indices = self.req_to_token.table[s.slot, : s.end][None, :]
+            return AttentionGroup(rows=rows, valid=None, kv_indices=kv_indices, mask=None, is_causal=True)
+        starts = torch.tensor([s.start for s in spans], device=dev)
+        news = torch.tensor([s.num_new for s in spans], device=dev)
+        q_idx = torch.arange(int(news.max()), device=dev)[None, :]
+        valid = q_idx < news[:, None]
+        # Padded query rows repeat the last real one, so no row is fully masked.
+        last = torch.minimum(q_idx, news[:, None] - 1)
+        rows = torch.tensor(offsets, device=dev)[:, None] + last
+        kv_indices, mask, prefixes = self._context(spans, starts, starts[:, None] + last)
+        return AttentionGroup(rows=rows, valid=None if bool(valid.all()) else valid, kv_indices=kv_indices,
+                              mask=mask, prefixes=prefixes)
+
+    def _context(self, spans: list[QuerySpan], starts: torch.Tensor, q_pos: torch.Tensor):
+        """Each request's keys: the pool indices not covered by a shared prefix, the causal mask over them for
+        query positions `q_pos` ([B, Q]) in the layout `AttentionGroup.mask` describes, and the shared prefixes."""
+        dev = self.device
+        slots = torch.tensor([s.slot for s in spans], device=dev)
+        ends = torch.tensor([s.end for s in spans], device=dev)
+        full = self.req_to_token.table[slots, : int(ends.max())]
+        window = self.window
+        if window is None or full.shape[1] <= window:
+            prefixes, skip = shared_prefixes(full, starts)
+        else:  # some keys fall outside some queries' windows: no key is attended by every query
+            prefixes, skip = [], torch.zeros(len(spans), dtype=torch.int64, device=dev)
+        if prefixes:
+            # Row i keeps its keys from skip[i] on: gather the table shifted left by skip[i] (padding clamped).
+            width = int((ends - skip).max())
+            cols = (skip[:, None] + torch.arange(width, device=dev)[None, :]).clamp(max=full.shape[1] - 1)
+            kv_indices = full.gather(1, cols)
+        else:
+            kv_indices = full
+        key_pos = skip[:, None, None] + torch.arange(kv_indices.shape[1], device=dev)[None, None, :]
+        allowed = key_pos <= q_pos[:, :, None]  # [B, Q, L]: causal, which also masks each row's padding
+        if window is not None:
+            allowed &= key_pos > q_pos[:, :, None] - window
+        if bool(allowed.all()):
+            return kv_indices, None, prefixes
+        if not prefixes:
+            return kv_indices, allowed[:, None], prefixes
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+        batch, queries, width = allowed.shape
+        mask = mask[:, None, :, None, :].expand(batch, 1, queries, self.per_kv, width).reshape(
+            batch, 1, queries * self.per_kv, width)
+        return kv_indices, mask, prefixes
+
+
+def _by_length(indices: list[int], spans: list[QuerySpan]) -> list[list[int]]:
+    """Split requests into attention groups of similar context length, longest first: one long request among
+    many short decodes would otherwise make every decode attend the long context (see PAD_SLACK)."""
+    order = sorted(indices, key=lambda i: spans[i].end, reverse=True)
+    parts: list[list[int]] = []
+    for i in order:
+        if parts and spans[parts[-1][0]].end <= 2 * spans[i].end + PAD_SLACK:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    return [sorted(part) for part in parts]
+
+
+def shared_prefixes(kv_indices: torch.Tensor, starts: torch.Tensor) -> tuple[list[SharedPrefix], torch.Tensor]:
+    """Groups of requests whose first keys are the same pool slots (requests under one radix-tree path), with
+    the length of what they share; a group is kept when sharing saves enough gathering. kv_indices: [B, L];
+    starts: [B], each request's first new token (its keys before that are cached context). Returns the prefixes
+    and, per request, how many of its leading keys a prefix covers."""
+    batch = kv_indices.shape[0]
+    skip = torch.zeros(batch, dtype=torch.int64, device=kv_indices.device)
+    if batch < 2 or kv_indices.shape[1] == 0:
+        return [], skip
+    _, inverse, counts = torch.unique(kv_indices[:, 0], return_inverse=True, return_counts=True)
+    prefixes = []
+    for k in torch.nonzero(counts > 1).flatten().tolist():
+        members = torch.nonzero(inverse == k).flatten()
+        limit = int(starts[members].min())  # keys before every member's new tokens
+        if limit * (len(members) - 1) < MIN_SHARED_GATHER:
+            continue
+        rows = kv_indices[members, :limit]
+        same = (rows == rows[:1]).all(dim=0)
+        length = limit if bool(same.all()) else int(same.to(torch.int8).argmin())
+        if length * (len(members) - 1) < MIN_SHARED_GATHER:
+            continue
+        prefixes.append(SharedPrefix(members, kv_indices[members[0], :length]))
+        skip[members] = length
+    return prefixes, skip
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out
+
+
+# -- running the groups ------------------------------------------------------------------------------------------
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, inp: AttentionInputs):
     """q: [T, H, D]; k, v: [T, Hkv, D] (new tokens). Returns [T, H, D]."""
     k_cache, v_cache = inp.k_cache[layer], inp.v_cache[layer]

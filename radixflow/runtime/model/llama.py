@@ -73,11 +73,6 @@ class ModelArgs:
             sliding_window=_sliding_window(cfg, family),
         )
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V for one token across all layers, at fp32."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
-
 
 def _sliding_window(cfg: dict, family: str) -> int | None:
     """Mistral's window (v0.1: 4,096; later versions set none). Qwen2 checkpoints may declare one per layer
@@ -116,9 +111,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 class Linear(nn.Module):
     """y = x W^T + b with W stored transposed, [in, out] contiguous.
 
-    On CPU, MKL's skinny GEMM (decode: a handful of rows) streams an [in, out] weight about 25% faster than the
-    [out, in] layout `nn.Linear` keeps (measured on this 2-core machine: 30 SmolLM2 layers + lm_head, 33.8 ms ->
-    25.6 ms per token); large prefill GEMMs run at the same speed either way.
+    On CPU, MKL's skinny GEMM (decode: a handful of rows) streams an [in, out] weight faster than the [out, in]
+    layout `nn.Linear` keeps (bench/RESULTS.md); large prefill GEMMs run at the same speed either way.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -261,7 +255,8 @@ class LlamaModel(nn.Module):
             for name, param in own.items():
                 tensor = fused[name]
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise ValueError(f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+                    raise ValueError(f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != model "
+                                     f"{tuple(param.shape)}")
                 param.copy_(tensor)
 
 
@@ -272,9 +267,9 @@ _PACK_ROWS = 512  # the row count oneDNN tunes the packed layout for; any row co
 
 
 def prepack_onednn(model: nn.Module) -> bool:
-    """Pack every fp32 linear weight for oneDNN (CPU). Measured on this 2-core AMD EPYC: 2.4x (512 rows) to 4x
-    (32 rows) faster than MKL's sgemm, which does not use AVX-512 on AMD CPUs; results agree with fp64 to 1e-6
-    relative, as MKL's do. Returns False (and packs nothing) where this torch build cannot do it correctly."""
+    """Pack every fp32 linear weight for oneDNN (CPU): faster multi-row GEMMs than MKL's sgemm where MKL does not
+    use AVX-512 (AMD CPUs; bench/RESULTS.md), with results that agree with fp64 to 1e-6 relative, as MKL's do.
+    Returns False (and packs nothing) where this torch build cannot do it correctly."""
     if not _onednn_linear_works():
         return False
     for module in model.modules():
@@ -288,7 +283,8 @@ def _onednn_linear_works() -> bool:
         if not torch.backends.mkldnn.is_available():
             return False
         gen = torch.Generator().manual_seed(0)
-        weight, bias, x = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen), torch.randn(7, 40, generator=gen)
+        weight, bias = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen)
+        x = torch.randn(7, 40, generator=gen)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return bool(torch.allclose(out, torch.addmm(bias, x, weight.t()), rtol=1e-4, atol=1e-4))

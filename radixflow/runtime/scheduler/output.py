@@ -1,11 +1,15 @@
-"""What the scheduler hands back after each step: per-request deltas, and the text/stop-string tracking that
-produces them."""
+"""After the forward: output processing (grammar advance and jump-forward, stop conditions, detokenisation) and
+the per-request deltas it hands back.
+
+Detokenisation and stop strings run in the scheduler's process, right after each step: on two cores a separate
+detokenizer process (SGLang's layout) would compete with the model for the same cores.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from radixflow.runtime.request import FinishReason, TokenLogprobs
+from radixflow.runtime.request import FinishReason, Req, TokenLogprobs
 from radixflow.runtime.tokenizer import IncrementalDetokenizer
 
 
@@ -72,3 +76,73 @@ class TextTracker:
             if any(s.startswith(tail) for s in self.stops):
                 return size
         return 0
+
+
+class OutputProcessor:
+    """Appends each step's sampled tokens to their requests and says when a request must end.
+
+    `advance` returns the request's delta and, when it must end, why; the scheduler then ends it (it owns the
+    queues and memory) and `finish` builds the last delta. Jump-forward (the paper's compressed FSM) happens here:
+    the grammar may append forced tokens after the sampled one, checked token by token for stops and length.
+    """
+
+    def __init__(self, tokenizer, enable_jump_forward: bool = True):
+        self.tokenizer = tokenizer
+        self.enable_jump_forward = enable_jump_forward
+        self.text_trackers: dict[str, TextTracker] = {}
+
+    def add(self, req: Req) -> None:
+        detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens)
+        self.text_trackers[req.rid] = TextTracker(detokenizer, req.params.stop)
+
+    def advance(self, req: Req, token: int, token_lp: TokenLogprobs | None,
+                prompt_lps: list[TokenLogprobs]) -> tuple[RequestOutput, FinishReason | None]:
+        """Append the sampled `token` (and any text the grammar forces after it) to `req`."""
+        delta = self._delta(req, prompt_lps)
+        if req.params.max_new_tokens == 0:  # a scoring request (prompt logprobs only): the sample is discarded
+            return delta, FinishReason("length")
+        tokens = [token]
+        if req.grammar is not None:
+            # Off with logprobs, which a forced token (never sampled) would not have.
+            jump = self.enable_jump_forward and not req.logprob_options.return_logprob
+            tokens, error = req.grammar.advance(token, jump)
+            if error is not None:
+                return delta, FinishReason("abort", message=f"constrained decoding: {error}")
+        if token_lp is not None:
+            req.output_logprobs.append(token_lp)
+            delta.output_logprobs = [token_lp]
+        tracker = self.text_trackers[req.rid]
+        reason = None
+        for i, tok in enumerate(tokens):
+            req.append_output(tok)
+            delta.token_ids.append(tok)
+            reason = _finish_reason(req, tok, tracker.push(tok))
+            if reason is None and i == len(tokens) - 1 and req.grammar is not None and req.grammar.finished:
+                reason = FinishReason("stop", tok if tok in req.stop_ids else None)  # nothing more can follow
+            if reason is not None:
+                break
+        delta.text = tracker.take(final=False)
+        delta.completion_tokens = req.num_output
+        return delta, reason
+
+    def finish(self, req: Req, reason: FinishReason, delta: RequestOutput | None = None) -> RequestOutput:
+        """The request's last output: `delta` (this step's, if it ended in a step) plus any held-back text."""
+        out = delta or self._delta(req, [])
+        out.text += self.text_trackers.pop(req.rid).take(final=True)
+        out.finished, out.finish_reason = True, reason
+        return out
+
+    @staticmethod
+    def _delta(req: Req, prompt_lps: list[TokenLogprobs]) -> RequestOutput:
+        return RequestOutput(rid=req.rid, prompt_logprobs=list(prompt_lps), prompt_tokens=len(req.prompt_ids),
+                             completion_tokens=req.num_output, cached_tokens=req.cached_prompt_tokens)
+
+
+def _finish_reason(req: Req, token: int, stop_string: str | None) -> FinishReason | None:
+    if stop_string is not None:
+        return FinishReason("stop", stop_string)
+    if token in req.stop_ids and req.num_output >= req.params.min_new_tokens:
+        return FinishReason("stop", token)
+    if req.num_output >= req.params.max_new_tokens:
+        return FinishReason("length")
+    return None

@@ -1,7 +1,8 @@
-"""Waiting-queue orderings, chosen by name (`--schedule-policy`).
+"""Scheduling policy: waiting-queue orderings chosen by name (`--schedule-policy`), and which running request
+to preempt when memory runs out.
 
-A policy is a small function `(waiting, ctx) -> ordered list`. Mechanism (budgets, memory, batches) lives in
-`scheduler.py`; the starvation guard there runs before any policy, so no ordering can starve a request.
+An ordering is a small function `(waiting, ctx) -> ordered list`. Mechanism (budgets, memory, batches) lives in
+`scheduler.py`; the starvation guard there runs before any ordering, so no ordering can starve a request.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from radixflow.runtime.cache.radix_cache import MatchResult
+from radixflow.runtime.cache.prefix_cache import MatchResult
 from radixflow.runtime.request import Req
 
 # Matching every waiting request against the tree costs O(queue x prompt); past this length the cache-aware
@@ -21,7 +22,8 @@ MAX_MATCHED_QUEUE = 128
 
 @dataclass
 class PolicyContext:
-    """Prefix matches computed at most once per request per step; the scheduler reuses them at admission."""
+    """Prefix matches computed at most once per request per step, for ordering. (Admission matches again:
+    admitting an earlier request may evict what an ordering saw cached.)"""
 
     match_fn: Callable[[Req], MatchResult]
     rng: _random.Random = field(default_factory=lambda: _random.Random(0))
@@ -31,9 +33,6 @@ class PolicyContext:
         if req.rid not in self._matches:
             self._matches[req.rid] = self.match_fn(req)
         return self._matches[req.rid]
-
-    def forget(self, req: Req) -> None:
-        self._matches.pop(req.rid, None)
 
 
 def fcfs(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
@@ -75,9 +74,11 @@ def dfs_weight(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
             weight[id(node)] += 1
             nodes[id(node)] = node
             node = node.parent
-    root = next(n for n in nodes.values() if n.parent is None) if nodes else None
+    if not nodes:  # a cache without a tree (--disable-radix-cache): nothing to group by
+        return ordered
+    root = next(n for n in nodes.values() if n.parent is None)
     order: list[Req] = []
-    stack = [root] if root is not None else []
+    stack = [root]
     while stack:
         node = stack.pop()
         order.extend(at_node.get(id(node), []))
@@ -94,6 +95,12 @@ POLICIES: dict[str, Callable[[list[Req], PolicyContext], list[Req]]] = {
     "lof": lof,
     "random": random_order,
 }
+
+
+def retraction_victim(running: list[Req]) -> Req:
+    """The running request to preempt when a decode finds no KV: the one with the least output (the newest on
+    ties), so the least work is lost; it keeps its output and resumes mostly from the cache."""
+    return min(running, key=lambda r: (r.num_output, -r.arrival))
 
 
 def get_policy(name: str):

@@ -2,7 +2,7 @@
 
     batch = scheduler.schedule()            # what to compute this step
     output = runner.run(batch)              # one forward + sampling
-    outputs = scheduler.process_output(batch, output)
+    outputs = scheduler.process_output(batch, output)   # via OutputProcessor (output.py)
 
 `schedule` is stall-free (Sarathi-Serve): running decodes go in first, one token each; then the request whose
 prefill is in flight continues; then waiting requests are admitted in policy order under what remains of the
@@ -16,26 +16,29 @@ import concurrent.futures
 import logging
 import math
 import random
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 
+from radixflow.errors import InvalidRequestError
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import SchedulerConfig
-from radixflow.runtime.constrained.grammar import GrammarBackend, RequestGrammar
+from radixflow.runtime.constrained.grammar import GrammarCompiler, RequestGrammar
+from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.request import FinishReason, Req, ReqStatus
-from radixflow.runtime.request_builder import RequestLimits
-from radixflow.runtime.sampling_params import InvalidRequestError
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
-from radixflow.runtime.scheduler.output import RequestOutput, TextTracker
-from radixflow.runtime.scheduler.policy import PolicyContext, get_policy
-from radixflow.runtime.tokenizer import IncrementalDetokenizer
+from radixflow.runtime.scheduler.output import OutputProcessor, RequestOutput
+from radixflow.runtime.scheduler.policy import PolicyContext, get_policy, retraction_victim
 
 logger = logging.getLogger(__name__)
 
 # Two waiting requests whose uncached parts share at least this many tokens are not prefilled in the same step:
 # the second waits one step and then hits the cache instead of computing the prefix again.
 SHARED_PREFIX_DEFER_TOKENS = 32
+
+# The step budget with chunked prefill off: more than any step can spend, so every prompt is prefilled whole.
+UNCHUNKED_BUDGET = sys.maxsize
 
 
 @dataclass
@@ -56,20 +59,18 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheManager, tokenizer, limits: RequestLimits,
-                 grammar: GrammarBackend | None = None):
+                 grammar: GrammarCompiler | None = None):
         self.config = config
         self.grammar = grammar
         self.cache = cache
-        self.tokenizer = tokenizer
         self.limits = limits
-        self.max_context = limits.max_context
         self.policy = get_policy(config.schedule_policy)
+        self.output = OutputProcessor(tokenizer, config.enable_jump_forward)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
-        self.text: dict[str, TextTracker] = {}
         self.new_token_ratio = config.new_token_ratio
         self.stats = SchedulerStats(kv_total_tokens=cache.kv.size)
-        self._pending_outputs: list[RequestOutput] = []
+        self._outputs: list[RequestOutput] = []  # this step's deltas (and aborts between steps), in order
         self._rng = random.Random(0)  # the `random` policy's; one stream across steps
 
     # -- requests in and out ---------------------------------------------------------------------------------
@@ -83,49 +84,49 @@ class Scheduler:
             # Compiled off this thread; the request waits in the queue until its grammar is ready.
             req.grammar_future = self.grammar.submit(constraint)
             req.grammar_deadline = time.monotonic() + self.config.grammar_compile_timeout_s
-        self.text[req.rid] = TextTracker(
-            IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens), req.params.stop
-        )
+        self.output.add(req)
         self.waiting.append(req)
 
     def abort(self, rid: str, message: str = "aborted by the client") -> None:
-        for req in list(self.waiting):
-            if req.rid == rid:
-                self.waiting.remove(req)
-                self._finish(req, FinishReason("abort", message=message))
-                return
-        for req in self.running:
-            if req.rid == rid:
-                self.running.remove(req)
-                self._finish(req, FinishReason("abort", message=message))
-                return
+        req = next((r for r in [*self.waiting, *self.running] if r.rid == rid), None)
+        if req is not None:
+            self._end(req, FinishReason("abort", message=message))
 
     def reject(self, rid: str, message: str) -> None:
         """Answer a request that never entered the queue with an abort."""
-        self._pending_outputs.append(RequestOutput(rid=rid, finished=True,
-                                                   finish_reason=FinishReason("abort", message=message)))
+        reason = FinishReason("abort", message=message)
+        self._outputs.append(RequestOutput(rid=rid, finished=True, finish_reason=reason))
 
     def abort_all(self, message: str) -> None:
-        for req in list(self.waiting) + list(self.running):
-            self.abort(req.rid, message)
+        for req in [*self.waiting, *self.running]:
+            self._end(req, FinishReason("abort", message=message))
 
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def has_requests(self, rids) -> bool:
-        return any(r.rid in rids for r in list(self.waiting) + self.running)
-
     def drain_outputs(self) -> list[RequestOutput]:
-        """Outputs produced outside a step (aborts)."""
-        out, self._pending_outputs = self._pending_outputs, []
+        """Outputs produced since the last call (a step's deltas, and aborts between steps)."""
+        out, self._outputs = self._outputs, []
         return out
+
+    def _end(self, req: Req, reason: FinishReason, delta: RequestOutput | None = None) -> None:
+        """The one way a queued request ends: out of its queue, KV released, its last output queued."""
+        if req.status is ReqStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        if req.slot is not None:
+            self.cache.release(req)
+        req.status = ReqStatus.FINISHED
+        req.finish_reason = reason
+        self._outputs.append(self.output.finish(req, reason, delta))
 
     # -- schedule --------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         self._poll_grammars()
-        budget = self.config.chunked_prefill_size if self.config.enable_chunked_prefill else None
+        budget = self.config.chunked_prefill_size if self.config.enable_chunked_prefill else UNCHUNKED_BUDGET
         budget = self._schedule_decodes(batch, budget)
         budget = self._schedule_inflight(batch, budget)
         self._admit_waiting(batch, budget)
@@ -143,14 +144,12 @@ class Scheduler:
                 try:
                     req.grammar = RequestGrammar(future.result(), self.grammar)
                 except Exception as exc:  # noqa: BLE001 - any compile failure is this request's error only
-                    self.waiting.remove(req)
-                    self._finish(req, FinishReason("abort", message=f"{kind}: grammar compilation failed: {exc}"))
+                    self._end(req, FinishReason("abort", message=f"{kind}: grammar compilation failed: {exc}"))
             elif now > req.grammar_deadline:
                 future.cancel()
                 req.grammar_future = None
-                self.waiting.remove(req)
-                self._finish(req, FinishReason("abort", message=f"{kind}: grammar compilation exceeded "
-                                                               f"{self.config.grammar_compile_timeout_s} s"))
+                self._end(req, FinishReason("abort", message=f"{kind}: grammar compilation exceeded "
+                                                             f"{self.config.grammar_compile_timeout_s} s"))
 
     def wait_for_grammars(self, timeout: float) -> None:
         """Called when a step had nothing to run: sleep until a pending grammar compiles (or `timeout`)."""
@@ -158,32 +157,33 @@ class Scheduler:
         if pending:
             concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def _schedule_decodes(self, batch: ScheduledBatch, budget: int | None) -> int | None:
+    def _schedule_decodes(self, batch: ScheduledBatch, budget: int) -> int:
         decoding = [r for r in self.running if r.num_pending == 1]
         for req in sorted(decoding, key=lambda r: r.arrival):
             if req.status is not ReqStatus.RUNNING:
                 continue  # retracted earlier in this loop
             while not self.cache.alloc(req, req.num_computed, 1):
                 if not self._retract_one(batch, exclude=req):
-                    self._abort_for_memory(req)
+                    self._end(req, FinishReason("abort", message="KV cache exhausted even after retracting all "
+                                                                 "others"))
                     break
             else:
                 batch.reqs.append(ScheduledReq(req, req.num_computed, 1))
-                budget = None if budget is None else budget - 1
+                budget -= 1
         self.new_token_ratio = max(self.new_token_ratio - self.config.new_token_ratio_decay,
                                    self.config.min_new_token_ratio)
         return budget
 
-    def _schedule_inflight(self, batch: ScheduledBatch, budget: int | None) -> int | None:
+    def _schedule_inflight(self, batch: ScheduledBatch, budget: int) -> int:
         scheduled = {id(s.req) for s in batch.reqs}
         for req in [r for r in self.running if r.num_pending > 1 and id(r) not in scheduled]:
-            num, cost = (req.num_pending, 0) if budget is None else self._continuing_chunk(req, budget)
+            num, cost = self._continuing_chunk(req, budget)
             if num <= 0:
                 break
             if not self.cache.alloc(req, req.num_computed, num):
                 break  # memory is short; decodes are already in, the prefill continues next step
             batch.reqs.append(ScheduledReq(req, req.num_computed, num))
-            budget = None if budget is None else budget - cost
+            budget -= cost
         return budget
 
     def _continuing_chunk(self, req: Req, budget: int) -> tuple[int, int]:
@@ -200,7 +200,7 @@ class Scheduler:
         num = min(req.num_pending, max(1, int(budget / per_token)))  # some progress every step, however long
         return num, min(budget, math.ceil(num * per_token))
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int | None) -> None:
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         if not self.waiting:
             return
         ctx = PolicyContext(self.cache.match, self._rng)
@@ -209,36 +209,29 @@ class Scheduler:
         starving = sorted((r for r in ready if now - r.arrival > self.config.starvation_timeout_s),
                           key=lambda r: r.arrival)
         rest = [r for r in ready if now - r.arrival <= self.config.starvation_timeout_s]
-        admitted: list[Req] = []
         prefill_tokens = 0
         for req in starving + self.policy(rest, ctx):
-            if len(self.running) >= self.config.max_running_requests or not self.cache.slots.free_count():
+            if len(self.running) >= self.config.max_running_requests or not self.cache.req_to_token.free_count():
                 break
             # Match again: admitting an earlier request may have evicted what the policy saw cached.
             match = self.cache.match(req)
-            extend = req.num_tokens - len(match.kv_indices)
-            if budget is None:
-                num = extend
-                # Without chunking a prompt is prefilled whole; still cap a step at one context of prefill.
-                if admitted and prefill_tokens + num > self.max_context:
-                    break
-            else:
-                num = min(extend, budget)
-                if num <= 0:
-                    break
+            extend = req.num_tokens - len(match)
+            num = min(extend, budget)
+            # Without chunking a prompt is prefilled whole; a step still takes at most one context of prefill.
+            if num <= 0 or (prefill_tokens and prefill_tokens + num > self.limits.max_context):
+                break
             # Compared with every prefill of this step, the in-flight chunk included: its tokens are not cached yet.
             prefilling = [s.req for s in batch.reqs if not s.is_decode]
-            if self._shares_uncached_prefix(req, len(match.kv_indices), prefilling):
+            if self._shares_uncached_prefix(req, len(match), prefilling):
                 continue
-            if not self._start(req, match, num, extend, batch):
+            if not self._try_admit(req, match, num, extend, batch):
                 break
-            admitted.append(req)
             prefill_tokens += num
-            budget = None if budget is None else budget - num
+            budget -= num
             if num < extend:
                 break  # this request is now the one in-flight chunked prefill
 
-    def _start(self, req: Req, match, num: int, extend: int, batch: ScheduledBatch) -> bool:
+    def _try_admit(self, req: Req, match, num: int, extend: int, batch: ScheduledBatch) -> bool:
         """Admit `req` with its first `num` tokens if memory allows; False leaves it waiting, untouched."""
         # Lock the matched prefix first: locking takes those tokens out of the evictable pool, so the memory
         # check must see the state after the lock.
@@ -249,8 +242,8 @@ class Scheduler:
             return False
         self.waiting.remove(req)
         if req.num_retractions == 0:
-            req.num_cached = req.num_computed
-            self.stats.cache_hit_tokens += req.num_cached
+            req.cached_prompt_tokens = req.num_computed
+            self.stats.cache_hit_tokens += req.cached_prompt_tokens
             self.stats.prompt_tokens += len(req.prompt_ids)
         req.status = ReqStatus.RUNNING
         self.running.append(req)
@@ -277,11 +270,11 @@ class Scheduler:
         return any(other.all_ids(cached, cached + SHARED_PREFIX_DEFER_TOKENS) == head for other in prefilling)
 
     def _retract_one(self, batch: ScheduledBatch, exclude: Req) -> bool:
-        """Preempt the running request with the least progress (newest on ties). Its output is kept."""
+        """Preempt a running request (the policy's victim) to free its KV; it keeps its output and waits first."""
         candidates = [r for r in self.running if r is not exclude]
         if not candidates:
             return False
-        victim = min(candidates, key=lambda r: (r.num_output, -r.arrival))
+        victim = retraction_victim(candidates)
         batch.reqs = [s for s in batch.reqs if s.req is not victim]
         self.running.remove(victim)
         self.cache.release(victim)
@@ -290,96 +283,32 @@ class Scheduler:
         victim.num_retractions += 1
         self.stats.num_retractions += 1
         self.waiting.appendleft(victim)
-        self.new_token_ratio = min(self.new_token_ratio + 0.1, 1.0)
+        self.new_token_ratio = min(self.new_token_ratio + self.config.retract_new_token_ratio_step, 1.0)
         logger.info("retracted %s (%d tokens) to free KV memory", victim.rid, victim.num_tokens)
         return True
 
-    def _abort_for_memory(self, req: Req) -> None:
-        self.running.remove(req)
-        self._finish(req, FinishReason("abort", message="KV cache exhausted even after retracting all others"))
-
     # -- process output --------------------------------------------------------------------------------------
-    def process_output(self, batch: ScheduledBatch, output: ModelOutput) -> list[RequestOutput]:
-        outputs = self.drain_outputs()
-        for sched, token, token_lp, prompt_lps in zip(batch.reqs, output.next_token_ids, output.next_logprobs,
-                                                      output.prompt_logprobs):
+    def process_output(self, batch: ScheduledBatch, outputs: list[ModelOutput]) -> list[RequestOutput]:
+        for sched, out in zip(batch.reqs, outputs, strict=True):
             req = sched.req
             if req.status is not ReqStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed = sched.end
-            req.prompt_logprobs.extend(prompt_lps)
+            req.prompt_logprobs.extend(out.prompt_logprobs)
             if not sched.is_decode:
                 # Share a prefill with others at once (not when the request ends): a request deferred by the
                 # in-step dedupe, or the next turn of a conversation, hits it while this one still decodes.
-                self.cache.cache_progress(req)
-            if token is None:
+                self.cache.share_computed_prefix(req)
+            if out.next_token_id is None:
                 continue  # a chunk before the last: its prompt logprobs go out with the first token
-            outputs.append(self._append_token(req, token, token_lp, req.unsent_prompt_logprobs()))
-        outputs.extend(self.drain_outputs())
-        return outputs
-
-    def _append_token(self, req: Req, token: int, token_lp, prompt_lps) -> RequestOutput:
-        if req.params.max_new_tokens == 0:  # a scoring request (prompt logprobs only): the sample is discarded
-            self.running.remove(req)
-            return self._finish(req, FinishReason("length"), emit=False, prompt_lps=prompt_lps)
-        tokens = [token]
-        if req.grammar is not None:
-            # Jump-forward appends forced text after the token; it is off with logprobs, which a forced token
-            # (never sampled) would not have.
-            jump = self.config.enable_jump_forward and not req.logprob.return_logprob
-            tokens, error = req.grammar.advance(token, jump)
-            if error is not None:
-                self.running.remove(req)
-                return self._finish(req, FinishReason("abort", message=f"constrained decoding: {error}"), emit=False,
-                                    prompt_lps=prompt_lps)
-        if token_lp is not None:
-            req.output_logprobs.append(token_lp)
-        if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
-        appended, reason = [], None
-        for i, tok in enumerate(tokens):
-            req.append_output(tok)
-            appended.append(tok)
-            self.stats.generated_tokens += 1
-            reason = self._finish_reason(req, tok, self.text[req.rid].push(tok))
-            if reason is None and i == len(tokens) - 1 and req.grammar is not None and req.grammar.finished:
-                reason = FinishReason("stop", tok if tok in req.stop_ids else None)  # nothing more can follow
-            if reason is not None:
-                break
-        if reason is not None:
-            self.running.remove(req)
-            return self._finish(req, reason, new_tokens=appended, new_lps=req.output_logprobs[-1:] if token_lp else [],
-                                emit=False, prompt_lps=prompt_lps)
-        return RequestOutput(
-            rid=req.rid, token_ids=appended, text=self.text[req.rid].take(final=False),
-            output_logprobs=[token_lp] if token_lp else [], prompt_logprobs=prompt_lps,
-            prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output, cached_tokens=req.num_cached,
-        )
-
-    @staticmethod
-    def _finish_reason(req: Req, token: int, stop_string: str | None) -> FinishReason | None:
-        if stop_string is not None:
-            return FinishReason("stop", stop_string)
-        if token in req.stop_ids and req.num_output >= req.params.min_new_tokens:
-            return FinishReason("stop", token)
-        if req.num_output >= req.params.max_new_tokens:
-            return FinishReason("length")
-        return None
-
-    def _finish(self, req: Req, reason: FinishReason, new_tokens=(), new_lps=(), emit=True, prompt_lps=()):
-        if req.slot is not None:
-            self.cache.release(req)
-        req.status = ReqStatus.FINISHED
-        req.finish_reason = reason
-        tracker = self.text.pop(req.rid)
-        out = RequestOutput(
-            rid=req.rid, token_ids=list(new_tokens), text=tracker.take(final=True), finished=True,
-            finish_reason=reason, prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output,
-            cached_tokens=req.num_cached, output_logprobs=list(new_lps), prompt_logprobs=list(prompt_lps),
-        )
-        if emit:
-            self._pending_outputs.append(out)
-        return out
+            delta, reason = self.output.advance(req, out.next_token_id, out.next_logprobs,
+                                                req.unsent_prompt_logprobs())
+            self.stats.generated_tokens += len(delta.token_ids)
+            if reason is None:
+                self._outputs.append(delta)
+            else:
+                self._end(req, reason, delta)
+        return self.drain_outputs()
 
     # -- figures and checks ----------------------------------------------------------------------------------
     def refresh_stats(self) -> SchedulerStats:

@@ -39,14 +39,15 @@ class ResultCollector:
             "finish_reason": out.finish_reason.to_dict() if out and out.finish_reason else None,
             "e2e_latency": time.monotonic() - self.start,
         }
-        if self.req.logprob.return_logprob:
+        if self.req.logprob_options.return_logprob:
             meta["output_token_logprobs"] = [(lp.logprob, t, None) for lp, t in zip(self.out_lps, self.ids)]
             meta["output_top_logprobs"] = [[(v, i, None) for i, v in lp.top] for lp in self.out_lps]
-            start = self.req.logprob.logprob_start_len
+            start = self.req.logprob_options.logprob_start_len
             if start >= 0:
                 prompt_lps = ([None] if start == 0 else []) + self.prompt_lps  # position 0 has no logprob
                 prompt = self.req.prompt_ids[start:]
-                meta["input_token_logprobs"] = [(lp.logprob if lp else None, t, None) for lp, t in zip(prompt_lps, prompt)]
+                meta["input_token_logprobs"] = [(lp.logprob if lp else None, t, None)
+                                                for lp, t in zip(prompt_lps, prompt)]
                 meta["input_top_logprobs"] = [[(v, i, None) for i, v in lp.top] if lp else None for lp in prompt_lps]
         return meta
 

@@ -1,0 +1,102 @@
+"""The prefix cache's interface, and the cache that caches nothing.
+
+The cache manager talks to a prefix cache only through `PrefixCache`. `RadixCache` (radix_cache.py) is
+RadixAttention's tree; `NoPrefixCache` is the same contract with nothing stored (`--disable-radix-cache`), so the
+manager has no "cache disabled" branches.
+
+Ownership rule, the same for every implementation: the cache owns exactly the KV indices it returns in a
+`MatchResult` (from `match_prefix` or `insert`) and frees them only when it evicts them; every index a caller
+passed to `insert` that is not in the returned match at the same position stays the caller's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class CacheIntegrityError(Exception):
+    """The cache's structure or accounting disagrees with itself or with the KV pool."""
+
+
+@dataclass
+class MatchResult:
+    """The longest cached prefix of a token sequence."""
+
+    kv_indices: list[int]  # KV indices of the matched tokens, in order (owned by the cache)
+    last_node: Any  # the cache's handle for the end of the match; `lock` / `unlock` take it
+
+    def __len__(self) -> int:
+        return len(self.kv_indices)
+
+
+class PrefixCache(ABC):
+    """Token-id prefixes -> KV indices, with reference-count locking and eviction of what no one holds."""
+
+    @abstractmethod
+    def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
+        """The longest cached prefix of `tokens`. The indices are safe to use only while the node is locked."""
+
+    @abstractmethod
+    def insert(self, tokens: Sequence[int], kv_indices: Sequence[int]) -> MatchResult:
+        """Offer `tokens` with their KV indices; return the cache's entry for the longest prefix of `tokens` it
+        holds afterwards. Where it already held a token it keeps its own index (the caller's is a duplicate, still
+        the caller's); where it stores a new token it takes the caller's index."""
+
+    @abstractmethod
+    def lock(self, node) -> None:
+        """Protect the path ending at `node` from eviction (one more reference)."""
+
+    @abstractmethod
+    def unlock(self, node) -> None:
+        """Release one reference taken by `lock` on the same node."""
+
+    @abstractmethod
+    def evict(self, num_tokens: int) -> int:
+        """Free at least `num_tokens` unlocked tokens if possible (least recently used first); return how many."""
+
+    @abstractmethod
+    def evictable_size(self) -> int:
+        """Cached tokens no one holds (reclaimable by `evict`)."""
+
+    @abstractmethod
+    def protected_size(self) -> int:
+        """Cached tokens locked by at least one user."""
+
+    def total_size(self) -> int:
+        return self.evictable_size() + self.protected_size()
+
+    @abstractmethod
+    def check_integrity(self, num_free_kv: int, pool_size: int) -> None:
+        """Raise `CacheIntegrityError` unless free (including KV held outside the cache) + cached == pool size."""
+
+
+class NoPrefixCache(PrefixCache):
+    """Caches nothing: every match is empty and `insert` takes no index (`--disable-radix-cache`)."""
+
+    def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
+        return MatchResult([], None)
+
+    def insert(self, tokens: Sequence[int], kv_indices: Sequence[int]) -> MatchResult:
+        return MatchResult([], None)
+
+    def lock(self, node) -> None:
+        pass
+
+    def unlock(self, node) -> None:
+        pass
+
+    def evict(self, num_tokens: int) -> int:
+        return 0
+
+    def evictable_size(self) -> int:
+        return 0
+
+    def protected_size(self) -> int:
+        return 0
+
+    def check_integrity(self, num_free_kv: int, pool_size: int) -> None:
+        if num_free_kv != pool_size:
+            raise CacheIntegrityError(f"KV leak or double count: free {num_free_kv} != pool size {pool_size}")

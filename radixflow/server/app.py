@@ -1,0 +1,109 @@
+"""The HTTP server: the FastAPI app (native routes, OpenAI routes, one error mapping) and `serve`, which starts
+the scheduler process and then the app on uvicorn (`radixflow serve`)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from radixflow.errors import InvalidRequestError
+from radixflow.runtime.config import EngineConfig, ServerConfig
+from radixflow.server.common import ServerState
+from radixflow.server.errors import MAX_BODY_BYTES, APIError, SchedulerDiedError, error_response
+from radixflow.server.native_api import add_native_routes, add_operations_routes
+from radixflow.server.openai_api import add_openai_routes
+from radixflow.server.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await state.manager.start()
+        yield
+        await state.manager.close()
+
+    # A JSON body is read even without a Content-Type. The body limit is the Guard's, not FastAPI's
+    # `max_body_size`: that one answers a declared length over the limit in plain text, not the API's shape.
+    app = FastAPI(title="radixflow", version=VERSION, lifespan=lifespan, strict_content_type=False)
+    app.state.server = state
+    # Starlette's HTTPException covers routing errors, FastAPI's body errors and APIError; anything else unexpected
+    # is the Guard's.
+    for exc_type in (HTTPException, RequestValidationError, InvalidRequestError, SchedulerDiedError):
+        app.add_exception_handler(exc_type, _handle)
+    app.add_middleware(Guard, api_key=state.api_key)
+    add_operations_routes(app, state)
+    add_native_routes(app, state)
+    add_openai_routes(app, state)
+    return app
+
+
+async def _handle(_: Request, exc: Exception):
+    return error_response(exc)
+
+
+class Guard:
+    """Outermost checks: the API key (every endpoint but /health), the body limit (a declared length over it is
+    refused before reading; a body sent without one is counted as it is read), and a 500 in the API's shape for a
+    bug (logged with its traceback) instead of a dropped connection."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"] != "/health":
+            if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
+                error = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                 type_="authentication_error")
+                return await error.response()(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            error = APIError(413, f"request body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
+            return await error.response()(scope, receive, send)
+        started = False
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:  # raised inside the body read: FastAPI passes an HTTPException on
+                raise APIError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 and the server keeps serving
+            logger.exception("internal error on %s %s", scope.get("method"), scope["path"])
+            if started:
+                raise
+            await error_response(exc)(scope, receive, send)
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
+    manager = TokenizerManager(engine_config, server_config.log_level)
+    name = server_config.served_model_name or (
+        manager.source.path.stem if manager.source.kind == "gguf" else manager.source.path.name)
+    state = ServerState(manager, name, server_config.api_key)
+    print(f"[radixflow] serving {name!r} on http://{server_config.host}:{server_config.port} "
+          f"(context {manager.limits.max_context}, KV pool {manager.limits.pool_size} tokens)", flush=True)
+    uvicorn.run(create_app(state), host=server_config.host, port=server_config.port,
+                log_level=server_config.log_level.lower(), timeout_graceful_shutdown=5)

@@ -1,0 +1,119 @@
+"""What the native and OpenAI routes share: the server's state, and the helpers for running requests against the
+scheduler, streaming SSE and noticing a client that went away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from radixflow.entrypoints.generate import GenerateInput, NormalizedInput
+from radixflow.entrypoints.result import ResultCollector
+from radixflow.errors import InvalidRequestError
+from radixflow.runtime.request import Req
+from radixflow.server.errors import APIError, SchedulerDiedError
+from radixflow.server.metrics import ServerMetrics
+from radixflow.server.tokenizer_manager import TokenizerManager
+
+
+class ServerState:
+    def __init__(self, manager: TokenizerManager, served_model_name: str, api_key: str | None):
+        self.manager = manager
+        self.model_name = served_model_name
+        self.api_key = api_key
+        self.metrics = ServerMetrics()
+        self.started = time.time()
+
+    def prepare(self, request: GenerateInput, text_field: str = "text",
+                renames: dict[str, str] | None = None) -> tuple[NormalizedInput, list[Req]]:
+        """Normalise a generate request and build its `Req`s (entrypoints/generate.py). `renames` maps the
+        runtime's field names to those this API's client sent, for error messages (OpenAI's `max_tokens`)."""
+        if not self.manager.alive:  # checked here, before a streamed response has sent its 200
+            raise SchedulerDiedError(self.manager.dead_reason or "scheduler process is not running")
+        try:
+            normalized = request.normalize(text_field)
+            return normalized, normalized.build(self.manager.tokenizer, self.manager.eos_ids, self.manager.limits)
+        except InvalidRequestError as exc:
+            if renames:
+                raise exc.renamed(renames) from None
+            raise
+
+    async def stream(self, req: Req) -> AsyncIterator[tuple[ResultCollector, object]]:
+        """(collector, delta) pairs for one request; records metrics as outputs arrive."""
+        collector = ResultCollector(req)
+        last = None
+        async for out in self.manager.submit(req):
+            collector.add(out)
+            now = time.monotonic()
+            if out.token_ids:
+                if last is None:
+                    self.metrics.ttft.observe(now - collector.start)
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+            if out.finished:
+                self.metrics.observe_finished(collector.meta())
+            yield collector, out
+
+    async def run(self, req: Req) -> ResultCollector:
+        collector = None
+        async for collector, _ in self.stream(req):  # noqa: B007 - the last collector is the whole result
+            pass
+        reason = collector.last.finish_reason
+        if reason and reason.type == "abort" and not self.manager.alive:
+            raise SchedulerDiedError(self.manager.dead_reason)  # an error (503), not a truncated success
+        return collector
+
+    async def run_all(self, request: Request, reqs: list[Req]) -> list[ResultCollector]:
+        """Run `reqs` together; if the client goes away first, they are aborted."""
+        return await until_disconnect(request, asyncio.gather(*(self.run(r) for r in reqs)))
+
+
+async def until_disconnect(request: Request, work):
+    """Run `work`; if the client goes away first, cancel it (its request is aborted on the way out).
+
+    The disconnect is awaited on `receive()` (the body has been read, so only a disconnect can come).
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        _cancel(task)
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        _cancel(task)
+        raise APIError(499, "client disconnected")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _cancel(task: asyncio.Future) -> None:
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, so asyncio logs nothing
+
+
+def sse(payload) -> bytes:
+    return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n".encode()
+
+
+def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    """An SSE response. Its 200 is sent before the first event, so a failure after that is sent as an event."""
+    async def guarded():
+        try:
+            async for event in events:
+                yield event
+        except SchedulerDiedError as exc:
+            yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+
+    return StreamingResponse(guarded(), media_type="text/event-stream")

@@ -1,0 +1,41 @@
+"""Request bodies of the native endpoints (SGLang's field names), as pydantic models: FastAPI validates them and
+`/openapi.json` documents them. Imports nothing of radixflow's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # as SGLang's server: fields it does not know are ignored
+
+
+class GenerateRequest(_Body):
+    """`POST /generate`. One prompt or a batch; the shapes are SGLang's (docs/api.md)."""
+
+    text: str | list[str] | None = Field(default=None, description="a prompt, or a list of prompts (a batch)")
+    input_ids: list[int] | list[list[int]] | None = Field(
+        default=None, description="token ids instead of text: one list, or a list of lists")
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = Field(
+        default=None, description="one object for every prompt, or one per prompt (max_new_tokens, temperature, "
+                                  "top_p, top_k, min_p, penalties, stop, stop_token_ids, ignore_eos, seed, n, "
+                                  "regex / json_schema / ebnf, ...)")
+    rid: str | list[str] | None = Field(
+        default=None, description="request id, or one per prompt; a batch or n > 1 samples get `{rid}_{k}`")
+    return_logprob: bool = False
+    logprob_start_len: int = Field(default=-1, description="-1: no prompt logprobs; k >= 0: from position k")
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = Field(default=False, description="SSE with the text so far in each event (single prompt, n=1)")
+
+
+class AbortRequestBody(_Body):
+    """`POST /abort_request`: aborts `rid` and the requests made from it (`{rid}_{k}`)."""
+
+    rid: str
+
+
+class FlushCacheRequest(_Body):
+    """`POST /flush_cache` takes no fields; the body may be omitted."""
