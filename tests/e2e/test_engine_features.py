@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from radixflow.errors import InvalidRequestError
 from tests.helpers.models import GREEDY
 
 PROMPT = "Once upon a time in a land far away"
@@ -133,6 +134,18 @@ def test_n_returns_independent_samples(tiny_engine):
     outs = tiny_engine.generate(PROMPT, {"max_new_tokens": 12, "temperature": 1.0, "n": 3, "ignore_eos": True})
     assert isinstance(outs, list) and len(outs) == 3
     assert len({tuple(o["output_ids"]) for o in outs}) > 1
+
+
+def test_batch_with_n_has_the_http_shape(tiny_engine):
+    """Flat and prompt-major, with `{rid}_{j}` per sample: what `POST /generate` returns (test_native_api.py)."""
+    params = {"max_new_tokens": 4, "n": 2, "ignore_eos": True, **GREEDY}
+    outs = tiny_engine.generate(["Alpha", "Beta gamma"], params, rid=["p", "q"])
+    assert [o["meta_info"]["id"] for o in outs] == ["p_0", "p_1", "q_0", "q_1"]
+    alone = tiny_engine.generate("Beta gamma", {**params, "n": 1})
+    assert outs[2]["output_ids"] == outs[3]["output_ids"] == alone["output_ids"]
+    with pytest.raises(InvalidRequestError) as info:
+        tiny_engine.generate(["a", "b", "c"], params, rid=["p", "q"])
+    assert info.value.field == "rid"
 
 
 def test_no_kv_leak_after_everything(tiny_engine):

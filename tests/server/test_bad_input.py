@@ -95,6 +95,9 @@ BAD_BODIES = [
      "logprob_start_len"),
     ("/generate", {"text": ["x", "y"], "stream": True}, 400, "stream", "stream"),
     ("/generate", {"text": "x", "rid": 5}, 400, "rid", "rid"),
+    ("/generate", {"text": ["x", "y", "z"], "rid": ["a", "b"]}, 400, "rid", "rid"),  # never a silent truncation
+    ("/generate", {"text": ["x", "y"], "sampling_params": [{}]}, 400, "sampling_params", "sampling_params"),
+    ("/generate", {"text": "x", "sampling_params": "max_new_tokens"}, 400, "sampling_params", "sampling_params"),
     ("/generate", ["x"], 400, "body", None),
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -122,3 +123,33 @@ def test_abort_unknown_rid_is_harmless(client):
     assert client.post("/abort_request", json={"rid": "never-existed"}).status_code == 200
     response = client.post("/abort_request", json={"id": 3})
     assert response.status_code == 400 and "rid" in response.json()["error"]["message"]
+
+
+def test_batch_with_n_samples_is_flat_prompt_major_with_derived_rids(client):
+    """SGLang's shape, the same as `Engine.generate`'s (tests/e2e/test_engine_features.py)."""
+    out = generate(client, text=["Alpha", "Beta gamma"], rid=["p", "q"],
+                   sampling_params={**GREEDY, "max_new_tokens": 4, "n": 2})
+    assert [o["meta_info"]["id"] for o in out] == ["p_0", "p_1", "q_0", "q_1"]
+    assert out[0]["output_ids"] == out[1]["output_ids"] and out[2]["output_ids"] == out[3]["output_ids"]
+    single = generate(client, text="Beta gamma", sampling_params={**GREEDY, "max_new_tokens": 4})
+    assert out[2]["output_ids"] == single["output_ids"]
+    one_rid = generate(client, text=["Alpha", "Beta gamma"], rid="b", sampling_params={**GREEDY, "max_new_tokens": 1})
+    assert [o["meta_info"]["id"] for o in one_rid] == ["b_0", "b_1"]
+
+
+def test_abort_request_aborts_every_request_made_from_the_rid(client):
+    import threading
+
+    body = {"text": ["one story", "another"], "rid": "family",
+            "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True, "n": 2}}
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=generate(client, **body)))
+    worker.start()
+    deadline = time.monotonic() + 20
+    while client.get("/get_server_info").json()["stats"]["num_running"] < 4:
+        assert time.monotonic() < deadline, "the batch never started"
+        time.sleep(0.05)
+    assert client.post("/abort_request", json={"rid": "family"}).json() == {"success": True}
+    worker.join(timeout=30)
+    reasons = [o["meta_info"]["finish_reason"]["type"] for o in result["out"]]
+    assert reasons == ["abort"] * 4
