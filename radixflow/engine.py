@@ -59,8 +59,9 @@ class Engine:
         The shapes are `POST /generate`'s (radixflow/entrypoints/generate.py): a prompt with `n > 1` gives a list
         of its n results. With `stream=True` (a single prompt, n == 1) returns an iterator of incremental dicts.
         """
-        normalized = GenerateInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
-                                   top_logprobs_num, stream).normalize(text_field="prompt")
+        normalized = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
+                                   return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                                   top_logprobs_num=top_logprobs_num, stream=stream).normalize(text_field="prompt")
         reqs = normalized.build(self.tokenizer, self.core.loaded.eos_ids, self.limits)
         if normalized.stream:
             return self._stream(reqs[0])

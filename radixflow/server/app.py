@@ -32,8 +32,8 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         await state.manager.close()
 
-    # A JSON body is read even without a Content-Type. The body limit is the Guard's, not FastAPI's
-    # `max_body_size`: that one answers a declared length over the limit in plain text, not the API's shape.
+    # Every body is JSON whatever its Content-Type says (the Guard sees to it). The body limit is the Guard's, not
+    # FastAPI's `max_body_size`: that one answers a declared length over the limit in plain text.
     app = FastAPI(title="radixflow", version=VERSION, lifespan=lifespan, strict_content_type=False)
     app.state.server = state
     # Starlette's HTTPException covers routing errors, FastAPI's body errors and APIError; anything else unexpected
@@ -53,7 +53,8 @@ async def _handle(_: Request, exc: Exception):
 
 class Guard:
     """Outermost checks: the API key (every endpoint but /health), the body limit (a declared length over it is
-    refused before reading; a body sent without one is counted as it is read), and a 500 in the API's shape for a
+    refused before reading; a body sent without one is counted as it is read), bodies read as JSON whatever their
+    Content-Type (every endpoint takes JSON, and `curl -d` sends form-encoded), and a 500 in the API's shape for a
     bug (logged with its traceback) instead of a dropped connection."""
 
     def __init__(self, app: ASGIApp, api_key: str | None):
@@ -69,6 +70,9 @@ class Guard:
                 error = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                  type_="authentication_error")
                 return await error.response()(scope, receive, send)
+        if not headers.get(b"content-type", b"").lower().startswith(b"application/json"):
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             error = APIError(413, f"request body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")

@@ -22,9 +22,7 @@ from radixflow.server.protocol import AbortRequestBody, FlushCacheRequest, Gener
 def add_native_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
     async def generate(body: GenerateRequest, request: Request):
-        normalized, reqs = state.prepare(GenerateInput(
-            body.text, body.input_ids, body.sampling_params, body.rid, body.return_logprob, body.logprob_start_len,
-            body.top_logprobs_num, body.stream))
+        normalized, reqs = state.prepare(GenerateInput(**body.model_dump(exclude={"return_text_in_logprobs"})))
         if normalized.stream:
             return event_stream(_native_stream(state, reqs[0], body.return_text_in_logprobs))
         collectors = await state.run_all(request, reqs)

@@ -48,8 +48,7 @@ def _response_format(body: SamplingBody) -> dict:
 def _sampling(body: SamplingBody, max_tokens: int) -> dict:
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     return {**_response_format(body), "max_new_tokens": max_tokens, "temperature": body.temperature,
-            "top_p": body.top_p,
-            "top_k": body.top_k, "min_p": body.min_p, "presence_penalty": body.presence_penalty,
+            "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p, "presence_penalty": body.presence_penalty,
             "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
             "min_new_tokens": body.min_tokens, "ignore_eos": body.ignore_eos, "stop": stop,
             "stop_token_ids": body.stop_token_ids or [], "seed": body.seed}

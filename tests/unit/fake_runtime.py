@@ -75,7 +75,7 @@ class Chunk:
     rid: str
     start: int
     num_new: int
-    samples: bool
+    samples_next: bool
 
     @property
     def end(self) -> int:

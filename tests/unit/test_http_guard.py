@@ -46,6 +46,12 @@ def test_api_key(headers, status):
     assert client.get("/health").status_code == 200  # no key needed
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_content_type(content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    assert guarded().post("/echo", content=b'{"a": 1}', headers=headers).json() == {"a": 1}  # as `curl -d` sends it
+
+
 def test_body_over_the_limit_with_and_without_a_declared_length():
     client = guarded()
     declared = client.post("/echo", content=b" " * (MAX_BODY_BYTES + 1), headers={"content-type": "application/json"})

@@ -217,7 +217,7 @@ def test_random_workloads_respect_budgets_and_produce_every_token(workload):
         chunks = [c for _, c in rig.chunks_of(rid)]
         assert [c.start for c in chunks] == [rig.first_start[rid]] + [c.end for c in chunks[:-1]]
         assert chunks[-1].end == len(rig.reqs[rid].prompt_ids) + new - 1
-        assert all(c.samples == (c.end >= len(rig.reqs[rid].prompt_ids)) for c in chunks)
+        assert all(c.samples_next == (c.end >= len(rig.reqs[rid].prompt_ids)) for c in chunks)
     assert rig.scheduler.stats.num_retractions == 0
     assert rig.kv_free_when_idle() == rig.cache.kv.size
 
@@ -237,7 +237,7 @@ def test_chunked_prefill_splits_a_long_prompt_while_decodes_keep_going():
         assert [c.rid for c in step.chunks][0] == "d"
     chunks = [c for _, c in rig.chunks_of("long")]
     assert [(c.start, c.num_new) for c in chunks] == [(0, 63), (63, 63), (126, 63), (189, 63), (252, 48)]
-    assert [c.samples for c in chunks] == [False] * 4 + [True]
+    assert [c.samples_next for c in chunks] == [False] * 4 + [True]
     assert rig.reqs["long"].num_output == 1  # nothing was sampled before the last chunk
     rig.run()
     assert rig.tokens["long"] == expected_tokens("long", 2) and rig.tokens["d"] == expected_tokens("d", 20)
@@ -272,7 +272,7 @@ def test_without_chunked_prefill_the_whole_prompt_goes_in_one_step():
     rig.step()
     rig.add("long", tokens(100, 300), max_new_tokens=2)
     step = rig.step()
-    assert [(c.rid, c.start, c.num_new, c.samples) for c in step.chunks] == [("d", 8, 1, True),
+    assert [(c.rid, c.start, c.num_new, c.samples_next) for c in step.chunks] == [("d", 8, 1, True),
                                                                             ("long", 0, 300, True)]
     rig.run()
     assert rig.tokens["long"] == expected_tokens("long", 2)

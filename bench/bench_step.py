@@ -1,0 +1,56 @@
+"""Step overhead: the median wall time of one `EngineCore.step()` decoding SmolLM2 (no HTTP, no engine thread).
+
+    python -m bench.bench_step [--batches 1,16] [--reps 3]
+
+Each repetition admits `batch` requests with 32-token prompts (distinct, so nothing is cached) and 48 greedy output
+tokens, and steps until they finish; only steps in which every running request decodes are timed. Run it on two
+commits back to back to see whether a change costs per-step time (the figure is absolute: compare it only with a
+run on the same machine at about the same time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from radixflow.runtime.config import EngineConfig
+from radixflow.runtime.engine_core import EngineCore
+from radixflow.runtime.request import Req
+from radixflow.runtime.sampling_params import SamplingParams
+
+
+def median_decode_step_ms(core: EngineCore, batch: int, reps: int) -> float:
+    times = []
+    for rep in range(reps):
+        for i in range(batch):
+            prompt = tuple(range(100 + 40 * i, 132 + 40 * i))
+            core.scheduler.add_request(Req(rid=f"b{batch}-{rep}-{i}", prompt_ids=prompt, params=SamplingParams(
+                max_new_tokens=48, ignore_eos=True, temperature=0.0)))
+        while not core.scheduler.idle:
+            decoding = not core.scheduler.waiting and all(r.num_pending == 1 for r in core.scheduler.running)
+            start = time.perf_counter()
+            core.step()
+            if decoding and core.scheduler.running:
+                times.append(time.perf_counter() - start)
+        core.scheduler.flush_cache()
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    core = EngineCore(EngineConfig.from_kwargs(max_total_tokens=16384))
+    result = {f"batch_{b}_ms": round(median_decode_step_ms(core, b, args.reps), 2)
+              for b in map(int, args.batches.split(","))}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
