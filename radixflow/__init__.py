@@ -7,35 +7,46 @@ from radixflow.backends import BaseBackend, EngineBackend, Runtime, RuntimeEndpo
 from radixflow.engine import Engine
 from radixflow.errors import InvalidRequestError
 from radixflow.lang.api import (
-                                assistant,
-                                assistant_begin,
-                                assistant_end,
-                                flush_cache,
-                                function,
-                                gen,
-                                gen_int,
-                                gen_string,
-                                get_server_info,
-                                image,
-                                select,
-                                set_default_backend,
-                                system,
-                                system_begin,
-                                system_end,
-                                user,
-                                user_begin,
-                                user_end,
+    assistant,
+    assistant_begin,
+    assistant_end,
+    flush_cache,
+    function,
+    gen,
+    gen_int,
+    gen_string,
+    get_server_info,
+    image,
+    select,
+    separate_reasoning,
+    set_default_backend,
+    system,
+    system_begin,
+    system_end,
+    user,
+    user_begin,
+    user_end,
+    video,
 )
-from radixflow.lang.choices import greedy_token_selection, token_length_normalized, unconditional_likelihood_normalized
+from radixflow.lang.choices import (
+    ChoicesDecision,
+    ChoicesSamplingMethod,
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
 from radixflow.lang.function import CompiledFunction, SglFunction
+from radixflow.lang.global_config import global_config
 from radixflow.lang.graph import TracedProgram, TracingError
+from radixflow.lang.interpreter import ProgramError
 from radixflow.runtime.sampling_params import SamplingParams
 
 __all__ = [
     "Engine", "InvalidRequestError", "SamplingParams", "BaseBackend", "EngineBackend", "RuntimeEndpoint", "Runtime",
-    "function", "gen", "gen_int", "gen_string", "select", "image", "system", "user", "assistant", "system_begin",
-    "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end", "set_default_backend",
-    "flush_cache", "get_server_info", "token_length_normalized", "greedy_token_selection",
-    "unconditional_likelihood_normalized", "TracingError", "TracedProgram", "CompiledFunction", "SglFunction",
+    "function", "gen", "gen_int", "gen_string", "select", "image", "video", "separate_reasoning", "system", "user",
+    "assistant", "system_begin", "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end",
+    "set_default_backend", "flush_cache", "get_server_info", "global_config", "token_length_normalized",
+    "greedy_token_selection", "unconditional_likelihood_normalized", "ChoicesSamplingMethod", "ChoicesDecision",
+    "TracingError", "TracedProgram", "CompiledFunction", "SglFunction", "ProgramError",
 ]
 __version__ = "0.1.0"

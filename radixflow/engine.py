@@ -53,7 +53,7 @@ class Engine:
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
-                 rid: str | list[str] | None = None):
+                 rid: str | list[str] | None = None, return_text_in_logprobs: bool = False):
         """Generate for one prompt (returns a dict) or a batch (a flat list of dicts, prompt by prompt).
 
         The shapes are `POST /generate`'s (radixflow/entrypoints/generate.py): a prompt with `n > 1` gives a list
@@ -61,7 +61,8 @@ class Engine:
         """
         normalized = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
                                    return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                                   top_logprobs_num=top_logprobs_num, stream=stream).normalize(text_field="prompt")
+                                   top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
+                                   stream=stream).normalize(text_field="prompt")
         reqs = normalized.build(self.tokenizer, self.core.loaded.eos_ids, self.limits)
         if normalized.stream:
             return self._stream(reqs[0])
@@ -126,7 +127,7 @@ class Engine:
 
     def _submit(self, req: Req) -> Future:
         fut: Future = Future()
-        collector = ResultCollector(req)
+        collector = ResultCollector(req, self.tokenizer)
 
         def sink(out: RequestOutput) -> None:
             collector.add(out)
@@ -138,7 +139,7 @@ class Engine:
     def _stream(self, req: Req) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
         self._register(req, q.put)
-        collector = ResultCollector(req)
+        collector = ResultCollector(req, self.tokenizer)
         try:
             while True:
                 out = q.get()

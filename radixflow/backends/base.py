@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from radixflow.lang.chat_template import RoleTemplate
-from radixflow.lang.choices import ChoiceResult, ChoiceScores, token_length_normalized
+from radixflow.lang.choices import ChoicesDecision, ChoicesSamplingMethod, token_length_normalized
 
 # Prompt logprobs start this many tokens before the end of the prefix, so a token that merges the end of the
 # prefix with the start of a choice (the paper's token-boundary problem) is seen and scored with the choice.
@@ -24,7 +24,8 @@ class BaseBackend:
     def cache_prefix(self, text: str) -> None:
         """Compute and cache a shared prefix before forked children use it (no-op where there is no cache)."""
 
-    def generate(self, text: str, params: dict, logprob: dict) -> tuple[str, dict]:
+    def generate(self, text: str, params: dict, logprob: dict) -> tuple[str | list[str], dict | list[dict]]:
+        """(text, meta info); with `params["n"] > 1`, the n texts and their meta infos."""
         raise NotImplementedError(f"{type(self).__name__} cannot generate")
 
     def generate_stream(self, text: str, params: dict, logprob: dict) -> Iterator[tuple[str, dict | None]]:
@@ -32,11 +33,15 @@ class BaseBackend:
         out, meta = self.generate(text, params, logprob)
         yield out, meta
 
-    def select(self, text: str, choices: list[str], temperature: float, method) -> ChoiceResult:
+    def select(self, text: str, choices: list[str], temperature: float,
+               method: ChoicesSamplingMethod | None) -> ChoicesDecision:
         raise NotImplementedError(f"{type(self).__name__} cannot score choices")
 
     def supports_images(self) -> bool:
         return False
+
+    def get_model_name(self) -> str | None:
+        return None
 
     def flush_cache(self) -> bool:
         return True
@@ -59,38 +64,43 @@ class RuntimeBackend(BaseBackend):
             self._generate([text], [{"max_new_tokens": 0}], {})
 
     def generate(self, text, params, logprob):
-        result = self._generate([text], [params], logprob)[0]
-        return result["text"], result["meta_info"]
+        results = self._generate([text], [params], logprob)
+        if params.get("n", 1) > 1:
+            return [r["text"] for r in results], [r["meta_info"] for r in results]
+        return results[0]["text"], results[0]["meta_info"]
 
     def select(self, text, choices, temperature, method=None):
+        """Score every choice in one batched request (prompt logprobs, no generation) and let `method` decide.
+
+        The logprobs start a few tokens before the end of the prefix: a token that merges the end of the prefix
+        with the start of a choice is then scored as part of the choice (token healing)."""
         method = method or token_length_normalized
         prefix_len = self._generate([text], [{"max_new_tokens": 0}], {})[0]["meta_info"]["prompt_tokens"]
         start = max(prefix_len - _HEAL_WINDOW, 0)
         prompts = [text] + [text + c for c in choices]
         results = self._generate(prompts, [{"max_new_tokens": 0}] * len(prompts),
-                                 {"return_logprob": True, "logprob_start_len": start})
+                                 {"return_logprob": True, "logprob_start_len": start, "return_text_in_logprobs": True})
         prefix_tail = [t for _, t, _ in results[0]["meta_info"]["input_token_logprobs"]]
-        scores, scored_ids = [], []
+        inputs, outputs = [], []
         for result in results[1:]:
             entries = result["meta_info"]["input_token_logprobs"]
             same = 0
             while same < len(prefix_tail) and same < len(entries) and entries[same][1] == prefix_tail[same]:
                 same += 1
-            scores.append([lp for lp, _, _ in entries[same:] if lp is not None] or [0.0])
-            scored_ids.append([t for lp, t, _ in entries[same:] if lp is not None])
-        unconditional = None
-        if method.requires_unconditional_logprobs:
-            unconditional = self._unconditional(scored_ids)
-        return method(ChoiceScores(list(choices), scores, unconditional))
+            inputs.append([tuple(e) for e in entries[same:] if e[0] is not None])
+            outputs.append([tuple(e) for e in result["meta_info"].get("output_token_logprobs", [])])
+        normalized = [sum(lp for lp, *_ in e) / len(e) if e else 0.0 for e in inputs]
+        unconditional = self._unconditional(inputs) if method.requires_unconditional_logprobs else None
+        return method(choices=list(choices), normalized_prompt_logprobs=normalized, input_token_logprobs=inputs,
+                      output_token_logprobs=outputs, unconditional_token_logprobs=unconditional)
 
-    def _unconditional(self, scored_ids: list[list[int]]) -> list[list[float]]:
+    def _unconditional(self, inputs: list[list[tuple]]) -> list[list[tuple]]:
         """Logprobs of exactly the tokens each choice was scored on, with no context (as SGLang does): a choice
         re-tokenized on its own ("Berlin" vs the healed " Berlin") would compare different tokens. The first
-        token has no context at all and counts 0."""
-        present = [ids for ids in scored_ids if ids]  # an empty choice scored no token
+        token has no context at all: its logprob is None."""
+        present = [[t for _, t, *_ in entries] for entries in inputs if entries]  # an empty choice scores nothing
         results = iter(self._generate(present, [{"max_new_tokens": 0}] * len(present),
-                                      {"return_logprob": True, "logprob_start_len": 0}) if present else ())
-
-        def logprobs(result: dict) -> list[float]:
-            return [lp or 0.0 for lp, _, _ in result["meta_info"]["input_token_logprobs"]]
-        return [logprobs(next(results)) if ids else [0.0] for ids in scored_ids]
+                                      {"return_logprob": True, "logprob_start_len": 0,
+                                       "return_text_in_logprobs": True}) if present else ())
+        return [[tuple(e) for e in next(results)["meta_info"]["input_token_logprobs"]] if entries else []
+                for entries in inputs]

@@ -62,6 +62,7 @@ class GenerateInput:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
     stream: bool = False
 
     def normalize(self, text_field: str = "text") -> NormalizedInput:
@@ -73,18 +74,20 @@ class GenerateInput:
         is_single = not batched and params[0].n == 1
         if self.stream and not is_single:
             raise InvalidRequestError("stream", "streaming takes a single prompt with n=1")
-        logprob = logprob_options(self.return_logprob, self.logprob_start_len, self.top_logprobs_num)
+        logprob = logprob_options(self.return_logprob, self.logprob_start_len, self.top_logprobs_num,
+                                  self.return_text_in_logprobs)
         items = [PromptRequests(p, sp, r) for p, sp, r in zip(prompts, params, rids, strict=True)]
         return NormalizedInput(items, logprob, is_single, bool(self.stream))
 
 
-def logprob_options(return_logprob: bool, logprob_start_len: int, top_logprobs_num: int) -> LogprobOptions:
+def logprob_options(return_logprob: bool, logprob_start_len: int, top_logprobs_num: int,
+                    return_text_in_logprobs: bool = False) -> LogprobOptions:
     if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= MAX_TOP_LOGPROBS:
         raise InvalidRequestError("top_logprobs_num",
                                   f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs_num!r}")
     if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
         raise InvalidRequestError("logprob_start_len", f"must be an integer >= -1, got {logprob_start_len!r}")
-    return LogprobOptions(bool(return_logprob), logprob_start_len, top_logprobs_num)
+    return LogprobOptions(bool(return_logprob), logprob_start_len, top_logprobs_num, bool(return_text_in_logprobs))
 
 
 def sample_rid(rid: str, k: int) -> str:

@@ -9,10 +9,15 @@ from radixflow.runtime.scheduler.output import RequestOutput
 
 
 class ResultCollector:
-    """Accumulates a request's deltas into SGLang's result shape."""
+    """Accumulates a request's deltas into SGLang's result shape. Logprob entries are `(logprob, token_id,
+    token_text)`; the text is filled when the request asked for `return_text_in_logprobs` (decoded with
+    `tokenizer`), else None."""
 
-    def __init__(self, req: Req):
+    def __init__(self, req: Req, tokenizer=None):
         self.req = req
+        options = req.logprob_options
+        self._token_text = ((lambda t: tokenizer.decode([t])) if options.return_text_in_logprobs and tokenizer
+                            else (lambda t: None))
         self.start = time.monotonic()
         self.text = ""
         self.ids: list[int] = []
@@ -40,15 +45,17 @@ class ResultCollector:
             "e2e_latency": time.monotonic() - self.start,
         }
         if self.req.logprob_options.return_logprob:
-            meta["output_token_logprobs"] = [(lp.logprob, t, None) for lp, t in zip(self.out_lps, self.ids)]
-            meta["output_top_logprobs"] = [[(v, i, None) for i, v in lp.top] for lp in self.out_lps]
+            meta["output_token_logprobs"] = [(lp.logprob, t, self._token_text(t))
+                                             for lp, t in zip(self.out_lps, self.ids)]
+            meta["output_top_logprobs"] = [[(v, i, self._token_text(i)) for i, v in lp.top] for lp in self.out_lps]
             start = self.req.logprob_options.logprob_start_len
             if start >= 0:
                 prompt_lps = ([None] if start == 0 else []) + self.prompt_lps  # position 0 has no logprob
                 prompt = self.req.prompt_ids[start:]
-                meta["input_token_logprobs"] = [(lp.logprob if lp else None, t, None)
+                meta["input_token_logprobs"] = [(lp.logprob if lp else None, t, self._token_text(t))
                                                 for lp, t in zip(prompt_lps, prompt)]
-                meta["input_top_logprobs"] = [[(v, i, None) for i, v in lp.top] if lp else None for lp in prompt_lps]
+                meta["input_top_logprobs"] = [[(v, i, self._token_text(i)) for i, v in lp.top] if lp else None
+                                               for lp in prompt_lps]
         return meta
 
     def result(self) -> dict:

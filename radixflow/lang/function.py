@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
@@ -13,12 +15,20 @@ from tqdm import tqdm
 from radixflow.lang.compiler import GraphProgram, hoist_constant_text
 from radixflow.lang.global_config import global_config
 from radixflow.lang.graph import TracedProgram
-from radixflow.lang.interpreter import ProgramState, StreamExecutor
+from radixflow.lang.interpreter import StreamExecutor
+from radixflow.lang.program_state import ProgramState
 from radixflow.lang.tracer import TracerState, trace_program
 
-_SAMPLING_KEYS = ("max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
-                  "frequency_penalty", "presence_penalty", "ignore_eos")
-_LOGPROB_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
+_SAMPLING_KEYS = ("max_new_tokens", "n", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+                  "min_p", "frequency_penalty", "presence_penalty", "ignore_eos")
+_LOGPROB_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
+# `run`'s own keywords and their defaults (SGLang's).
+RUN_OPTIONS = {"max_new_tokens": 128, "n": 1, "stop": None, "stop_token_ids": None, "stop_regex": None,
+               "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "frequency_penalty": 0.0,
+               "presence_penalty": 0.0, "ignore_eos": False, "return_logprob": False, "logprob_start_len": None,
+               "top_logprobs_num": None, "return_text_in_logprobs": None, "stream": False, "backend": None,
+               "use_thread": True}
+_BATCH_CHUNK = 200  # generator_style submits this many programs at a time, so results come back as they finish
 MIN_PREFETCH_CHARS = 64  # as SGLang: a shorter shared prefix is not worth a request of its own
 
 
@@ -28,60 +38,106 @@ class SglFunction:
         self.num_api_spec_tokens = num_api_spec_tokens
         self.bind_arguments = bind_arguments or {}
 
-    def bind(self, **kwargs) -> "SglFunction":
+    def bind(self, **kwargs) -> SglFunction:
+        """Fix some arguments. As in SGLang, a bound argument wins over the same argument given to `run`."""
         return SglFunction(self.func, self.num_api_spec_tokens, {**self.bind_arguments, **kwargs})
 
     def __call__(self, *args, **kwargs):
         """Inside another program, `other_fn(s, ...)` appends to that program's state; called on its own,
         `fn(question=..., temperature=0)` is `fn.run(...)`, as in SGLang."""
         if args and isinstance(args[0], (ProgramState, TracerState)):
-            return self.func(*args, **{**self.bind_arguments, **kwargs})
+            return self.func(*args, **{**kwargs, **self.bind_arguments})
         return self.run(*args, **kwargs)
 
-    def run(self, *args, max_new_tokens: int = 128, stop=None, stop_token_ids=None, temperature: float = 1.0,
-            top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0, frequency_penalty: float = 0.0,
-            presence_penalty: float = 0.0, ignore_eos: bool = False, return_logprob: bool = False,
-            logprob_start_len: int | None = None, top_logprobs_num: int | None = None, stream: bool = False,
-            backend=None, **kwargs) -> ProgramState:
-        local = dict(locals())
-        defaults = _defaults(local)
-        return self._run_one(args, {**self.bind_arguments, **kwargs}, defaults, stream, resolve_backend(backend))
+    def run(self, *args, **kwargs) -> ProgramState:
+        """Run the program once. SGLang's options (`RUN_OPTIONS`: the sampling defaults for its `gen`s, `stream`,
+        `backend`, `use_thread`) are taken here; every other keyword is a program argument, and so is an option
+        name the program function has a parameter of (`def skeleton(s, topic, n)` gets its `n`; SGLang would
+        take it as the sampling `n`). An exception the program raises propagates here (with stream=True it is
+        kept in `state.error()` and raised when `text_iter()` reaches the end)."""
+        parameters = set(inspect.signature(self.func).parameters)
+        options = {**RUN_OPTIONS, **{k: kwargs.pop(k) for k in list(kwargs) if k in RUN_OPTIONS
+                                     and k not in parameters}}
+        stream, use_thread = options["stream"], options["use_thread"]
+        executor = StreamExecutor(resolve_backend(options["backend"]), _defaults(options), stream, use_thread)
+        state = ProgramState(executor)
+        arguments = {**kwargs, **self.bind_arguments}
+        if stream:
+            threading.Thread(target=self._execute, args=(state, executor, args, arguments, False),
+                             daemon=True).start()
+        else:
+            self._execute(state, executor, args, arguments, True)
+        return state
 
-    def run_batch(self, batch_kwargs: list[dict], *, max_new_tokens: int = 128, stop=None, stop_token_ids=None,
-                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
-                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, ignore_eos: bool = False,
-                  return_logprob: bool = False, logprob_start_len: int | None = None,
-                  top_logprobs_num: int | None = None, backend=None, num_threads="auto",
-                  progress_bar: bool = False) -> list[ProgramState]:
+    def run_batch(self, batch_kwargs: list[dict], *, max_new_tokens: int = 128, n: int = 1, stop=None,
+                  stop_token_ids=None, stop_regex=None, temperature: float = 1.0, top_p: float = 1.0,
+                  top_k: int = -1, min_p: float = 0.0, frequency_penalty: float = 0.0,
+                  presence_penalty: float = 0.0, ignore_eos: bool = False, return_logprob: bool = False,
+                  logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
+                  return_text_in_logprobs: bool | None = None, backend=None, num_threads="auto",
+                  progress_bar: bool = False, generator_style: bool = False):
+        """Run the program once per argument set, concurrently. Returns the states in order, or with
+        `generator_style=True` yields them in order as they finish. As in SGLang, an exception a program raises
+        propagates (when its state is collected); a failed primitive is kept in that state's `error()`."""
         defaults = _defaults(dict(locals()))
         chosen = resolve_backend(backend)
         if not batch_kwargs:
-            return []
-        if not isinstance(batch_kwargs[0], dict):  # SGLang also takes each program's arguments as a tuple
-            names = list(inspect.signature(self.func).parameters)[1:]
-            batch_kwargs = [dict(zip(names, values)) for values in batch_kwargs]
+            return iter(()) if generator_style else []
+        batch_kwargs = self._as_keywords(batch_kwargs)
         if num_threads == "auto":
             # Threads mostly wait on the runtime, so many are cheap; too few would feed the engine in waves (fewer
             # requests per step, more steps: bench/RESULTS.md).
-            num_threads = min(len(batch_kwargs), max(96, 16 * (os.cpu_count() or 1)))
-        if len(batch_kwargs) > 1:
+            num_threads = max(96, 16 * (os.cpu_count() or 1))
+        num_threads = min(num_threads, len(batch_kwargs))
+        if len(batch_kwargs) > 1 and global_config.enable_precache_with_tracing:
             self._prefetch(chosen, batch_kwargs)
-        run = lambda kw: self._run_one((), {**self.bind_arguments, **kw}, defaults, False, chosen)  # noqa: E731
+        states = self._states(batch_kwargs, defaults, chosen, num_threads, progress_bar)
+        return states if generator_style else list(states)
+
+    def _states(self, batch_kwargs: list[dict], defaults: dict, backend, num_threads: int,
+                progress_bar: bool) -> Iterator[ProgramState]:
+        def run_one(kw: dict) -> ProgramState:
+            executor = StreamExecutor(backend, defaults)
+            state = ProgramState(executor)
+            self._execute(state, executor, (), {**kw, **self.bind_arguments}, True)
+            return state
+
+        bar = tqdm(total=len(batch_kwargs), desc="run_batch") if progress_bar else None
         with ThreadPoolExecutor(num_threads) as pool:
-            futures = [pool.submit(run, kw) for kw in batch_kwargs]
-            if progress_bar:
-                for future in tqdm(futures, total=len(futures), desc="run_batch"):
-                    future.result()
-            return [f.result() for f in futures]
+            for start in range(0, len(batch_kwargs), _BATCH_CHUNK):
+                futures = [pool.submit(run_one, kw) for kw in batch_kwargs[start:start + _BATCH_CHUNK]]
+                for future in futures:
+                    state = future.result()
+                    if bar is not None:
+                        bar.update()
+                    yield state
+        if bar is not None:
+            bar.close()
 
-    def trace(self, **kwargs) -> TracedProgram:
+    def _as_keywords(self, batch_kwargs: list) -> list[dict]:
+        """SGLang also takes each program's arguments as a tuple, in the order of the function's parameters."""
+        if isinstance(batch_kwargs[0], dict):
+            return list(batch_kwargs)
+        parameters = list(inspect.signature(self.func).parameters.values())[1:]
+        required = sum(p.default is inspect.Parameter.empty for p in parameters)
+        for values in batch_kwargs:
+            if not isinstance(values, (list, tuple)) or not required <= len(values) <= len(parameters):
+                raise TypeError(f"run_batch: {values!r} does not match the arguments of {self.func.__name__}"
+                                f"({', '.join(p.name for p in parameters)})")
+        return [dict(zip((p.name for p in parameters), values)) for values in batch_kwargs]
+
+    def trace(self, *, backend=None, **kwargs) -> TracedProgram:
         """Run the function on symbolic arguments (those not given here or bound) and return the graph of what it
-        appends, without running anything. Raises TracingError where the program needs a value only a run has."""
-        return trace_program(self.func, {**self.bind_arguments, **kwargs})
+        appends, without running anything. Raises TracingError where the program needs a value only a run has.
+        `backend` is accepted for SGLang's signature; tracing needs none."""
+        del backend
+        return trace_program(self.func, {**kwargs, **self.bind_arguments})
 
-    def compile(self, *, hoist_constants: bool = False, **kwargs) -> CompiledFunction:
+    def compile(self, *, backend=None, hoist_constants: bool = False, **kwargs) -> CompiledFunction:
         """Trace (arguments given here are fixed) and optimise into a CompiledFunction, whose run / run_batch give
-        the same results as this function's; see radixflow/lang/compiler.py for the passes."""
+        the same results as this function's; see radixflow/lang/compiler.py for the passes. `backend` is accepted
+        for SGLang's signature; the compiled function runs on the one `run` is given."""
+        del backend
         graph = self.trace(**kwargs)
         if hoist_constants:
             graph = hoist_constant_text(graph)
@@ -102,30 +158,31 @@ class SglFunction:
         shared = _shared_arguments(self.func, [{**self.bind_arguments, **kw} for kw in batch_kwargs])
         return trace_program(self.func, shared, partial=True).constant_prefix(template)
 
-    def _run_one(self, args, kwargs, defaults: dict, stream: bool, backend) -> ProgramState:
-        executor = StreamExecutor(backend, defaults, stream)
-        state = ProgramState(executor)
-        if stream:
-            threading.Thread(target=self._execute, args=(state, executor, args, kwargs), daemon=True).start()
-        else:
-            self._execute(state, executor, args, kwargs)
-        return state
-
-    def _execute(self, state: ProgramState, executor: StreamExecutor, args, kwargs) -> None:
+    def _execute(self, state: ProgramState, executor: StreamExecutor, args, kwargs, raise_errors: bool) -> None:
+        """Run the program function; what it raises propagates when `raise_errors` (SGLang's run_internal), else
+        it is kept in `state.program_error`. A failed primitive is warned about, as SGLang does."""
         executor.owner = threading.current_thread()
         try:
             state.ret_value = self.func(state, *args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - one failing program must not take a batch down
-            executor.sync()
-            executor.error = executor.error or exc
+        except BaseException as exc:
+            state.program_error = exc
+            if raise_errors:
+                raise
         finally:
             executor.end()
+            if executor.error is not None:
+                warnings.warn(f"{self.func.__name__}: a primitive failed and the program stopped there: "
+                              f"{executor.error!r}", RuntimeWarning, stacklevel=3)
+            if global_config.verbosity >= 2:
+                print(executor.text)
 
 
 def _defaults(local: dict) -> dict:
     sampling = {k: local[k] for k in _SAMPLING_KEYS if local.get(k) is not None}
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
+    if not global_config.skip_special_tokens_in_output:
+        sampling["skip_special_tokens"] = False
     logprob = {k: local[k] for k in _LOGPROB_KEYS if local.get(k) not in (None, False)}
     return {"sampling": sampling, "logprob": logprob}
 

@@ -1,19 +1,20 @@
-"""The interpreter: one stream executor per program state.
+"""The interpreter: one stream executor per program state (the program's `s` is in program_state.py).
 
 A program's primitives are queued to its executor's worker thread and run in order; the user's Python runs ahead
 until it reads a variable (`s["answer"]` blocks on that variable's event). `fork` syncs, sends the shared prefix
-to the backend once (so the runtime caches it), and starts child executors that run in parallel.
+to the backend once (so the runtime caches it), and starts child executors that run in parallel. With
+`use_thread=False` (SGLang's option) primitives run at once on the program's own thread instead.
+
+A primitive that fails (a backend error) stops its executor: later primitives are skipped, readers of variables it
+never produced get a ProgramError, and `state.error()` says why, as in SGLang.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import queue
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from radixflow.lang.ir import (
@@ -24,57 +25,60 @@ from radixflow.lang.ir import (
     RoleBegin,
     RoleEnd,
     Select,
+    SeparateReasoning,
     Text,
     VarScopeBegin,
     VarScopeEnd,
-    as_node,
+    Video,
 )
+from radixflow.lang.reasoning import split_reasoning
 
 
 class ProgramError(RuntimeError):
-    """A primitive failed; raised where the program reads the state."""
-
-
-@dataclass
-class StreamEvent:
-    text: str
-    var: str | None  # the variable this text belongs to (None for constant text)
+    """A primitive failed, or the program read a variable nothing produced; raised where the program reads it."""
 
 
 class StreamExecutor:
-    def __init__(self, backend, defaults: dict, stream: bool = False):
+    def __init__(self, backend, defaults: dict, stream: bool = False, use_thread: bool = True):
         self.backend = backend
         self.defaults = defaults
         self.stream = stream
+        self.use_thread = use_thread
         self.template = backend.get_chat_template()
         self.text = ""
         self.messages: list[dict] = []
         self.variables: dict[str, Any] = {}
-        self.meta_info: dict[str, dict] = {}
+        self.meta_info: dict[str, Any] = {}
+        self.pieces: list[tuple[str, str | None]] = []  # stream=True: each appended text and its variable
         self.error: BaseException | None = None
+        self.finished = False  # the worker has run everything it will run
         self._ended = False
         self.owner: threading.Thread | None = None  # the thread running the program function
         self._events: dict[str, threading.Event] = {}
+        self.progress = threading.Condition()  # notified whenever text grows, a variable completes, or it ends
         self._role: tuple[str, int] | None = None
         self._scopes: dict[str, int] = {}
         self._queue: queue.Queue = queue.Queue()
-        self.stream_events: queue.Queue = queue.Queue()
         self._handlers: dict[type, Callable[[Any], None]] = {
             Text: self._text, Concat: self._concat, Gen: self._gen, Select: self._select, RoleBegin: self._role_begin,
             RoleEnd: self._role_end, VarScopeBegin: self._scope_begin, VarScopeEnd: self._scope_end,
-            Image: self._image,
+            Image: self._media, Video: self._media, SeparateReasoning: self._separate_reasoning,
         }
-        self._worker = threading.Thread(target=self._loop, daemon=True)
-        self._worker.start()
+        if use_thread:
+            threading.Thread(target=self._loop, daemon=True).start()
 
     # -- API used by ProgramState ----------------------------------------------------------------------------
     def submit(self, node: Node) -> None:
-        for name in _variables_of(node):
+        for name in variables_of(node):
             self._event(name).clear()
-        self._queue.put(node)
+        if self.use_thread:
+            self._queue.put(node)
+        else:
+            self._run(node)
 
     def sync(self) -> None:
-        self._queue.join()
+        if self.use_thread:
+            self._queue.join()
 
     def end(self) -> None:
         self.sync()
@@ -85,8 +89,10 @@ class StreamExecutor:
         if self._ended:
             return
         self._ended = True
-        self._queue.put(None)
-        self.stream_events.put(None)
+        if self.use_thread:
+            self._queue.put(None)
+        else:
+            self._finish()
         for event in list(self._events.values()):
             event.set()
 
@@ -103,8 +109,11 @@ class StreamExecutor:
             raise ProgramError(f"variable {name!r} was never produced: {reason}") from self.error
         return self.variables[name]
 
-    def fork_copy(self) -> "StreamExecutor":
-        child = StreamExecutor(self.backend, self.defaults, self.stream)
+    def is_complete(self, name: str) -> bool:
+        return name in self._events and self._events[name].is_set()
+
+    def fork_copy(self) -> StreamExecutor:
+        child = StreamExecutor(self.backend, self.defaults, self.stream, self.use_thread)
         child.text, child.messages = self.text, copy.deepcopy(self.messages)
         child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
         child._role = self._role
@@ -122,22 +131,38 @@ class StreamExecutor:
             node = self._queue.get()
             if node is None:
                 self._queue.task_done()
+                self._finish()
                 return
             try:
-                if self.error is None:
-                    self._handlers[type(node)](node)
-            except BaseException as exc:  # noqa: BLE001 - kept and re-raised where the program reads it
-                self.error = exc
+                self._run(node)
             finally:
-                if self.error is not None:
-                    for event in list(self._events.values()):  # the program's thread may add events meanwhile
-                        event.set()  # readers wake up and see the error instead of waiting forever
                 self._queue.task_done()
 
+    def _run(self, node: Node) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._handlers[type(node)](node)
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised where the program reads it
+            self.error = exc
+            for event in list(self._events.values()):  # the program's thread may add events meanwhile
+                event.set()  # readers wake up and see the error instead of waiting forever
+            self._notify()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._notify()
+
+    def _notify(self) -> None:
+        with self.progress:
+            self.progress.notify_all()
+
     def _append(self, text: str, var: str | None = None) -> None:
-        self.text += text
-        if self.stream:
-            self.stream_events.put(StreamEvent(text, var))
+        with self.progress:
+            self.text += text
+            if self.stream:
+                self.pieces.append((text, var))
+            self.progress.notify_all()
 
     def _text(self, node: Text) -> None:
         self._append(node.value)
@@ -150,33 +175,45 @@ class StreamExecutor:
         params = {**self.defaults["sampling"], **{k: v for k, v in node.params.items() if v is not None}}
         logprob = {k: v for k, v in (("return_logprob", node.return_logprob or None),
                                      ("logprob_start_len", node.logprob_start_len),
-                                     ("top_logprobs_num", node.top_logprobs_num)) if v is not None}
+                                     ("top_logprobs_num", node.top_logprobs_num),
+                                     ("return_text_in_logprobs", node.return_text_in_logprobs or None))
+                   if v is not None}
         return params, {**self.defaults["logprob"], **logprob}
 
     def _gen(self, node: Gen) -> None:
         params, logprob = self._params(node)
-        if self.stream:
-            out, meta = "", None
+        if params.get("n", 1) > 1:
+            # As SGLang: the variable is the list of the n samples, the text continues with the first.
+            if self.stream:
+                raise ProgramError(f"gen({node.name!r}, n={params['n']}) cannot stream: run it without stream=True")
+            outs, metas = self.backend.generate(self.text, params, logprob)
+            self._append(outs[0], node.name)
+            self._set(node.name, list(outs), metas)
+        elif self.stream:
+            out = ""
             for delta, final in self.backend.generate_stream(self.text, params, logprob):
                 out += delta
+                if final is not None and node.name is not None:
+                    self.meta_info[node.name] = final
                 self._append(delta, node.name)
-                meta = final or meta
+            self._set(node.name, out, self.meta_info.get(node.name))
         else:
             out, meta = self.backend.generate(self.text, params, logprob)
             self._append(out, node.name)
-        self._set(node.name, out, meta)
+            self._set(node.name, out, meta)
 
     def _select(self, node: Select) -> None:
         result = self.backend.select(self.text, node.choices, node.temperature, node.choices_method)
         self._append(result.decision, node.name)
         self._set(node.name, result.decision, result.meta_info)
 
-    def _set(self, name: str | None, value, meta: dict | None) -> None:
+    def _set(self, name: str | None, value, meta) -> None:
         if name is None:
             return
         self.variables[name] = value
-        self.meta_info[name] = meta or {}
+        self.meta_info[name] = meta if meta is not None else {}
         self._event(name).set()
+        self._notify()
 
     def _role_begin(self, node: RoleBegin) -> None:
         self._append(self.template.prefix(node.role))
@@ -194,178 +231,39 @@ class StreamExecutor:
     def _scope_end(self, node: VarScopeEnd) -> None:
         self._set(node.name, self.text[self._scopes.pop(node.name):], None)
 
-    def _image(self, node: Image) -> None:
-        if not self.backend.supports_images():
-            raise ProgramError(f"{type(self.backend).__name__} does not support images (image({node.path!r}))")
+    def _media(self, node: Image | Video) -> None:
+        # `s += image(...)` already refused a text-only backend; none of radixflow's backends takes media yet.
+        raise ProgramError(f"{type(node).__name__.lower()}({node.path!r}): the interpreter cannot send media to "
+                           f"{type(self.backend).__name__} yet")
+
+    def _separate_reasoning(self, node: SeparateReasoning) -> None:
+        """Split the variable's `<think>...</think>` block into `{name}_reasoning_content` (SGLang's name) and
+        keep only the answer in the variable and in the text."""
+        value = self.variables.get(node.name)
+        if not isinstance(value, str):
+            raise ProgramError(f"separate_reasoning: {node.name!r} is not a generated text")
+        reasoning, answer = split_reasoning(value, node.model_type)
+        if self.text.endswith(value):
+            with self.progress:
+                self.text = self.text[:len(self.text) - len(value)] + answer
+        self._set(node.name, answer, self.meta_info.get(node.name))
+        self._set(node.reasoning_name, reasoning, None)
 
 
-def _variables_of(node: Node) -> list[str]:
+def media_error(backend, node: Image | Video) -> str:
+    kind = "video" if isinstance(node, Video) else "image"
+    model = backend.get_model_name() or "its model"
+    return (f"{kind}({node.path!r}): the backend {type(backend).__name__} ({model}) takes text only; use a backend "
+            f"whose model accepts {kind}s")
+
+
+def variables_of(node: Node) -> list[str]:
     if isinstance(node, Concat):
-        return [name for part in node.parts for name in _variables_of(part)]
+        return [name for part in node.parts for name in variables_of(part)]
     if isinstance(node, (Gen, Select)) and node.name:
         return [node.name]
     if isinstance(node, VarScopeEnd):
         return [node.name]
+    if isinstance(node, SeparateReasoning):
+        return [node.name, node.reasoning_name]
     return []
-
-
-class ProgramState:
-    """The `s` of a program: `s += ...`, `s["var"]`, roles, fork, streaming."""
-
-    def __init__(self, executor: StreamExecutor):
-        self._executor = executor
-        self.ret_value = None  # what the program function returned
-
-    def __del__(self):
-        # A forked child nobody joins would otherwise keep its worker thread forever.
-        self._executor.close()
-
-    def __iadd__(self, other) -> "ProgramState":
-        self._executor.submit(as_node(other))
-        return self
-
-    def __getitem__(self, name: str):
-        return self._executor.get(name)
-
-    def __setitem__(self, name: str, value) -> None:
-        self.set_var(name, value)
-
-    def __contains__(self, name: str) -> bool:
-        self.sync()
-        return name in self._executor.variables
-
-    def text(self) -> str:
-        self.sync()
-        return self._executor.text
-
-    def messages(self) -> list[dict]:
-        self.sync()
-        return list(self._executor.messages)
-
-    def sync(self) -> None:
-        self._executor.sync()
-
-    def error(self) -> BaseException | None:
-        self.sync()
-        return self._executor.error
-
-    def get_var(self, name: str):
-        return self[name]
-
-    def set_var(self, name: str, value) -> None:
-        self.sync()
-        self._executor._set(name, value, self._executor.meta_info.get(name))
-
-    def get_meta_info(self, name: str) -> dict:
-        self[name]
-        return self._executor.meta_info.get(name, {})
-
-    def fork(self, size: int = 1) -> "ProgramStateGroup":
-        self.sync()
-        if self._executor.error is not None:
-            raise ProgramError(f"cannot fork a failed program: {self._executor.error!r}") from self._executor.error
-        if size > 1:
-            self._executor.backend.cache_prefix(self._executor.text)
-        children = [ProgramState(self._executor.fork_copy()) for _ in range(size)]
-        return ProgramStateGroup(children, self, len(self._executor.text))
-
-    def copy(self) -> "ProgramState":
-        return self.fork(1)[0]
-
-    @contextmanager
-    def var_scope(self, name: str):
-        self += VarScopeBegin(name)
-        yield
-        self += VarScopeEnd(name)
-
-    @contextmanager
-    def _role(self, role: str):
-        self += RoleBegin(role)
-        yield
-        self += RoleEnd(role)
-
-    def system(self, text=None):
-        return self._role_block("system", text)
-
-    def user(self, text=None):
-        return self._role_block("user", text)
-
-    def assistant(self, text=None):
-        return self._role_block("assistant", text)
-
-    def _role_block(self, role: str, text):
-        if text is None:
-            return self._role(role)
-        self += RoleBegin(role) + as_node(text) + RoleEnd(role)
-        return None
-
-    def text_iter(self, var_name: str | None = None):
-        """Yield text as it is produced (run(..., stream=True)); only that variable's text if `var_name`.
-        Without streaming, yields the whole text (or the variable) once."""
-        if not self._executor.stream:
-            yield self.text() if var_name is None else self[var_name]
-            return
-        while True:
-            event = self._executor.stream_events.get()
-            if event is None:
-                return
-            if var_name is None or event.var == var_name:
-                yield event.text
-
-    async def text_async_iter(self, var_name: str | None = None):
-        if not self._executor.stream:
-            yield self.text() if var_name is None else self[var_name]
-            return
-        loop = asyncio.get_running_loop()
-        while True:
-            event = await loop.run_in_executor(None, self._executor.stream_events.get)
-            if event is None:
-                return
-            if var_name is None or event.var == var_name:
-                yield event.text
-
-    def __repr__(self) -> str:
-        return f"ProgramState({self.text()!r})"
-
-
-class ProgramStateGroup:
-    """The children of `fork(n)`."""
-
-    def __init__(self, states: list[ProgramState], parent: ProgramState, start: int):
-        self.states = states
-        self.parent = parent
-        self.start = start  # the parent's text length at the fork: where each child's own text begins
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __getitem__(self, i: int) -> ProgramState:
-        return self.states[i]
-
-    def __iter__(self):
-        return iter(self.states)
-
-    def __iadd__(self, other) -> "ProgramStateGroup":
-        for i, state in enumerate(self.states):
-            if callable(other):
-                state += other(i)
-            elif isinstance(other, (list, tuple)):  # one expression per child
-                state += other[i]
-            else:
-                state += other
-        return self
-
-    def join(self, mode: str = "gather_variable") -> None:
-        """Wait for every child. gather_variable: the parent gets each new variable as a list over children;
-        concate_and_append: the parent's text grows by each child's new text, in order."""
-        for state in self.states:
-            state.sync()
-        parent = self.parent._executor
-        if mode == "gather_variable":
-            names = {n for s in self.states for n in s._executor.variables if n not in parent.variables}
-            for name in sorted(names):
-                parent._set(name, [s._executor.variables.get(name) for s in self.states], None)
-        elif mode == "concate_and_append":
-            self.parent += "".join(s._executor.text[self.start:] for s in self.states)
-        else:
-            raise ValueError(f"join mode must be 'gather_variable' or 'concate_and_append', got {mode!r}")

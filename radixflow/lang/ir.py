@@ -8,6 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# SGLang's regexes for typed values, for programs that import them from here (`gen(regex=REGEX_INT)`). `gen(dtype=)`
+# uses tighter ones (api.py: no trailing whitespace), so a small model cannot pad a number with spaces.
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
+REGEX_BOOL = r"(True|False)"
+REGEX_STR = r"\"[\w\d\s]*\""  # SGLang's: a double-quoted run of word characters and spaces
+
 
 class Node:
     def __add__(self, other) -> "Concat":
@@ -82,3 +89,21 @@ class VarScopeEnd(Node):
 @dataclass
 class Image(Node):
     path: str
+
+
+@dataclass
+class Video(Node):
+    path: str
+    num_frames: int
+
+
+@dataclass
+class SeparateReasoning(Node):
+    """Split the `<think>...</think>` block out of variable `name` into `{name}_reasoning_content`."""
+
+    name: str
+    model_type: str | None = None
+
+    @property
+    def reasoning_name(self) -> str:
+        return f"{self.name}_reasoning_content"

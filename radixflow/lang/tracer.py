@@ -12,6 +12,7 @@ import inspect
 import operator
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from radixflow.lang.graph import (
     ArgumentUse,
@@ -24,8 +25,8 @@ from radixflow.lang.graph import (
     VariableUse,
     substitute_fields,
 )
-from radixflow.lang.interpreter import ProgramState, ProgramStateGroup
 from radixflow.lang.ir import Concat, Node, Text, as_node
+from radixflow.lang.program_state import ProgramState, ProgramStateGroup
 
 # A symbol formatted into a string becomes this marker (its key and format spec); the recorder turns markers in
 # appended text back into nodes. \x00 and \x01 do not occur in real prompts.
@@ -253,7 +254,7 @@ class TracerState:
     def text_iter(self, var_name: str | None = None):
         raise self._refuse("s.text_iter()")
 
-    def text_async_iter(self, var_name: str | None = None):
+    def text_async_iter(self, var_name: str | None = None, return_meta_data: bool = False):
         raise self._refuse("s.text_async_iter()")
 
     def sync(self) -> None:
@@ -262,14 +263,20 @@ class TracerState:
     def error(self) -> None:
         return None
 
-    def fork(self, size: int = 1) -> TracerGroup:
+    def fork(self, size: int = 1, position_ids_offset: list[int] | None = None) -> TracerGroup:
+        del position_ids_offset  # accepted as ProgramState.fork accepts it
         size = operator.index(size)  # a symbolic size refuses here, naming the argument
         children = tuple(self._recorder.new_stream() for _ in range(size))
         self._recorder.record(self._stream, [Fork(size, children)])
         return TracerGroup([TracerState(self._recorder, child) for child in children], self)
 
-    def copy(self) -> TracerState:
-        return self.fork(1)[0]
+    @contextmanager
+    def copy(self, position_ids_offset: list[int] | None = None):
+        group = self.fork(1, position_ids_offset)
+        try:
+            yield group[0]
+        finally:
+            group.join()
 
     # ProgramState's block helpers only do `self += ...`: the same code records here.
     var_scope = ProgramState.var_scope
@@ -290,6 +297,7 @@ class TracerGroup:
     # ProgramStateGroup's appending and indexing only use `self.states`.
     __len__ = ProgramStateGroup.__len__
     __getitem__ = ProgramStateGroup.__getitem__
+    __setitem__ = ProgramStateGroup.__setitem__
     __iter__ = ProgramStateGroup.__iter__
     __iadd__ = ProgramStateGroup.__iadd__
 

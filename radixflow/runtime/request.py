@@ -53,6 +53,7 @@ class LogprobOptions:
     return_logprob: bool = False
     logprob_start_len: int = -1  # SGLang's convention: -1 = no prompt logprobs; k >= 0 = from prompt position k
     top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False  # the API's results carry each token's text (the runtime ignores it)
 
     @property
     def prompt_start(self) -> int | None:

@@ -7,6 +7,7 @@ never disturbs the others.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 from radixflow.errors import InvalidRequestError
@@ -26,6 +27,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    # Regexes: the request stops once its output text matches one (the match is kept, as SGLang keeps it).
+    stop_regex: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = None
@@ -42,8 +45,13 @@ class SamplingParams:
             raise InvalidRequestError("stop", f"must be a string or a list of strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids or [], (list, tuple)):
             raise InvalidRequestError("stop_token_ids", f"must be a list of integers, got {self.stop_token_ids!r}")
+        if isinstance(self.stop_regex, str):
+            self.stop_regex = [self.stop_regex]
+        if not isinstance(self.stop_regex or [], (list, tuple)):
+            raise InvalidRequestError("stop_regex", f"must be a regex or a list of regexes, got {self.stop_regex!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_regex = list(self.stop_regex or [])
         self.validate()
         self.constraint = constraint_of(self.regex, self.json_schema, self.ebnf)
         if self.constraint is not None:
@@ -90,6 +98,15 @@ class SamplingParams:
             raise InvalidRequestError("stop", "must be a non-empty string or a list of non-empty strings")
         if len(self.stop) > 16:
             raise InvalidRequestError("stop", f"at most 16 stop strings, got {len(self.stop)}")
+        if len(self.stop_regex) > 16:
+            raise InvalidRequestError("stop_regex", f"at most 16 regexes, got {len(self.stop_regex)}")
+        for pattern in self.stop_regex:
+            if not isinstance(pattern, str) or not pattern:
+                raise InvalidRequestError("stop_regex", "must be a non-empty regex or a list of them")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InvalidRequestError("stop_regex", f"{pattern!r} is not a valid regex: {exc}") from None
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", "must be a list of non-negative integers")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):

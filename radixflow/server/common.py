@@ -44,7 +44,7 @@ class ServerState:
 
     async def stream(self, req: Req) -> AsyncIterator[tuple[ResultCollector, object]]:
         """(collector, delta) pairs for one request; records metrics as outputs arrive."""
-        collector = ResultCollector(req)
+        collector = ResultCollector(req, self.manager.tokenizer)
         last = None
         async for out in self.manager.submit(req):
             collector.add(out)

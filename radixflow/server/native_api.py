@@ -22,12 +22,11 @@ from radixflow.server.protocol import AbortRequestBody, FlushCacheRequest, Gener
 def add_native_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
     async def generate(body: GenerateRequest, request: Request):
-        normalized, reqs = state.prepare(GenerateInput(**body.model_dump(exclude={"return_text_in_logprobs"})))
+        normalized, reqs = state.prepare(GenerateInput(**body.model_dump()))
         if normalized.stream:
-            return event_stream(_native_stream(state, reqs[0], body.return_text_in_logprobs))
+            return event_stream(_native_stream(state, reqs[0]))
         collectors = await state.run_all(request, reqs)
-        return normalized.shape([_with_token_text(c.result(), state, body.return_text_in_logprobs)
-                                 for c in collectors])
+        return normalized.shape([c.result() for c in collectors])
 
     @app.post("/abort_request")
     async def abort_request(body: AbortRequestBody):
@@ -85,21 +84,7 @@ def add_operations_routes(app: FastAPI, state: ServerState) -> None:
         return Response(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
 
-async def _native_stream(state: ServerState, req: Req, with_text: bool):
+async def _native_stream(state: ServerState, req: Req):
     async for collector, _ in state.stream(req):
-        yield sse(_with_token_text(collector.result(), state, with_text))  # cumulative, as SGLang streams
+        yield sse(collector.result())  # cumulative, as SGLang streams
     yield sse("[DONE]")
-
-
-def _with_token_text(result: dict, state: ServerState, with_text: bool) -> dict:
-    if not with_text:
-        return result
-    decode = state.manager.tokenizer.decode
-    meta = result["meta_info"]
-    for key in ("output_token_logprobs", "input_token_logprobs"):
-        if key in meta:
-            meta[key] = [(lp, t, decode([t])) for lp, t, _ in meta[key]]
-    for key in ("output_top_logprobs", "input_top_logprobs"):
-        if key in meta:
-            meta[key] = [[(lp, t, decode([t])) for lp, t, _ in row] if row else row for row in meta[key]]
-    return result

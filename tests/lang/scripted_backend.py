@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from radixflow.backends.base import BaseBackend
 from radixflow.lang.chat_template import RoleTemplate
-from radixflow.lang.choices import ChoiceResult
+from radixflow.lang.choices import ChoicesDecision
 
 WAIT_S = 5.0  # no test waits longer than this for another thread: a broken interpreter fails instead of hanging
 
@@ -53,7 +53,7 @@ class ScriptedBackend(BaseBackend):
 
     def select(self, text, choices, temperature, method):
         self.record("select", text, {"choices": choices, "temperature": temperature, "method": method})
-        return ChoiceResult(self.choose(text, choices), {"choices": choices})
+        return ChoicesDecision(self.choose(text, choices), {"choices": choices})
 
 
 class GatedBackend(ScriptedBackend):

@@ -11,7 +11,6 @@ import pytest
 
 import radixflow as sgl
 from radixflow.lang.chat_template import RoleTemplate
-from radixflow.lang.choices import ChoiceScores
 from radixflow.lang.interpreter import ProgramError
 from tests.lang.scripted_backend import WAIT_S, BarrierBackend, ChunkedBackend, GatedBackend, ScriptedBackend, echo
 
@@ -165,8 +164,8 @@ def test_join_rejects_an_unknown_mode():
         s += "x"
         s.fork(2).join(mode="zip")
 
-    state = program.run(backend=ScriptedBackend())
-    assert isinstance(state.error(), ValueError) and "concate_and_append" in str(state.error())
+    with pytest.raises(ValueError, match="concate_and_append"):
+        program.run(backend=ScriptedBackend())
 
 
 def test_forked_children_do_not_leak_worker_threads():
@@ -268,7 +267,8 @@ def test_a_backend_error_is_kept_and_raised_where_the_program_is_read():
         s += " boom:" + sgl.gen("second")
         s += " after:" + sgl.gen("third")
 
-    state = program.run(backend=backend)
+    with pytest.warns(RuntimeWarning, match="fell over"):  # SGLang warns too; the program never read "second"
+        state = program.run(backend=backend)
     error = state.error()
     assert isinstance(error, RuntimeError) and "fell over" in str(error)
     assert state["first"] == "<ok:>"
@@ -281,26 +281,41 @@ def test_a_backend_error_is_kept_and_raised_where_the_program_is_read():
     assert state.text() == "ok:<ok:> boom:"
 
 
-def test_the_backend_error_wins_over_the_error_it_causes_in_the_program():
+def test_reading_a_variable_a_failed_primitive_never_produced_raises_from_run():
     @sgl.function
     def program(s):
         s += "boom:" + sgl.gen("x")
-        s += s["x"]  # raises ProgramError inside the program
+        s += s["x"]  # raises ProgramError inside the program: the caller sees it, with the backend's error as cause
 
-    error = program.run(backend=ScriptedBackend(respond=explode_on("boom:"))).error()
-    assert isinstance(error, RuntimeError) and "fell over" in str(error)
+    with pytest.warns(RuntimeWarning), pytest.raises(ProgramError, match="'x' was never produced") as info:
+        program.run(backend=ScriptedBackend(respond=explode_on("boom:")))
+    assert isinstance(info.value.__cause__, RuntimeError) and "fell over" in str(info.value.__cause__)
 
 
-def test_the_programs_own_exception_is_kept():
+def test_the_programs_own_exception_surfaces_from_run():
+    """As SGLang's run: never swallowed into state.error() with the text cut short."""
     @sgl.function
     def program(s):
         s += "q" + sgl.gen("a")
         if s["a"]:
             raise ValueError("the answer was not a number")
 
-    state = program.run(backend=ScriptedBackend())
-    assert isinstance(state.error(), ValueError)
-    assert state["a"] == "<q>"  # what ran before the exception is kept
+    with pytest.raises(ValueError, match="not a number"):
+        program.run(backend=ScriptedBackend())
+
+
+def test_a_streamed_programs_exception_is_kept_and_raised_at_the_end_of_its_text():
+    @sgl.function
+    def program(s):
+        s += "q" + sgl.gen("a")
+        raise ValueError("late failure")
+
+    state = program.run(backend=ScriptedBackend(), stream=True)
+    pieces = []
+    with pytest.raises(ValueError, match="late failure"):
+        for piece in state.text_iter():
+            pieces.append(piece)
+    assert "".join(pieces) == "q<q>" and isinstance(state.error(), ValueError)
 
 
 def test_reading_a_variable_that_was_never_produced_raises_instead_of_hanging():
@@ -315,9 +330,8 @@ def test_reading_inside_the_program_a_variable_nothing_produces_fails_instead_of
         s += "Q:" + sgl.gen("answer")
         s += s["anwser"]  # a typo: waiting for it would never end
 
-    state = program.run(backend=ScriptedBackend())
-    assert isinstance(state.error(), ProgramError) and "'anwser'" in str(state.error())
-    assert state["answer"] == "<Q:>"
+    with pytest.raises(ProgramError, match="'anwser'"):
+        program.run(backend=ScriptedBackend())
 
 
 def test_another_thread_may_wait_for_a_variable_the_program_has_not_reached_yet():
@@ -337,17 +351,65 @@ def test_another_thread_may_wait_for_a_variable_the_program_has_not_reached_yet(
     assert seen == ["<Q:>"]
 
 
-def test_one_failing_program_does_not_take_the_batch_down():
+def test_run_batch_keeps_a_failed_primitive_in_its_state_and_raises_a_programs_exception():
+    """SGLang's run_batch: a backend failure stays in that program's state (the others are unaffected); an
+    exception the program function raises propagates."""
     @sgl.function
     def program(s, word):
         s += word + sgl.gen("a")
         if word == "raise:":
             raise KeyError("own failure")
 
-    states = program.run_batch([{"word": w} for w in ("one:", "boom:", "two:", "raise:")],
-                               backend=ScriptedBackend(respond=explode_on("boom:")), num_threads=4)
-    assert [type(s.error()).__name__ for s in states] == ["NoneType", "RuntimeError", "NoneType", "KeyError"]
+    backend = ScriptedBackend(respond=explode_on("boom:"))
+    with pytest.warns(RuntimeWarning, match="fell over"):
+        states = program.run_batch([{"word": w} for w in ("one:", "boom:", "two:")], backend=backend, num_threads=4)
+    assert [type(s.error()).__name__ for s in states] == ["NoneType", "RuntimeError", "NoneType"]
     assert states[0]["a"] == "<one:>" and states[2]["a"] == "<two:>"
+    with pytest.raises(KeyError, match="own failure"):
+        program.run_batch([{"word": w} for w in ("one:", "raise:")], backend=backend, num_threads=2)
+
+
+def test_run_batch_generator_style_yields_the_states_in_order():
+    backend = GatedBackend()
+
+    @sgl.function
+    def program(s, word):
+        s += word + sgl.gen("a")
+
+    backend.release.set()
+    states = program.run_batch([{"word": f"w{i}:"} for i in range(5)], backend=backend, generator_style=True)
+    assert not isinstance(states, list)
+    assert [s["a"] for s in states] == [f"<w{i}:>" for i in range(5)]
+    assert list(program.run_batch([], backend=backend, generator_style=True)) == []
+
+
+def test_run_takes_sglangs_sampling_keywords_instead_of_passing_them_to_the_program():
+    backend = ScriptedBackend()
+
+    @sgl.function
+    def program(s, **program_arguments):
+        assert program_arguments == {"topic": "t"}
+        s += "x" + sgl.gen("a")
+
+    program.run(topic="t", n=1, stop_regex=r"\d", return_text_in_logprobs=True, use_thread=False, backend=backend)
+    assert backend.params()[0]["stop_regex"] == r"\d" and backend.params()[0]["n"] == 1
+
+
+def test_use_thread_false_runs_each_primitive_on_the_programs_thread():
+    seen = []
+
+    class Recording(ScriptedBackend):
+        def generate(self, text, params, logprob):
+            seen.append(threading.current_thread())
+            return super().generate(text, params, logprob)
+
+    @sgl.function
+    def program(s):
+        s += "a" + sgl.gen("x")
+        s += "b" + sgl.gen("y")
+
+    state = program.run(backend=Recording(), use_thread=False)
+    assert seen == [threading.current_thread()] * 2 and state.text() == "a<a>b<a<a>b>"
 
 
 def test_appending_a_non_text_value_is_refused_with_a_message():
@@ -355,8 +417,15 @@ def test_appending_a_non_text_value_is_refused_with_a_message():
     def program(s):
         s += None
 
-    error = program.run(backend=ScriptedBackend()).error()
-    assert isinstance(error, TypeError) and "cannot append NoneType" in str(error)
+    with pytest.raises(ValueError, match="None"):
+        program.run(backend=ScriptedBackend())
+
+    @sgl.function
+    def number(s):
+        s += 5
+
+    with pytest.raises(TypeError, match="cannot append int"):
+        number.run(backend=ScriptedBackend())
 
 
 # -- streaming ----------------------------------------------------------------------------------------------------
@@ -488,8 +557,9 @@ def test_constrained_gen_carries_its_constraint_to_the_runtime():
     assert sgl.gen_string("x", max_tokens=8).params == {**sgl.gen("x", 8, dtype=str).params}
     with pytest.raises(ValueError, match="dtype"):
         sgl.gen("x", dtype=list)
+    assert sgl.gen("x", dtype=int, regex="a").params["regex"] == r"[-+]?[0-9]+"  # SGLang: dtype wins over regex
     with pytest.raises(ValueError, match="at most one"):
-        sgl.gen("x", dtype=int, regex="a")
+        sgl.gen("x", dtype=int, json_schema={"type": "integer"})
 
 
 def test_constrained_gen_sends_the_constraint_in_the_sampling_params():
@@ -509,33 +579,43 @@ def test_select_needs_choices():
         sgl.select("x", [])
 
 
-# -- choice methods on hand-made logprobs ------------------------------------------------------------------------
+# -- choice methods on hand-made logprobs, called with SGLang's protocol ---------------------------------------
+def scores(choices, logprobs, unconditional=None) -> dict:
+    """The keyword arguments a choice method gets; entries are (logprob, token id, token text)."""
+    entries = [[(lp, 100 + j, None) for j, lp in enumerate(row)] for row in logprobs]
+    return dict(choices=choices, normalized_prompt_logprobs=[sum(r) / len(r) for r in logprobs],
+                input_token_logprobs=entries, output_token_logprobs=[[] for _ in choices],
+                unconditional_token_logprobs=None if unconditional is None else
+                [[(lp, 100 + j, None) for j, lp in enumerate(row)] for row in unconditional])
+
+
 def test_token_length_normalized_picks_the_highest_mean_logprob():
-    scores = ChoiceScores(["A", "BB"], [[-1.0], [-0.2, -2.5]])  # means -1.0 and -1.35
-    result = sgl.token_length_normalized(scores)
-    assert result.decision == "A"
+    result = sgl.token_length_normalized(**scores(["A", "BB"], [[-1.0], [-0.2, -2.5]]))  # means -1.0 and -1.35
+    assert isinstance(result, sgl.ChoicesDecision) and result.decision == "A"
     assert result.meta_info["normalized_prompt_logprobs"] == pytest.approx([-1.0, -1.35])
+    assert set(result.meta_info) == {"normalized_prompt_logprobs", "input_token_logprobs", "output_token_logprobs"}
 
 
 def test_greedy_token_selection_compares_token_by_token():
     # Same choices as above: the first token of "BB" is the most likely, so greedy picks it.
-    assert sgl.greedy_token_selection(ChoiceScores(["A", "BB"], [[-1.0], [-0.2, -2.5]])).decision == "BB"
+    assert sgl.greedy_token_selection(**scores(["A", "BB"], [[-1.0], [-0.2, -2.5]])).decision == "BB"
     # A tie on the first token is broken by the second.
-    tie = ChoiceScores(["x", "y", "z"], [[-0.5, -1.0], [-0.5, -0.2], [-0.9]])
-    assert sgl.greedy_token_selection(tie).decision == "y"
+    tie = scores(["x", "y", "z"], [[-0.5, -1.0], [-0.5, -0.2], [-0.9]])
+    assert sgl.greedy_token_selection(**tie).decision == "y"
     # A shorter choice competes past its end with its mean logprob.
-    prefix = ChoiceScores(["New", "New York"], [[-0.3], [-0.3, -0.1]])
-    assert sgl.greedy_token_selection(prefix).decision == "New York"
-    prefix = ChoiceScores(["New", "New York"], [[-0.3], [-0.3, -0.9]])
-    assert sgl.greedy_token_selection(prefix).decision == "New"
+    assert sgl.greedy_token_selection(**scores(["New", "New York"], [[-0.3], [-0.3, -0.1]])).decision == "New York"
+    result = sgl.greedy_token_selection(**scores(["New", "New York"], [[-0.3], [-0.3, -0.9]]))
+    assert result.decision == "New" and result.meta_info["greedy_logprob_matrix"] == [[-0.3, -0.3], [-0.3, -0.9]]
 
 
 def test_unconditional_likelihood_discounts_a_choice_that_is_likely_anyway():
     # "the" is likelier in context (-1.0 vs -2.0) but also without any context (-0.5): it tells us nothing.
-    scores = ChoiceScores(["Paris", "the"], [[-2.0], [-1.0]], unconditional_token_logprobs=[[-6.0], [-0.5]])
-    assert sgl.token_length_normalized(scores).decision == "the"
-    result = sgl.unconditional_likelihood_normalized(scores)
+    given = scores(["Paris", "the"], [[-2.0], [-1.0]], unconditional=[[-6.0], [-0.5]])
+    assert sgl.token_length_normalized(**given).decision == "the"
+    result = sgl.unconditional_likelihood_normalized(**given)
     assert result.decision == "Paris"
-    assert result.meta_info["normalized_prompt_logprobs"] == pytest.approx([4.0, -0.5])
+    assert result.meta_info["normalized_unconditional_prompt_logprobs"] == pytest.approx([4.0, -0.5])
     assert sgl.unconditional_likelihood_normalized.requires_unconditional_logprobs
     assert not sgl.token_length_normalized.requires_unconditional_logprobs
+    with pytest.raises(ValueError, match="unconditional"):
+        sgl.unconditional_likelihood_normalized(**scores(["a"], [[-1.0]]))

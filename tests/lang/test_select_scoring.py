@@ -52,13 +52,14 @@ def test_a_choice_merged_with_the_prefixs_trailing_space_is_scored_as_the_merged
                           (" ", "London"): -1.0})
     result = runtime.select("The capital of France is ", ["Paris", "London"], 0.0, None)
     assert result.decision == "Paris"
-    assert result.meta_info["input_token_logprobs"] == [[-0.1], [-3.0]]
+    assert logprobs(result.meta_info["input_token_logprobs"]) == [[-0.1], [-3.0]]
+    assert set(result.meta_info) == {"normalized_prompt_logprobs", "input_token_logprobs", "output_token_logprobs"}
 
 
 def test_multi_token_choices_are_scored_on_every_token_after_the_shared_prefix():
     runtime = ToyRuntime({(" is", " New"): -1.0, (" New", " York"): -0.2, (" is", " Boston"): -1.5})
     result = runtime.select("The city is", [" New York", " Boston"], 0.0, sgl.token_length_normalized)
-    assert result.meta_info["input_token_logprobs"] == [[-1.0, -0.2], [-1.5]]
+    assert logprobs(result.meta_info["input_token_logprobs"]) == [[-1.0, -0.2], [-1.5]]
     assert result.decision == " New York"
 
 
@@ -68,6 +69,28 @@ def test_unconditional_logprobs_are_taken_on_exactly_the_scored_tokens():
     # The conditional runs scored the merged " New", " York" and " Boston"; the context-free runs use those same
     # tokens (not a fresh tokenization of "New York", whose first token would be "New").
     assert runtime.requests[-2:] == [[" New", " York"], [" Boston"]]
-    assert result.meta_info["unconditional_token_logprobs"] == [[0.0, -0.2], [0.0]]
-    assert result.meta_info["normalized_prompt_logprobs"] == [-0.5, -1.5]
+    assert logprobs(result.meta_info["unconditional_token_logprobs"]) == [[None, -0.2], [None]]  # no context
+    assert result.meta_info["normalized_prompt_logprobs"] == [-0.6, -1.5]
+    assert result.meta_info["normalized_unconditional_prompt_logprobs"] == [-0.5, -1.5]
     assert result.decision == "New York"
+
+
+def logprobs(entries: list[list[tuple]]) -> list[list[float | None]]:
+    """The logprobs of SGLang's (logprob, token id, token text) entries."""
+    return [[lp for lp, *_ in row] for row in entries]
+
+
+def test_a_custom_choice_method_gets_sglangs_keywords_and_its_decision_is_the_result():
+    seen = {}
+
+    class Longest(sgl.ChoicesSamplingMethod):
+        def __call__(self, *, choices, normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs,
+                     unconditional_token_logprobs=None):
+            seen.update(choices=choices, normalized=normalized_prompt_logprobs,
+                        unconditional=unconditional_token_logprobs)
+            return sgl.ChoicesDecision(max(choices, key=len), {"picked_by": "length"})
+
+    runtime = ToyRuntime({(" is", " New"): -1.0, (" New", " York"): -0.2, (" is", " Boston"): -1.5})
+    result = runtime.select("The city is", [" Boston", " New York"], 0.0, Longest())
+    assert result.decision == " New York" and result.meta_info == {"picked_by": "length"}
+    assert seen == {"choices": [" Boston", " New York"], "normalized": [-1.5, -0.6], "unconditional": None}

@@ -7,6 +7,7 @@ detokenizer process (SGLang's layout) would compete with the model for the same 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from radixflow.runtime.request import FinishReason, Req, TokenLogprobs
@@ -36,9 +37,10 @@ class TextTracker:
     sees text that is later trimmed.
     """
 
-    def __init__(self, detokenizer: IncrementalDetokenizer, stops: list[str]):
+    def __init__(self, detokenizer: IncrementalDetokenizer, stops: list[str], stop_regexes: list[str] = ()):
         self.detok = detokenizer
         self.stops = stops
+        self.stop_regexes = [re.compile(pattern) for pattern in stop_regexes]
         self._longest = max((len(s) for s in stops), default=0)
         self._emitted = 0
         self._final_len: int | None = None
@@ -57,6 +59,15 @@ class TextTracker:
         pos, stop = min(hits)
         self._final_len = pos
         return stop
+
+    def regex_match(self) -> str | None:
+        """The text of the earliest stop-regex match in the output so far. It is not cut: SGLang keeps it, and
+        a stream could not hold back text a regex might still match."""
+        if not self.stop_regexes:
+            return None
+        text = self.detok.text
+        found = [m for m in (r.search(text) for r in self.stop_regexes) if m is not None]
+        return min(found, key=lambda m: m.start()).group(0) if found else None
 
     def take(self, final: bool) -> str:
         """Text not yet handed out. Unless `final`, keep back a tail that is a prefix of some stop string."""
@@ -93,7 +104,7 @@ class OutputProcessor:
 
     def add(self, req: Req) -> None:
         detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens)
-        self.text_trackers[req.rid] = TextTracker(detokenizer, req.params.stop)
+        self.text_trackers[req.rid] = TextTracker(detokenizer, req.params.stop, req.params.stop_regex)
 
     def advance(self, req: Req, token: int, token_lp: TokenLogprobs | None,
                 prompt_lps: list[TokenLogprobs]) -> tuple[RequestOutput, FinishReason | None]:
@@ -116,7 +127,7 @@ class OutputProcessor:
         for i, tok in enumerate(tokens):
             req.append_output(tok)
             delta.token_ids.append(tok)
-            reason = _finish_reason(req, tok, tracker.push(tok))
+            reason = _finish_reason(req, tok, tracker.push(tok), tracker.regex_match())
             if reason is None and i == len(tokens) - 1 and req.grammar is not None and req.grammar.finished:
                 reason = FinishReason("stop", tok if tok in req.stop_ids else None)  # nothing more can follow
             if reason is not None:
@@ -138,9 +149,11 @@ class OutputProcessor:
                              completion_tokens=req.num_output, cached_tokens=req.cached_prompt_tokens)
 
 
-def _finish_reason(req: Req, token: int, stop_string: str | None) -> FinishReason | None:
+def _finish_reason(req: Req, token: int, stop_string: str | None, regex_match: str | None) -> FinishReason | None:
     if stop_string is not None:
         return FinishReason("stop", stop_string)
+    if regex_match is not None:
+        return FinishReason("stop", regex_match)
     if token in req.stop_ids and req.num_output >= req.params.min_new_tokens:
         return FinishReason("stop", token)
     if req.num_output >= req.params.max_new_tokens:
