@@ -62,10 +62,9 @@ def skeleton(s, topic, parallel):
         forks.join()
     else:
         for i in range(5):
-            branch = s.copy()
-            branch += f"Explain point {i + 1} in one sentence:" + sgl.gen("point", max_tokens=24, temperature=0,
-                                                                          ignore_eos=True)
-            branch["point"]
+            with s.copy() as branch:  # the copy is joined (waited for) at the end of the block
+                branch += f"Explain point {i + 1} in one sentence:" + sgl.gen("point", max_tokens=24,
+                                                                              temperature=0, ignore_eos=True)
 
 
 def parallelism(engine: sgl.Engine) -> dict:

@@ -18,8 +18,10 @@ _HEAL_WINDOW = 3
 
 
 class BaseBackend:
-    def get_chat_template(self) -> RoleTemplate:
-        return RoleTemplate.plain()
+    chat_template = RoleTemplate.plain()  # settable, as in SGLang (`backend.chat_template = get_chat_template(...)`)
+
+    def get_chat_template(self):
+        return self.chat_template
 
     def cache_prefix(self, text: str) -> None:
         """Compute and cache a shared prefix before forked children use it (no-op where there is no cache)."""

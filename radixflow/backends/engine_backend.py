@@ -15,12 +15,12 @@ class EngineBackend(RuntimeBackend):
     def __init__(self, engine: Engine):
         self.engine = engine
         tokenizer = self.engine.tokenizer
-        self._template = (RoleTemplate.from_renderer(
+        self.chat_template = (RoleTemplate.from_renderer(
             lambda m, g: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g))
             if tokenizer.chat_template else RoleTemplate.plain())
 
-    def get_chat_template(self) -> RoleTemplate:
-        return self._template
+    def get_model_name(self) -> str:
+        return str(self.engine.core.loaded.source.path)
 
     def _generate(self, prompts, params, logprob):
         source = "input_ids" if isinstance(prompts[0], list) else "prompt"

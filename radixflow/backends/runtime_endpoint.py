@@ -7,27 +7,38 @@ import json
 import httpx
 
 from radixflow.backends.base import RuntimeBackend
-from radixflow.lang.chat_template import RoleTemplate, jinja_renderer
+from radixflow.lang.chat_template import RoleTemplate, get_chat_template, jinja_renderer
 
 
 class RuntimeEndpoint(RuntimeBackend):
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0):
+    """SGLang's `RuntimeEndpoint(base_url, api_key=None, verify=None, chat_template_name=None)`: `verify` is
+    httpx's TLS verification (True, False, or a CA bundle path); `chat_template_name` picks a registered template
+    instead of the one derived from the served model's (`chat_template` can also be set afterwards)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, verify=None, chat_template_name: str | None = None,
+                 timeout: float = 600.0):
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
-        info = self._get("/get_model_info")
-        template = info.get("chat_template")
-        self._template = (RoleTemplate.from_renderer(jinja_renderer(template, info.get("bos_token") or "",
-                                                                    info.get("eos_token") or ""))
-                          if template else RoleTemplate.plain())
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
+                                   verify=True if verify is None else verify)
+        self.model_info = self._get("/get_model_info")
+        template = self.model_info.get("chat_template")
+        if chat_template_name is not None:
+            self.chat_template = get_chat_template(chat_template_name)
+        elif template:
+            self.chat_template = RoleTemplate.from_renderer(jinja_renderer(
+                template, self.model_info.get("bos_token") or "", self.model_info.get("eos_token") or ""))
+        else:
+            self.chat_template = RoleTemplate.plain()
+
+    def get_model_name(self) -> str:
+        return self.model_info["model_path"]
 
     def _get(self, path: str) -> dict:
         response = self.client.get(path)
         response.raise_for_status()
         return response.json()
 
-    def get_chat_template(self) -> RoleTemplate:
-        return self._template
 
     def _generate(self, prompts, params, logprob):
         source = "input_ids" if isinstance(prompts[0], list) else "text"

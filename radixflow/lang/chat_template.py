@@ -1,7 +1,9 @@
-"""Role markers for `system` / `user` / `assistant` blocks, derived from the model's own chat template.
+"""Role markers for `system` / `user` / `assistant` blocks.
 
-The template is rendered with a marker as the message content; what surrounds the marker is the role's prefix
-and suffix. So any Jinja chat template the model ships works without a hand-written table.
+By default they are derived from the model's own chat template: the template is rendered with a marker as the
+message content, and what surrounds the marker is the role's prefix and suffix, so any Jinja chat template the
+model ships works without a hand-written table. Programs that pick a template by name get SGLang's
+`ChatTemplate`s from a registry (`get_chat_template("chatml")`, `register_chat_template(...)`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ Renderer = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt
 class RoleTemplate:
     prefixes: dict[str, str]
     suffixes: dict[str, str]
+    default_system_prompt = None  # a derived template already renders the model's own default
+    stop_str: tuple[str, ...] = ()
 
     def prefix(self, role: str) -> str:
         return self.prefixes.get(role, "")
@@ -76,3 +80,69 @@ def jinja_renderer(template: str, bos_token: str = "", eos_token: str = "") -> R
     compiled = env.from_string(template)
     return lambda messages, gen_prompt: compiled.render(messages=messages, add_generation_prompt=gen_prompt,
                                                         bos_token=bos_token, eos_token=eos_token)
+
+
+@dataclass
+class ChatTemplate:
+    """SGLang's named chat template: each role's (prefix, suffix); a system prompt sent when a program starts
+    with another role; extra stop strings for every `gen`."""
+
+    name: str
+    default_system_prompt: str | None
+    role_prefix_and_suffix: dict[str, tuple[str, str]]
+    stop_str: tuple[str, ...] | list[str] = ()
+    image_token: str = "<image>"
+    audio_token: str = "<audio>"
+    style: str = "plain"
+
+    def prefix(self, role: str) -> str:
+        return self.role_prefix_and_suffix.get(role, ("", ""))[0]
+
+    def suffix(self, role: str) -> str:
+        return self.role_prefix_and_suffix.get(role, ("", ""))[1]
+
+    def get_prefix_and_suffix(self, role: str, hist_messages: list[dict] | None = None) -> tuple[str, str]:
+        return self.prefix(role), self.suffix(role)
+
+
+_REGISTRY: dict[str, ChatTemplate] = {}
+
+
+def register_chat_template(template: ChatTemplate) -> None:
+    _REGISTRY[template.name] = template
+
+
+def get_chat_template(name: str) -> ChatTemplate:
+    if name not in _REGISTRY:
+        raise ValueError(f"chat template {name!r} is not registered; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def _chatml(name: str, system_prompt: str | None = None) -> ChatTemplate:
+    roles = {r: (f"<|im_start|>{r}\n", "<|im_end|>\n") for r in ("system", "user", "assistant")}
+    return ChatTemplate(name, system_prompt, roles, stop_str=("<|im_end|>",))
+
+
+def _llama3_roles() -> dict[str, tuple[str, str]]:
+    return {r: (f"<|start_header_id|>{r}<|end_header_id|>\n\n", "<|eot_id|>") for r in ("system", "user", "assistant")}
+
+
+for _template in (
+    ChatTemplate("default", None, {"system": ("SYSTEM:", "\n"), "user": ("USER:", "\n"),
+                                   "assistant": ("ASSISTANT:", "\n")}),
+    ChatTemplate("claude", None, {"system": ("", ""), "user": ("\n\nHuman: ", ""),
+                                  "assistant": ("\n\nAssistant:", "")}),
+    _chatml("chatml"),
+    _chatml("qwen", "You are a helpful assistant."),
+    ChatTemplate("vicuna_v1.1", "A chat between a curious user and an artificial intelligence assistant. The "
+                 "assistant gives helpful, detailed, and polite answers to the user's questions.",
+                 {"system": ("", " "), "user": ("USER:", " "), "assistant": ("ASSISTANT:", "</s>")}),
+    ChatTemplate("llama-2-chat", None, {"system": ("<<SYS>>\n", "\n<</SYS>>\n\n"), "user": ("[INST] ", " [/INST]"),
+                                        "assistant": ("", " </s><s>")},
+                 stop_str=("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")),
+    ChatTemplate("llama-3-instruct", None, _llama3_roles(), stop_str=("<|eot_id|>",)),
+    ChatTemplate("mistral", None, {"system": ("[SYSTEM_PROMPT] ", " [/SYSTEM_PROMPT]"),
+                                   "user": ("[INST] ", " [/INST]"), "assistant": ("", " </s><s>")},
+                 stop_str=("</s>",)),
+):
+    register_chat_template(_template)

@@ -173,6 +173,9 @@ class StreamExecutor:
 
     def _params(self, node: Gen) -> tuple[dict, dict]:
         params = {**self.defaults["sampling"], **{k: v for k, v in node.params.items() if v is not None}}
+        if self.template.stop_str:  # a named template's end-of-turn markers stop every generation, as in SGLang
+            stop = params.get("stop") or []
+            params["stop"] = [*([stop] if isinstance(stop, str) else stop), *self.template.stop_str]
         logprob = {k: v for k, v in (("return_logprob", node.return_logprob or None),
                                      ("logprob_start_len", node.logprob_start_len),
                                      ("top_logprobs_num", node.top_logprobs_num),
@@ -216,6 +219,12 @@ class StreamExecutor:
         self._notify()
 
     def _role_begin(self, node: RoleBegin) -> None:
+        system_prompt = self.template.default_system_prompt
+        if system_prompt and not self.messages and self._role is None and node.role != "system":
+            # A named template's default system prompt, as SGLang sends it before a program's first other role.
+            self._role_begin(RoleBegin("system"))
+            self._append(system_prompt)
+            self._role_end(RoleEnd("system"))
         self._append(self.template.prefix(node.role))
         self._role = (node.role, len(self.text))
 

@@ -153,3 +153,26 @@ def test_no_kv_leak_after_everything(tiny_engine):
     assert tiny_engine.flush_cache()
     stats = tiny_engine.stats()
     assert stats["kv_free_tokens"] == stats["kv_total_tokens"]
+
+
+def test_stop_regex_ends_the_request_at_the_first_match_and_keeps_it(tiny_engine):
+    base = greedy(tiny_engine, 32)
+    text = base["text"]
+    target = next(ch for ch in text[8:] if ch.isalpha())  # a character the greedy text reaches after a while
+    out = greedy(tiny_engine, 32, stop_regex=[f"{target}+"])
+    reason = out["meta_info"]["finish_reason"]
+    assert reason["type"] == "stop" and reason["matched"].startswith(target)
+    cut = text.index(target)
+    assert out["text"].startswith(text[:cut + 1]) and len(out["output_ids"]) < len(base["output_ids"])
+    with pytest.raises(InvalidRequestError, match="stop_regex"):
+        greedy(tiny_engine, 4, stop_regex="(unclosed")
+
+
+def test_return_text_in_logprobs_fills_the_token_texts(tiny_engine):
+    out = tiny_engine.generate(PROMPT, {"max_new_tokens": 3, **GREEDY}, return_logprob=True, top_logprobs_num=2,
+                               return_text_in_logprobs=True)
+    entries = out["meta_info"]["output_token_logprobs"]
+    assert [text for _, _, text in entries] == [tiny_engine.tokenizer.decode([t]) for _, t, _ in entries]
+    assert all(text is not None for row in out["meta_info"]["output_top_logprobs"] for _, _, text in row)
+    plain = tiny_engine.generate(PROMPT, {"max_new_tokens": 3, **GREEDY}, return_logprob=True)
+    assert all(text is None for _, _, text in plain["meta_info"]["output_token_logprobs"])

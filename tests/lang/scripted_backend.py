@@ -27,7 +27,7 @@ class ScriptedBackend(BaseBackend):
                  template: RoleTemplate | None = None):
         self.respond = respond
         self.choose = choose or (lambda prompt, choices: choices[0])
-        self.template = template or RoleTemplate.plain()
+        self.chat_template = template or RoleTemplate.plain()
         self.calls: list[tuple[str, str, object]] = []  # (kind, prompt, params / choice arguments)
         self._lock = threading.Lock()
 
@@ -40,9 +40,6 @@ class ScriptedBackend(BaseBackend):
 
     def params(self) -> list[dict]:
         return [extra for k, _, extra in self.calls if k == "generate"]
-
-    def get_chat_template(self) -> RoleTemplate:
-        return self.template
 
     def cache_prefix(self, text: str) -> None:
         self.record("cache_prefix", text)

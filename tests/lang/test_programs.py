@@ -36,17 +36,9 @@ pytestmark = pytest.mark.slow
 CHOICE_METHODS = [sgl.token_length_normalized, sgl.greedy_token_selection, sgl.unconditional_likelihood_normalized]
 
 
-@pytest.fixture(scope="module", params=["engine", "runtime"])
-def backend(request):
-    """What a user passes as `backend=`: an `Engine` or a `Runtime`; each loads the model once."""
-    if request.param == "engine":
-        yield request.getfixturevalue("smol_engine")  # shared with the other slow tests of the session
-        return
-    # One torch thread: on a 2-core machine the server's default (all cores) competes with its own HTTP process and
-    # runs the model about 3x slower.
-    runtime = sgl.Runtime(max_total_tokens=16384, num_threads=1)
-    yield runtime
-    runtime.shutdown()
+@pytest.fixture
+def backend(real_backend):
+    return real_backend
 
 
 # -- few-shot QA and var_scope ---------------------------------------------------------------------------------
@@ -95,7 +87,11 @@ def test_unconditional_likelihood_scores_the_same_tokens_without_context(backend
     meta = state.get_meta_info("city")
     assert [len(lps) for lps in meta["input_token_logprobs"]] == [1, 3, 3]
     assert [len(lps) for lps in meta["unconditional_token_logprobs"]] == [1, 3, 3]
-    assert all(u[0] == 0.0 for u in meta["unconditional_token_logprobs"])  # the first token has no context
+    assert all(u[0][0] is None for u in meta["unconditional_token_logprobs"])  # the first token has no context
+    # SGLang's entries: (logprob, token id, token text), the same tokens with and without context.
+    assert [[t for _, t, _ in row] for row in meta["input_token_logprobs"]] == \
+        [[t for _, t, _ in row] for row in meta["unconditional_token_logprobs"]]
+    assert meta["input_token_logprobs"][0][0][2] == " Paris"
 
 
 def test_select_after_a_trailing_space_heals_the_token_boundary(backend):
@@ -104,7 +100,8 @@ def test_select_after_a_trailing_space_heals_the_token_boundary(backend):
     state = boundary.run(backend=backend)
     assert state["city"] == "Paris"
     paris, london = state.get_meta_info("city")["input_token_logprobs"]
-    assert len(paris) == 1 and paris[0] > -2.0 and paris[0] > london[0]
+    assert len(paris) == 1 and paris[0][0] > -2.0 and paris[0][0] > london[0][0]
+    assert paris[0][2] == " Paris"  # the merged token
 
 
 # -- tool use -------------------------------------------------------------------------------------------------------
