@@ -12,7 +12,6 @@ import inspect
 import operator
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 from radixflow.lang.graph import (
     ArgumentUse,
@@ -270,15 +269,8 @@ class TracerState:
         self._recorder.record(self._stream, [Fork(size, children)])
         return TracerGroup([TracerState(self._recorder, child) for child in children], self)
 
-    @contextmanager
-    def copy(self, position_ids_offset: list[int] | None = None):
-        group = self.fork(1, position_ids_offset)
-        try:
-            yield group[0]
-        finally:
-            group.join()
-
-    # ProgramState's block helpers only do `self += ...`: the same code records here.
+    # ProgramState's block helpers only do `self += ...`, `fork` and `join`: the same code records here.
+    copy = ProgramState.copy
     var_scope = ProgramState.var_scope
     _role = ProgramState._role
     _role_block = ProgramState._role_block

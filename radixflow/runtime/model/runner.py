@@ -58,7 +58,7 @@ class ModelRunner:
         if sampling:
             sample_logits = logits[[r.sample_row for r in rows if r.samples]]
             self._sample(sampling, sample_logits, masks, [out for s, out in zip(reqs, outputs) if s.samples_next])
-        in_batch_order = [outputs[0]] * len(outputs)
+        in_batch_order: list[ModelOutput | None] = [None] * len(outputs)
         for pos, i in enumerate(order):
             in_batch_order[i] = outputs[pos]
         return in_batch_order
