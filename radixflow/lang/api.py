@@ -23,12 +23,13 @@ from radixflow.lang.ir import (
 from radixflow.lang.reasoning import split_reasoning
 
 # dtype= of gen: the regex the value must match (as SGLang; the variable stays a string, so programs that
-# concatenate it keep working). str is a double-quoted string without quotes or newlines inside, quotes kept.
+# concatenate it keep working). str is a double-quoted string with no quote, backslash or control character inside
+# (so it is also a valid JSON string), quotes kept.
 _DTYPE_REGEX = {
     int: r"[-+]?[0-9]+",
     float: r"[-+]?[0-9]+(\.[0-9]+)?",
     bool: r"(True|False)",
-    str: r'"[^"\n]*"',
+    str: r'"[^"\\\x00-\x1f]*"',
 }
 _DTYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str}
 

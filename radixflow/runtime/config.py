@@ -31,6 +31,10 @@ class ModelConfig:
     onednn_linear: bool = _help("on CPU in float32, run multi-row linear layers on oneDNN with prepacked weights "
                                 "(faster than MKL on CPUs where MKL skips AVX-512); off: torch's default matmul",
                                 default=True)
+    weight_format: str = _help(
+        "auto: the linear layers a GGUF file stores as Q4_0, Q4_1 or Q8_0 also stay in their 4-bit blocks and "
+        "decode-sized calls run on torch's int4 kernel (CPU; bf16 inside, so outputs differ from fp32 at bf16 "
+        "precision); fp32: dequantized weights only", default="auto")
     quantization: str | None = _help("int8: linear layers in int8 with dynamic activation quantization (CPU, "
                                      "fbgemm); several times faster GEMMs, logits no longer bit-equal to fp32",
                                      default=None)

@@ -26,6 +26,7 @@ from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
 from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
 from radixflow.runtime.model.loader import load_weights
+from radixflow.runtime.model.quant import int4_kernel_available
 from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.model_source import ModelSource, resolve_model
 from radixflow.runtime.scheduler.output import RequestOutput
@@ -35,6 +36,7 @@ from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_FORMATS = ("auto", "fp32")
 
 
 @dataclass
@@ -52,24 +54,33 @@ def load_model(config: EngineConfig) -> LoadedModel:
         raise ValueError(f"dtype: {mc.dtype!r} is not one of {', '.join(_DTYPES)}")
     if mc.quantization not in (None, "int8"):
         raise ValueError(f"quantization: {mc.quantization!r} is not supported (use int8, or none)")
+    if mc.weight_format not in _WEIGHT_FORMATS:
+        raise ValueError(f"weight_format: {mc.weight_format!r} is not one of {', '.join(_WEIGHT_FORMATS)}")
     if mc.quantization == "int8" and (mc.device != "cpu" or mc.dtype != "float32"):
         raise ValueError("quantization: int8 runs on the CPU with dtype float32 activations")
     if mc.num_threads:
         torch.set_num_threads(mc.num_threads)
     device = torch.device(mc.device)
     source = resolve_model(mc.model_path)
-    args, weights = load_weights(source, _DTYPES[mc.dtype])
+    checkpoint = load_weights(source, _DTYPES[mc.dtype])
+    args = checkpoint.args
     with torch.device("meta"):
         model = LlamaModel(args)
     model = model.to_empty(device=device).to(_DTYPES[mc.dtype])
     # `to_empty` leaves buffers uninitialised too, and the RoPE frequencies are not in the checkpoint.
     model.inv_freq = rope_inv_freq(args).float().to(device)
-    model.load_weights(weights)
+    model.load_weights(checkpoint.weights)
     model.eval()
     if mc.quantization == "int8":
         quantize_int8(model)
     elif mc.onednn_linear and device.type == "cpu" and mc.dtype == "float32" and not prepack_onednn(model):
         logger.info("oneDNN linear layers unavailable in this torch build; using torch's matmul")
+    if mc.weight_format == "auto" and mc.quantization is None and checkpoint.int4:
+        # On other devices (or a torch without the CPU kernel) the dequantized weights serve every call.
+        if mc.dtype == "float32" and int4_kernel_available(device):
+            logger.info("int4 kernel for %d linear layers", model.use_int4(checkpoint.int4))
+        else:
+            logger.info("4-bit weights dequantized: the int4 kernel needs the CPU and dtype float32")
     tokenizer = load_tokenizer(source, mc.chat_template)
     return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))
 

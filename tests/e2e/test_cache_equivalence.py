@@ -79,8 +79,10 @@ def test_shared_prefix_attention_keeps_outputs(tiny_model_dir, tiny_reference, m
 
 @pytest.mark.slow
 def test_smollm2_outputs_identical_across_cache_modes():
-    ref, ref_stats = run_config(None, 12, max_total_tokens=16384)
+    # fp32 weights: the int4 kernel (bf16 inside) serves calls of few rows and fp32 the rest, so with it a request's
+    # tokens may differ at near-ties between batch shapes, which is not what this test is about.
+    ref, ref_stats = run_config(None, 12, max_total_tokens=16384, weight_format="fp32")
     for config in (CONFIGS["no-radix"], CONFIGS["small-chunks"], CONFIGS["tiny-pool"]):
-        outs, stats = run_config(None, 12, **config)
+        outs, stats = run_config(None, 12, weight_format="fp32", **config)
         assert outs == ref, config
     assert ref_stats["cache_hit_rate"] > 0.5

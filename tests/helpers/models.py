@@ -40,3 +40,78 @@ def build_tiny_model(directory, architecture: str = "llama", **overrides):
         (directory / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def build_tiny_gguf(path, linear_type, embed_type=None, hidden: int = 64, intermediate: int = 128, layers: int = 2,
+                    heads: int = 4, kv_heads: int = 2, tied: bool = True, seed: int = 0):
+    """Write a tiny random Llama as a GGUF file, its linear weights in `linear_type` (a `GGMLQuantizationType`)
+    and the embedding in `embed_type` (default: the same), with SmolLM2's tokenizer copied from the shipped file.
+    Q and K rows are permuted as llama.cpp's converter does. Returns the dequantized weights as the file holds them
+    (Q and K rows permuted), by GGUF tensor name without `.weight`. K-quant types (which the gguf package cannot
+    quantize) get random blocks with sane scales."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    source = gguf.GGUFReader(str(resolve_model(None).path))
+    vocab = int(source.fields["llama.vocab_size"].contents())
+    gen = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    for key, value in {"block_count": layers, "context_length": 2048, "embedding_length": hidden,
+                       "feed_forward_length": intermediate, "attention.head_count": heads,
+                       "attention.head_count_kv": kv_heads, "vocab_size": vocab,
+                       "rope.dimension_count": hidden // heads}.items():
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    head_dim = hidden // heads
+    shapes = {"token_embd": (vocab, hidden)}
+    if not tied:
+        shapes["output"] = (vocab, hidden)
+    for i in range(layers):
+        shapes |= {f"blk.{i}.attn_q": (hidden, hidden), f"blk.{i}.attn_k": (kv_heads * head_dim, hidden),
+                   f"blk.{i}.attn_v": (kv_heads * head_dim, hidden), f"blk.{i}.attn_output": (hidden, hidden),
+                   f"blk.{i}.ffn_gate": (intermediate, hidden), f"blk.{i}.ffn_up": (intermediate, hidden),
+                   f"blk.{i}.ffn_down": (hidden, intermediate)}
+    weights = {}
+    for name, shape in shapes.items():
+        kind = (embed_type or linear_type) if name in ("token_embd", "output") else linear_type
+        w = gen.normal(0, 0.3, size=shape).astype(np.float32)
+        if name.endswith(("attn_q", "attn_k")):  # llama.cpp stores RoPE pairs interleaved
+            n = heads if name.endswith("attn_q") else kv_heads
+            w = w.reshape(n, 2, shape[0] // n // 2, shape[1]).swapaxes(1, 2).reshape(shape)
+        if kind in (Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0):
+            data = gguf.quants.quantize(w, kind)
+        else:
+            data = _random_kquant_blocks(gen, kind, shape)
+        writer.add_tensor(f"{name}.weight", data, raw_dtype=kind)
+        weights[name] = torch.from_numpy(np.array(gguf.quants.dequantize(data, kind), dtype=np.float32).reshape(shape))
+    for i in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * gen.normal(size=hidden)).astype(np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return weights
+
+
+def _random_kquant_blocks(gen, kind, shape):
+    """Random K-quant blocks whose fp16 super-block scales are small and finite (random bytes would hold NaNs)."""
+    import gguf
+    import numpy as np
+
+    block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
+    rows, cols = shape
+    blocks = gen.integers(0, 256, size=(rows, cols // block_size, type_size), dtype=np.uint8)
+    scales = gen.uniform(0.001, 0.01, size=(rows, cols // block_size, 2)).astype(np.float16).view(np.uint8)
+    if kind == gguf.GGMLQuantizationType.Q6_K:  # d is the block's last two bytes; its 16 scales are signed bytes
+        blocks[..., -2:] = scales[..., :2]
+    else:  # Q4_K, Q5_K: d and dmin lead the block
+        blocks[..., :4] = scales.reshape(rows, cols // block_size, 4)
+    return blocks.reshape(rows, -1)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixflow.runtime.model.attention import AttentionInputs, paged_attention
+from radixflow.runtime.model.quant import Int4Groups, Int4Weight
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -121,8 +122,12 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.packed = None  # int8 weights packed for fbgemm, after quantize_int8()
         self.onednn = None  # fp32 weights in oneDNN's blocked layout, after prepack_onednn()
+        self.int4: Int4Weight | None = None  # the checkpoint's 4-bit weights, for calls of few rows (use_int4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
+            out = self.int4(x)
+            return out if self.bias is None else out + self.bias
         if self.packed is not None:
             return torch.ops.quantized.linear_dynamic(x, self.packed, _REDUCE_RANGE)
         if self.onednn is not None and x.shape[0] > 1:
@@ -239,6 +244,23 @@ class LlamaModel(nn.Module):
             x = x[attn.logits_rows]
         return self.lm_head(self.norm(x)).float()
 
+    def use_int4(self, groups: dict[str, Int4Groups]) -> int:
+        """Give each linear layer whose checkpoint weight has 4-bit groups (Hugging Face names) its int4 kernel,
+        fused as the fp32 weights are; a fused layer needs groups for all its parts. Returns how many layers."""
+        fused = _fuse_hf_weights(groups, self.args, Int4Groups.cat)
+        if "lm_head.weight" not in fused and self.args.tie_word_embeddings and "embed_tokens.weight" in fused:
+            fused["lm_head.weight"] = fused["embed_tokens.weight"]
+        count = 0
+        for name, module in self.named_modules():
+            if isinstance(module, Linear) and f"{name}.weight" in fused:
+                g = fused[f"{name}.weight"]
+                expected = tuple(module.weight_t.shape[::-1])
+                if g.shape != expected:
+                    raise ValueError(f"tensor {name}: 4-bit shape {g.shape} != model {expected}")
+                module.int4 = Int4Weight(g)
+                count += 1
+        return count
+
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named weights, fusing q/k/v and gate/up. Raises on a missing or misshapen tensor."""
         own = dict(self.named_parameters())
@@ -264,6 +286,10 @@ _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 
 
 _PACK_ROWS = 512  # the row count oneDNN tunes the packed layout for; any row count works
+
+# Calls with more rows than this (prefill chunks, large decode batches) use the fp32 weight: the int4 kernel's
+# dequantization costs more than it saves there (measured crossover on SmolLM2's layers: bench/RESULTS.md).
+INT4_MAX_ROWS = 10
 
 
 def prepack_onednn(model: nn.Module) -> bool:
@@ -329,8 +355,9 @@ def _own_name(name: str) -> str:
     return name
 
 
-def _fuse_hf_weights(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Map HF names (model.layers.N.self_attn.q_proj.weight, ...) onto this module's fused parameters."""
+def _fuse_hf_weights(weights: dict, args: ModelArgs, cat=lambda parts: torch.cat(parts, dim=0)) -> dict:
+    """Map HF names (model.layers.N.self_attn.q_proj.weight, ...) onto this module's fused parameters; `cat`
+    stacks parts along the output (tensors by default, or `Int4Groups.cat`)."""
     out = {}
     for name, tensor in weights.items():
         out[name.removeprefix("model.")] = tensor
@@ -339,8 +366,8 @@ def _fuse_hf_weights(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[
         for kind in ("weight", "bias"):
             parts = [out.pop(f"{attn}.{p}_proj.{kind}", None) for p in "qkv"]
             if all(p is not None for p in parts):
-                out[f"{attn}.qkv_proj.{kind}"] = torch.cat(parts, dim=0)
+                out[f"{attn}.qkv_proj.{kind}"] = cat(parts)
         gate, up = out.pop(f"{mlp}.gate_proj.weight", None), out.pop(f"{mlp}.up_proj.weight", None)
         if gate is not None and up is not None:
-            out[f"{mlp}.gate_up_proj.weight"] = torch.cat([gate, up], dim=0)
+            out[f"{mlp}.gate_up_proj.weight"] = cat([gate, up])
     return out

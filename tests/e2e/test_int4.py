@@ -1,0 +1,99 @@
+"""GGUF models with 4-bit linear weights: loaded both ways (kept 4-bit for decode, and dequantized), the two agree
+at the kernel's bf16 precision; other GGUF types load as the gguf package dequantizes them.
+
+bf16 inside the kernel moves logprobs by up to ~0.2 nats after a few layers (SmolLM2: up to 0.12), so greedy
+outputs agree until the dequantized model's top two tokens are nearly tied, where either may win. The test holds
+the packed model to that: identical tokens up to the first near-tie, and there one of the tied tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from radixflow import Engine
+from radixflow.runtime.model.llama import Linear
+from tests.helpers.models import build_tiny_gguf
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+           "The quick brown fox", "import numpy as np", "Dear Sir or Madam,", "Q: What is 2 + 2?\nA:"]
+GREEDY_64 = {"max_new_tokens": 64, "temperature": 0.0, "ignore_eos": True}
+# nats between the dequantized model's best token and the packed model's choice: about twice the largest logprob error
+NEAR_TIE = 0.4
+LOGPROB_TOLERANCE = 0.3  # on the tokens both chose
+
+
+def assert_agree_up_to_a_near_tie(packed: dict, fp32: dict) -> None:
+    a, b = packed["output_ids"], fp32["output_ids"]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    diffs = [abs(x[0] - y[0]) for x, y in zip(packed["meta_info"]["output_token_logprobs"][:first],
+                                               fp32["meta_info"]["output_token_logprobs"][:first])]
+    assert max(diffs, default=0.0) < LOGPROB_TOLERANCE
+    if first < len(a):
+        top = dict((token, lp) for lp, token, _ in fp32["meta_info"]["output_top_logprobs"][first])
+        assert a[first] in top and top[b[first]] - top[a[first]] < NEAR_TIE, (first, top, a[first])
+
+
+def _int4_layers(engine: Engine) -> int:
+    model = engine.core.loaded.model
+    return sum(1 for m in model.modules() if isinstance(m, Linear) and m.int4 is not None)
+
+
+@pytest.mark.parametrize("linear, embed", [(Q.Q4_1, Q.Q8_0), (Q.Q4_0, Q.Q4_0), (Q.Q8_0, Q.Q8_0)])
+def test_kept_4bit_decodes_as_the_dequantized_model(tmp_path, linear, embed):
+    path = tmp_path / "tiny.gguf"
+    build_tiny_gguf(path, linear, embed)
+    with Engine(model_path=str(path), max_total_tokens=8192) as packed, \
+            Engine(model_path=str(path), max_total_tokens=8192, weight_format="fp32") as fp32:
+        assert _int4_layers(packed) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the tied lm_head
+        assert _int4_layers(fp32) == 0
+        for prompt in PROMPTS:  # one at a time: batch 1 is the kernel's path
+            a = packed.generate(prompt, GREEDY_64, return_logprob=True, top_logprobs_num=5)
+            b = fp32.generate(prompt, GREEDY_64, return_logprob=True, top_logprobs_num=5)
+            assert_agree_up_to_a_near_tie(a, b)
+        packed.check_integrity()
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_k_quant_files_load_as_gguf_dequantizes_them(tmp_path, kind):
+    path = tmp_path / "k.gguf"
+    weights = build_tiny_gguf(path, kind, Q.Q8_0, hidden=256, intermediate=512, layers=1)
+    with Engine(model_path=str(path), max_total_tokens=2048) as engine:
+        model = engine.core.loaded.model
+        assert torch.equal(model.layers[0].mlp.down_proj.weight_t.t(), weights["blk.0.ffn_down"])
+        assert torch.equal(model.layers[0].self_attn.o_proj.weight_t.t(), weights["blk.0.attn_output"])
+        assert model.layers[0].mlp.down_proj.int4 is None  # no 4-bit layout for K-quants: the fp32 path
+        assert model.lm_head.int4 is not None  # the Q8_0 embedding still is
+        out = engine.generate("Hello", {"max_new_tokens": 8, "temperature": 0.0})
+        assert len(out["output_ids"]) == 8
+
+
+def test_cached_conversion_keeps_the_4bit_groups(tmp_path, monkeypatch):
+    from radixflow.runtime.model.loader import load_weights
+    from radixflow.runtime.model_source import resolve_model
+
+    monkeypatch.setenv("RADIXFLOW_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    build_tiny_gguf(path, Q.Q4_1, Q.Q8_0)
+    first = load_weights(resolve_model(str(path)), torch.float32)  # converts and caches
+    second = load_weights(resolve_model(str(path)), torch.float32)  # from the cache
+    assert first.int4.keys() == second.int4.keys() and len(first.int4) == 2 * 7 + 1
+    for name, g in first.int4.items():
+        h = second.int4[name]
+        assert g.repeat == h.repeat and torch.equal(g.codes, h.codes) and torch.equal(g.scales, h.scales)
+        assert torch.equal(g.zeros, h.zeros)
+
+
+@pytest.mark.slow
+def test_smollm2_kept_4bit_decodes_as_the_dequantized_model(smol_engine):
+    assert _int4_layers(smol_engine) == 30 * 4 + 1  # the shipped file's Q4_1 layers and its Q8_0 (tied) embedding
+    with Engine(max_total_tokens=8192, weight_format="fp32") as fp32:
+        for prompt in PROMPTS:
+            a = smol_engine.generate(prompt, GREEDY_64, return_logprob=True, top_logprobs_num=5)
+            b = fp32.generate(prompt, GREEDY_64, return_logprob=True, top_logprobs_num=5)
+            assert_agree_up_to_a_near_tie(a, b)
+
+
+def test_weight_format_is_checked(tiny_model_dir):
+    with pytest.raises(ValueError, match="weight_format"):
+        Engine(model_path=str(tiny_model_dir), max_total_tokens=1024, weight_format="int3")
