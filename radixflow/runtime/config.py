@@ -71,6 +71,17 @@ class SchedulerConfig:
         "greedy constrained requests check the model's choice against the grammar and fill the full token mask "
         "only when it is refused (same tokens as masking first)", default=True)
     grammar_cache_size: int = _help("compiled grammars kept, keyed by their spec (LRU)", default=256)
+    speculative_algorithm: str | None = _help(
+        "ngram: draft-free speculative decoding; decoding requests draft the continuation of their recent tokens "
+        "from the radix tree or from their own earlier tokens, verified in one step (same greedy outputs, same "
+        "sampling distribution)", default=None)
+    speculative_num_draft_tokens: int = _help("tokens drafted per request and step", default=4)
+    speculative_ngram_min_match_window_size: int = _help("shortest suffix of a request's tokens looked up",
+                                                         default=2)
+    speculative_ngram_max_match_window_size: int = _help("longest suffix of a request's tokens looked up", default=8)
+    speculative_max_batch_size: int = _help(
+        "draft only while at most this many requests decode: a verify step costs about one decode step at small "
+        "batches, and more rows than that once the matmuls are compute-bound", default=4)
 
 
 @dataclass(frozen=True)

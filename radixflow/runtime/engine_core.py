@@ -31,6 +31,7 @@ from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.model_source import ModelSource, resolve_model
 from radixflow.runtime.scheduler.output import RequestOutput
 from radixflow.runtime.scheduler.scheduler import Scheduler
+from radixflow.runtime.scheduler.speculative import SpeculativeStats
 from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,11 @@ class EngineCore:
         g = self.grammar.stats
         masker = self.runner.masker
         prefix_cache = self.cache.prefix_cache
+        drafter = self.scheduler.drafter
+        spec = drafter.stats if drafter is not None else SpeculativeStats()
         return {**s.__dict__, "cache_hit_rate": s.cache_hit_rate, "kv_free_tokens": self.cache.kv.free_count(),
+                "spec_verify_steps": spec.verify_steps, "spec_draft_tokens": spec.draft_tokens,
+                "spec_accepted_tokens": spec.accepted_tokens, "spec_accept_length": spec.accept_length,
                 "grammar_compiled": g.compiled, "grammar_cache_hits": g.cache_hits,
                 "grammar_compile_seconds": g.compile_seconds, "jump_forward_tokens": g.jump_forward_tokens,
                 "jump_forward_steps": g.jump_forward_steps,

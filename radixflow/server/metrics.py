@@ -25,6 +25,9 @@ class ServerMetrics:
             ("num_running_reqs", "requests running"), ("num_waiting_reqs", "requests waiting"),
             ("kv_used_tokens", "KV pool tokens in use"), ("kv_total_tokens", "KV pool size"),
             ("cache_hit_rate", "prompt tokens served from the cache / prompt tokens"),
+            ("spec_accept_length", "speculative decoding: tokens per verify step (1 = no draft accepted)"),
+            ("spec_accepted_tokens", "speculative decoding: draft tokens accepted so far"),
+            ("spec_draft_tokens", "speculative decoding: draft tokens verified so far"),
         )}
 
     def observe_finished(self, meta: dict) -> None:
@@ -37,7 +40,8 @@ class ServerMetrics:
     def render(self, stats: dict) -> bytes:
         mapping = {"num_running_reqs": "num_running", "num_waiting_reqs": "num_waiting",
                    "kv_used_tokens": "kv_used_tokens", "kv_total_tokens": "kv_total_tokens",
-                   "cache_hit_rate": "cache_hit_rate"}
+                   "cache_hit_rate": "cache_hit_rate", "spec_accept_length": "spec_accept_length",
+                   "spec_accepted_tokens": "spec_accepted_tokens", "spec_draft_tokens": "spec_draft_tokens"}
         for gauge, key in mapping.items():
             self.gauges[gauge].set(stats.get(key, 0))
         return generate_latest(self.registry)

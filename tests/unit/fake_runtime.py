@@ -92,14 +92,27 @@ class FakeRunner:
         self.script = script or {}
         self.computed: list[list[Chunk]] = []
 
-    def token_for(self, req: Req) -> int:
+    def token_for(self, req: Req, ahead: int = 0) -> int:
         scripted = self.script.get(req.rid, [])
-        pos = req.num_output
+        pos = req.num_output + ahead
         return scripted[pos] if pos < len(scripted) else next_token(req.rid, pos)
 
     def run(self, batch: ScheduledBatch) -> list[ModelOutput]:
         self.computed.append([Chunk(s.req.rid, s.start, s.num_new, s.samples_next) for s in batch.reqs])
-        return [ModelOutput(self.token_for(s.req) if s.samples_next else None) for s in batch.reqs]
+        return [self._verify(s) if s.draft else ModelOutput(self.token_for(s.req) if s.samples_next else None)
+                for s in batch.reqs]
+
+    def _verify(self, s) -> ModelOutput:
+        """A speculative step as greedy verification does it: the model's tokens while they equal the draft, then
+        its first different one (or the one after the whole draft)."""
+        tokens = []
+        for i, d in enumerate(s.draft):
+            tokens.append(self.token_for(s.req, i))
+            if tokens[-1] != d:
+                break
+        else:
+            tokens.append(self.token_for(s.req, len(s.draft)))
+        return ModelOutput(tokens[0], extra_token_ids=tokens[1:])
 
 
 @dataclass
@@ -216,7 +229,8 @@ class Rig:
         for x in batch.reqs:
             assert x.req.status is ReqStatus.RUNNING and any(r is x.req for r in s.running)
             assert x.start == x.req.num_computed, f"{x.req.rid}: chunk at {x.start}, computed {x.req.num_computed}"
-            assert 1 <= x.num_new and x.end <= x.req.num_tokens
+            assert 1 <= x.num_new and x.end - len(x.draft) <= x.req.num_tokens
+            assert not x.draft or x.samples_next, "a draft on a chunk that does not reach the last token"
             assert x.req.num_allocated == x.end, \
                 f"{x.req.rid}: KV allocated to {x.req.num_allocated}, chunk ends at {x.end}"
         # Stall-free: every request that was decoding and was not retracted gets its one token, ahead of prefills.
@@ -224,7 +238,7 @@ class Rig:
                           if r.status is ReqStatus.RUNNING and r.num_retractions == retractions]
         head = batch.reqs[:len(still_decoding)]
         assert {id(x.req) for x in head} == {id(r) for r in still_decoding}, "a decode was left out or not first"
-        assert all(x.num_new == 1 for x in head)
+        assert all(x.num_new == 1 + len(x.draft) for x in head)
 
     def _collect(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -66,6 +66,11 @@ class CacheManager:
         req.num_allocated = start + num
         return True
 
+    def trim(self, req: Req) -> None:
+        """Free the KV allocated past the computed tokens (the drafts a verify step rejected)."""
+        self.kv.free(self.req_to_token.table[req.slot, req.num_computed:req.num_allocated])
+        req.num_allocated = req.num_computed
+
     def share_computed_prefix(self, req: Req) -> None:
         """After a prefill chunk: offer the computed tokens to the cache now so other requests can share them,
         and move the request's lock to the end of what the cache holds."""

@@ -39,6 +39,12 @@ class PrefixCache(ABC):
     def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
         """The longest cached prefix of `tokens`. The indices are safe to use only while the node is locked."""
 
+    def continuation(self, node, tokens: Sequence[int], max_tokens: int) -> list[int]:
+        """Up to `max_tokens` tokens the cache holds right after the path that runs from `node` (a match's
+        `last_node`) on through `tokens`, following the most recently used branch; [] if the cache does not hold
+        that path or nothing after it. Read-only: no entry is split, stamped or locked. A speculative draft."""
+        return []
+
     @abstractmethod
     def insert(self, tokens: Sequence[int], kv_indices: Sequence[int]) -> MatchResult:
         """Offer `tokens` with their KV indices; return the cache's entry for the longest prefix of `tokens` it

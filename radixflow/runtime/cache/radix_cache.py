@@ -91,6 +91,22 @@ class RadixCache(PrefixCache):
             node, held = leaf, held + leaf.value
         return MatchResult(kv_indices=held, last_node=node)
 
+    def continuation(self, node: TreeNode | None, tokens: Sequence[int], max_tokens: int) -> list[int]:
+        node, offset = node or self.root, len((node or self.root).key)  # at the end of `node`'s edge
+        for token in tokens:
+            if offset == len(node.key):
+                node, offset = node.children.get(token), 0
+                if node is None:
+                    return []
+            if node.key[offset] != token:
+                return []
+            offset += 1
+        out = node.key[offset:offset + max_tokens]
+        while len(out) < max_tokens and node.children:
+            node = max(node.children.values(), key=lambda child: child.last_access)
+            out = out + node.key[:max_tokens - len(out)]
+        return out
+
     def _walk(self, tokens: Sequence[int], now: int) -> tuple[TreeNode, int, list[int]]:
         """Follow `tokens` as far as the tree has them, stamping the path with `now`.
 

@@ -10,18 +10,20 @@ from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.constrained.masking import GrammarMasker, MaskPlan
 from radixflow.runtime.model.attention import AttentionInputs, AttentionPlanner, QuerySpan
 from radixflow.runtime.model.llama import LlamaModel
-from radixflow.runtime.model.sampler import SamplingRow, sample
+from radixflow.runtime.model.sampler import SamplingRow, probabilities, sample
 from radixflow.runtime.request import TokenLogprobs
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
+from radixflow.runtime.scheduler.speculative import verify
 
 
 class LogitRows(NamedTuple):
     """Where one request's rows sit in the logits tensor: `num_prompt` prompt-logprob rows from `first`, then its
-    sampling row if it samples."""
+    sampling row if it samples, then one row per draft token it verifies."""
 
     first: int
     num_prompt: int
     samples: bool
+    num_draft: int = 0
 
     @property
     def sample_row(self) -> int:
@@ -51,13 +53,17 @@ class ModelRunner:
         spans = [QuerySpan(s.req.slot, s.start, s.num_new) for s in reqs]
         attn = AttentionInputs(self.kv.k, self.kv.v, out_loc, self.attention.plan(spans),
                                torch.tensor(logit_rows, dtype=torch.int64, device=self.device))
-        sampling = [s for s in reqs if s.samples_next]
+        sampling = [s for s in reqs if s.samples_next and not s.draft]
         masks = self.masker.before_forward([s.req for s in sampling])
         logits = self.model(input_ids, positions, attn)
         outputs = [ModelOutput(prompt_logprobs=self._prompt_logprobs(s, logits, r)) for s, r in zip(reqs, rows)]
         if sampling:
-            sample_logits = logits[[r.sample_row for r in rows if r.samples]]
-            self._sample(sampling, sample_logits, masks, [out for s, out in zip(reqs, outputs) if s.samples_next])
+            sample_logits = logits[[r.sample_row for s, r in zip(reqs, rows) if r.samples and not s.draft]]
+            self._sample(sampling, sample_logits, masks,
+                         [out for s, out in zip(reqs, outputs) if s.samples_next and not s.draft])
+        for s, r, out in zip(reqs, rows, outputs):
+            if s.draft:
+                self._verify(s, logits[r.sample_row:r.sample_row + r.num_draft + 1], out)
         in_batch_order: list[ModelOutput | None] = [None] * len(outputs)
         for pos, i in enumerate(order):
             in_batch_order[i] = outputs[pos]
@@ -76,10 +82,17 @@ class ModelRunner:
             if options.return_logprob:
                 out.next_logprobs = _token_logprobs(result.logprobs[j], out.next_token_id, options.top_logprobs_num)
 
+    def _verify(self, s: ScheduledReq, logits: torch.Tensor, out: ModelOutput) -> None:
+        """A speculative step's tokens from its k + 1 logit rows (scheduler/speculative.py)."""
+        params = s.req.params
+        probs = None if params.greedy else probabilities(logits, [_sampling_row(s)] * len(logits))
+        tokens = verify(logits, s.draft, probs, self.generator)
+        out.next_token_id, out.extra_token_ids = tokens[0], tokens[1:]
+
     def _token_inputs(self, reqs: list[ScheduledReq]):
         ids, positions = [], []
         for s in reqs:
-            ids.extend(s.req.all_ids(s.start, s.end))
+            ids.extend(s.input_ids())
             positions.extend(range(s.start, s.end))
         table = self.req_to_token.table
         if all(s.is_decode for s in reqs):
@@ -105,8 +118,9 @@ def _logit_rows(reqs: list[ScheduledReq]) -> tuple[list[LogitRows], list[int]]:
     per_req, flat, offset = [], [], 0
     for s in reqs:
         prompt_rows = [offset + q - s.start for q in s.prompt_logprob_rows()]
-        per_req.append(LogitRows(len(flat), len(prompt_rows), s.samples_next))
-        flat.extend(prompt_rows + ([offset + s.num_new - 1] if s.samples_next else []))
+        per_req.append(LogitRows(len(flat), len(prompt_rows), s.samples_next, len(s.draft)))
+        num_sample = len(s.draft) + 1 if s.samples_next else 0  # the last known token's row, then the drafts'
+        flat.extend(prompt_rows + list(range(offset + s.num_new - num_sample, offset + s.num_new)))
         offset += s.num_new
     return per_req, flat
 

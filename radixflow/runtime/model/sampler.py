@@ -69,14 +69,19 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         if row.banned_ids:
             logits[i, list(row.banned_ids)] = float("-inf")
     greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-    temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
-                         device=logits.device, dtype=logits.dtype)
-    probs = torch.softmax(logits / temps[:, None], dim=-1)
-    probs = _filter(probs, rows)
+    probs = probabilities(logits, rows)
     chosen = logits.argmax(dim=-1)
     drawn = _draw(probs, rows, default_generator)
     tokens = torch.where(greedy, chosen, drawn)
     return SampleResult(tokens.tolist(), logprobs)
+
+
+def probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Each row's sampling distribution after temperature, top-k, top-p and min-p (penalties, bans and masks are
+    the caller's, applied to `logits` before). Greedy rows get temperature 1 (their draw is not used)."""
+    temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
+                         device=logits.device, dtype=logits.dtype)
+    return _filter(torch.softmax(logits / temps[:, None], dim=-1), rows)
 
 
 def _filter(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -9,11 +9,13 @@ from radixflow.runtime.request import Req, TokenLogprobs
 
 @dataclass
 class ScheduledReq:
-    """One request's share of a step: compute tokens [start, start + num_new) of `req.all_ids()`."""
+    """One request's share of a step: compute tokens [start, start + num_new) of `req.all_ids()` followed by
+    `draft` (speculative tokens to verify, which are not the request's yet)."""
 
     req: Req
     start: int
     num_new: int
+    draft: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:
@@ -21,8 +23,11 @@ class ScheduledReq:
 
     @property
     def samples_next(self) -> bool:
-        """The chunk reaches the last known token, so the model proposes the next one."""
-        return self.end == self.req.num_tokens
+        """The chunk reaches the last known token, so the model proposes the next one (or verifies a draft)."""
+        return self.end - len(self.draft) == self.req.num_tokens
+
+    def input_ids(self) -> list[int]:
+        return self.req.all_ids(self.start, self.end - len(self.draft)) + list(self.draft)
 
     @property
     def is_decode(self) -> bool:
@@ -58,5 +63,6 @@ class ModelOutput:
     """What one step produced for one scheduled request (the runner returns one per request, in batch order)."""
 
     next_token_id: int | None = None  # None: a chunk that does not reach the last known token samples nothing
+    extra_token_ids: list[int] = field(default_factory=list)  # a verify step's tokens after it, one per accepted draft
     next_logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # for `prompt_logprob_rows()` + 1

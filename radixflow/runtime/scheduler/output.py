@@ -106,17 +106,17 @@ class OutputProcessor:
         detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens)
         self.text_trackers[req.rid] = TextTracker(detokenizer, req.params.stop, req.params.stop_regex)
 
-    def advance(self, req: Req, token: int, token_lp: TokenLogprobs | None,
+    def advance(self, req: Req, tokens: list[int], token_lp: TokenLogprobs | None,
                 prompt_lps: list[TokenLogprobs]) -> tuple[RequestOutput, FinishReason | None]:
-        """Append the sampled `token` (and any text the grammar forces after it) to `req`."""
+        """Append the step's `tokens` (the sampled one, then any a speculative step verified; or, under a grammar,
+        the sampled one and the text the grammar forces after it) to `req`, up to the first that ends it."""
         delta = self._delta(req, prompt_lps)
         if req.params.max_new_tokens == 0:  # a scoring request (prompt logprobs only): the sample is discarded
             return delta, FinishReason("length")
-        tokens = [token]
-        if req.grammar is not None:
+        if req.grammar is not None:  # never drafts (speculative.py): one sampled token
             # Off with logprobs, which a forced token (never sampled) would not have.
             jump = self.enable_jump_forward and not req.logprob_options.return_logprob
-            tokens, error = req.grammar.advance(token, jump)
+            tokens, error = req.grammar.advance(tokens[0], jump)
             if error is not None:
                 return delta, FinishReason("abort", message=f"constrained decoding: {error}")
         if token_lp is not None:

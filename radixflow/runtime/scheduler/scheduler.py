@@ -30,6 +30,7 @@ from radixflow.runtime.request import FinishReason, Req, ReqStatus
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
 from radixflow.runtime.scheduler.output import OutputProcessor, RequestOutput
 from radixflow.runtime.scheduler.policy import PolicyContext, get_policy, retraction_victim
+from radixflow.runtime.scheduler.speculative import Drafter
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ class Scheduler:
         self.cache = cache
         self.limits = limits
         self.policy = get_policy(config.schedule_policy)
+        if config.speculative_algorithm not in (None, "ngram"):
+            raise ValueError(f"speculative_algorithm: {config.speculative_algorithm!r} is not supported (ngram, or "
+                             "none)")
+        if config.speculative_algorithm and not (
+                1 <= config.speculative_ngram_min_match_window_size <= config.speculative_ngram_max_match_window_size):
+            raise ValueError("speculative_ngram_min_match_window_size must be >= 1 and <= "
+                             "speculative_ngram_max_match_window_size")
+        self.drafter = Drafter(config, cache.prefix_cache) if config.speculative_algorithm else None
         self.output = OutputProcessor(tokenizer, config.enable_jump_forward)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
@@ -120,6 +129,8 @@ class Scheduler:
             self.cache.release(req)
         req.status = ReqStatus.FINISHED
         req.finish_reason = reason
+        if self.drafter is not None:
+            self.drafter.forget(req)
         self._outputs.append(self.output.finish(req, reason, delta))
 
     # -- schedule --------------------------------------------------------------------------------------------
@@ -162,6 +173,11 @@ class Scheduler:
         for req in sorted(decoding, key=lambda r: r.arrival):
             if req.status is not ReqStatus.RUNNING:
                 continue  # retracted earlier in this loop
+            draft = self.drafter.propose(req, len(decoding)) if self.drafter is not None else ()
+            if draft and self.cache.alloc(req, req.num_computed, 1 + len(draft)):
+                batch.reqs.append(ScheduledReq(req, req.num_computed, 1 + len(draft), draft))
+                budget -= 1 + len(draft)
+                continue
             while not self.cache.alloc(req, req.num_computed, 1):
                 if not self._retract_one(batch, exclude=req):
                     self._end(req, FinishReason("abort", message="KV cache exhausted even after retracting all "
@@ -293,17 +309,23 @@ class Scheduler:
             req = sched.req
             if req.status is not ReqStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed = sched.end
+            req.num_computed = sched.end - len(sched.draft)
             req.prompt_logprobs.extend(out.prompt_logprobs)
-            if not sched.is_decode:
+            if not sched.is_decode and not sched.draft:
                 # Share a prefill with others at once (not when the request ends): a request deferred by the
                 # in-step dedupe, or the next turn of a conversation, hits it while this one still decodes.
                 self.cache.share_computed_prefix(req)
             if out.next_token_id is None:
                 continue  # a chunk before the last: its prompt logprobs go out with the first token
-            delta, reason = self.output.advance(req, out.next_token_id, out.next_logprobs,
+            delta, reason = self.output.advance(req, [out.next_token_id, *out.extra_token_ids], out.next_logprobs,
                                                 req.unsent_prompt_logprobs())
             self.stats.generated_tokens += len(delta.token_ids)
+            if sched.draft:
+                # The accepted drafts' KV is valid (they are the tokens now at those positions); the rest is freed.
+                self.drafter.record(req, len(sched.draft), len(out.extra_token_ids))
+                req.num_computed = min(sched.start + 1 + len(out.extra_token_ids), req.num_tokens - 1)
+                if reason is None:
+                    self.cache.trim(req)
             if reason is None:
                 self._outputs.append(delta)
             else:
