@@ -153,3 +153,11 @@ def test_bad_speculative_settings_are_refused():
         Rig(speculative_algorithm="eagle")
     with pytest.raises(ValueError, match="min_match_window"):
         Rig(speculative_algorithm="ngram", speculative_ngram_min_match_window_size=0)
+
+
+def test_drafts_stay_within_the_step_budget_and_free_memory():
+    rig, prompt = _copying_rig(chunked_prefill_size=3)  # room for the decode and two drafts
+    rig.add("copy", prompt, max_new_tokens=30)
+    rig.run()  # the rig checks every step's tokens against the budget
+    assert rig.tokens["copy"] == rig.runner.script["copy"][:30]
+    assert max(c.num_new for step in rig.steps for c in step.chunks if c.samples_next) <= 3

@@ -173,7 +173,9 @@ class Scheduler:
         for req in sorted(decoding, key=lambda r: r.arrival):
             if req.status is not ReqStatus.RUNNING:
                 continue  # retracted earlier in this loop
-            draft = self.drafter.propose(req, len(decoding)) if self.drafter is not None else ()
+            # A draft fits in the step's budget and in free memory: speculation never evicts cached prefixes.
+            room = min(budget, self.cache.kv.free_count()) - 1
+            draft = self.drafter.propose(req, len(decoding))[:room] if self.drafter is not None and room > 0 else ()
             if draft and self.cache.alloc(req, req.num_computed, 1 + len(draft)):
                 batch.reqs.append(ScheduledReq(req, req.num_computed, 1 + len(draft), draft))
                 budget -= 1 + len(draft)

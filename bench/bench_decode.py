@@ -1,0 +1,286 @@
+"""Decode speed on SmolLM2 (the shipped Q4_1 GGUF), 2 threads: radixflow's default (4-bit weights on the int4
+kernel), its dequantized fp32 path, speculative decoding, and llama.cpp on the same file when llama-cpp-python is
+installed (an optional benchmark extra: `pip install llama-cpp-python`, built from source).
+
+    python -m bench.bench_decode [--reps 3] [--json out.json]
+
+Figures (each side measured in the same run, the sides interleaved rep by rep, best rep kept):
+- decode tok/s at batch 1 (one request at a time, greedy, 128 tokens after a 32-token prompt; the prefill's time is
+  taken out by also timing a 1-token generation), and aggregate at batch 8 and 32 (concurrent requests);
+- prefill tok/s of a 512-token prompt;
+- a 1,000-token few-shot prefix with 32 questions sent one at a time, and 8 chats x 4 turns sent one request at a
+  time in round-robin order (the users of a server take turns): wall time, radixflow against llama.cpp, whose
+  `Llama` object reuses the KV of the longest prefix it shares with the previous prompt;
+- speculative decoding at batch 1 (`--speculative-algorithm ngram`) on copy-heavy prompts (quoting, extraction,
+  code edits) and on plain chat prompts: tok/s against the same engine without it, and whether the greedy texts
+  are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from radixflow import Engine
+from radixflow.runtime.model_source import resolve_model
+
+THREADS = 2
+GREEDY = {"temperature": 0.0}
+
+PARAGRAPH = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, the "
+             "members agreed to increase funding for the public library, to repair the roads in the northern "
+             "district, and to hire two new teachers for the primary school. The decision will be announced on "
+             "Friday, and the new budget will take effect on the first of March.")
+CODE = '''def compute_statistics(values):
+    total = 0
+    count = 0
+    for value in values:
+        total += value
+        count += 1
+    mean = total / count
+    return mean, count
+'''
+COPY_HEAVY = [
+    "Repeat the following paragraph exactly, word for word.\n\n" + PARAGRAPH,
+    "Copy this text exactly:\n\n" + PARAGRAPH,
+    "Here is a Python function:\n\n" + CODE + "\nRewrite the whole function, renaming `total` to `running_sum`.",
+    "Extract the sentence about the library from this text and quote it exactly.\n\n" + PARAGRAPH,
+]
+PLAIN_CHAT = [
+    "Write a short story about a dragon who learns to bake bread.",
+    "What are three good habits for staying healthy? Explain each one.",
+    "Describe your ideal weekend in a few sentences.",
+    "Why is the sky blue? Explain it simply.",
+]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# -- sides ---------------------------------------------------------------------------------------------------------
+class Radixflow:
+    def __init__(self, name: str, **options):
+        self.name = name
+        self.engine = Engine(max_total_tokens=32768, num_threads=THREADS, **options)
+        self.tokenizer = self.engine.tokenizer
+
+    def chat_prompt(self, text: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def generate_ids(self, prompts: list[list[int]], new_tokens: int, ignore_eos: bool = True) -> list[list[int]]:
+        params = {"max_new_tokens": new_tokens, "ignore_eos": ignore_eos, **GREEDY}
+        outs = self.engine.generate(input_ids=prompts, sampling_params=params)
+        return [o["output_ids"] for o in outs]
+
+    def complete(self, prompt: str, new_tokens: int) -> str:
+        return self.engine.generate(prompt, {"max_new_tokens": new_tokens, **GREEDY})["text"]
+
+    def reset(self) -> None:
+        self.engine.flush_cache()
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python: the same GGUF file and thread count, greedy token by token."""
+
+    name = "llama.cpp"
+
+    def __init__(self):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(resolve_model(None).path), n_threads=THREADS, n_threads_batch=THREADS,
+                         n_ctx=8192, n_batch=512, verbose=False)
+
+    def generate_ids(self, prompts: list[list[int]], new_tokens: int, ignore_eos: bool = True) -> list[list[int]]:
+        out = []
+        for prompt in prompts:  # one sequence at a time: this API serves one
+            self.llm.reset()
+            self.llm.eval(prompt)
+            ids = []
+            for _ in range(new_tokens):
+                token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+                ids.append(token)
+                if not ignore_eos and token == self.llm.token_eos():
+                    break
+                self.llm.eval([token])
+            out.append(ids)
+        return out
+
+    def complete(self, prompt: str, new_tokens: int) -> str:
+        # create_completion reuses the KV of the prefix this prompt shares with the previous one.
+        return self.llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0)["choices"][0]["text"]
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+# -- measurements --------------------------------------------------------------------------------------------------
+def decode_tps(side, prompts: list[list[int]], new_tokens: int) -> float:
+    """Aggregate decode tokens/s: generating new_tokens minus generating 1 (prefill + first token), per token."""
+    side.reset()
+    one = timed(lambda: side.generate_ids(prompts, 1))
+    side.reset()
+    full = timed(lambda: side.generate_ids(prompts, new_tokens))
+    return len(prompts) * (new_tokens - 1) / max(full - one, 1e-9)
+
+
+def prefill_tps(side, prompt: list[int]) -> float:
+    side.reset()
+    return len(prompt) / timed(lambda: side.generate_ids([prompt], 1))
+
+
+def few_shot_seconds(side, tokenizer) -> float:
+    shots = "".join(f"Question: What is {i} plus {i + 7}?\nAnswer: {2 * i + 7}.\n\n" for i in range(70))
+    prefix = "Answer each question with a number.\n\n" + shots
+    assert 900 <= len(tokenizer.encode(prefix)) <= 1300
+    side.reset()
+    return timed(lambda: [side.complete(prefix + f"Question: What is {q} plus {q + 3}?\nAnswer:", 8)
+                          for q in range(100, 132)])
+
+
+def multi_turn_seconds(side, tokenizer) -> float:
+    def run():
+        chats = [[{"role": "system", "content": f"You are assistant number {c}. Keep answers short."}]
+                 for c in range(8)]
+        for turn in range(4):
+            for c, chat in enumerate(chats):
+                chat.append({"role": "user", "content": f"Tell me fact number {turn + 1} about the number {c}."})
+                prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                chat.append({"role": "assistant", "content": side.complete(prompt, 32)})
+    side.reset()
+    return timed(run)
+
+
+def speculative(plain: Radixflow, spec: Radixflow, prompts: list[str], new_tokens: int, reps: int) -> dict:
+    """tok/s of each prompt alone (batch 1) with and without speculation, and whether the texts are identical."""
+    texts = [plain.chat_prompt(p) for p in prompts]
+    before = spec.engine.stats()
+    best = {plain.name: [0.0] * len(texts), spec.name: [0.0] * len(texts)}
+    outputs = {}
+    for _ in range(reps):
+        for side in (plain, spec):
+            for i, text in enumerate(texts):
+                side.reset()  # the radix tree would otherwise draft the previous rep's output
+                start = time.perf_counter()
+                out = side.engine.generate(text, {"max_new_tokens": new_tokens, **GREEDY})
+                tps = len(out["output_ids"]) / (time.perf_counter() - start)
+                best[side.name][i] = max(best[side.name][i], tps)
+                outputs[side.name, i] = out["output_ids"]
+    stats = spec.engine.stats()
+    steps = stats["spec_verify_steps"] - before["spec_verify_steps"]
+    accepted = stats["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+    return {"plain_tps": sum(best[plain.name]) / len(texts), "spec_tps": sum(best[spec.name]) / len(texts),
+            "ratio": sum(best[spec.name]) / sum(best[plain.name]),
+            "identical": sum(outputs[plain.name, i] == outputs[spec.name, i] for i in range(len(texts))),
+            "prompts": len(texts), "accept_length": 1 + accepted / steps if steps else 0.0}
+
+
+def environment() -> dict:
+    repo = Path(__file__).resolve().parents[1]
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"commit": git.stdout.strip(), "cpu": cpu, "nproc": os.cpu_count(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    auto, fp32 = Radixflow("radixflow"), Radixflow("radixflow fp32", weight_format="fp32")
+    sides = [auto, fp32]
+    try:
+        sides.append(LlamaCpp())
+    except ImportError:
+        print("llama-cpp-python is not installed: llama.cpp's columns stay empty")
+    tok = auto.tokenizer
+    gen = torch.Generator().manual_seed(0)
+
+    def prompts(batch: int, length: int) -> list[list[int]]:
+        return torch.randint(100, 49000, (batch, length), generator=gen).tolist()
+
+    results: dict[str, dict] = {s.name: {} for s in sides}
+    figures = [("decode tok/s, batch 1", lambda s: decode_tps(s, prompts(1, 32), 128)),
+               ("prefill tok/s (512 tokens)", lambda s: prefill_tps(s, prompts(1, 512)[0]))]
+    for batch in (8, 32):
+        figures.append((f"decode tok/s, batch {batch}",
+                        lambda s, b=batch: None if isinstance(s, LlamaCpp) else decode_tps(s, prompts(b, 32), 64)))
+    figures += [("few-shot: 1,000-token prefix, 32 questions one at a time (s)", lambda s: few_shot_seconds(s, tok)),
+                ("8 chats x 4 turns, one request at a time (s)", lambda s: multi_turn_seconds(s, tok))]
+    for label, measure in figures:
+        for _ in range(args.reps):
+            for side in sides:
+                value = measure(side)
+                if value is None:
+                    continue
+                old = results[side.name].get(label)
+                keep = min if label.endswith("(s)") else max
+                results[side.name][label] = value if old is None else keep(old, value)
+        print(label, {name: round(r[label], 2) for name, r in results.items() if label in r}, flush=True)
+    for side in sides[2:]:
+        side.close()
+    spec = Radixflow("radixflow + ngram", speculative_algorithm="ngram")
+    spec_rows = {"copy-heavy": speculative(auto, spec, COPY_HEAVY, 160, args.reps),
+                 "plain chat": speculative(auto, spec, PLAIN_CHAT, 160, args.reps)}
+    print(json.dumps(spec_rows, indent=1))
+    report = {"environment": environment(), "results": results, "speculative": spec_rows}
+    print(markdown(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    for side in (auto, fp32, spec):
+        side.close()
+
+
+def _speedup(ours: float | None, theirs: float | None, seconds: bool) -> str:
+    """How many times faster ours is: a rate ratio, or the inverse ratio of times."""
+    if ours is None or theirs is None:
+        return ""
+    return f"{(theirs / ours if seconds else ours / theirs):.2f}x"
+
+
+def markdown(report: dict) -> str:
+    env, results = report["environment"], report["results"]
+    names = list(results)
+    labels = list(results[names[0]])
+    lines = [f"commit {env['commit']}, {env['cpu']}, {env['nproc']} cores, torch {env['torch']}, {env['date']}", "",
+             "| figure | " + " | ".join(names) + " | radixflow / fp32 | radixflow / llama.cpp |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for label in labels:
+        values = [results[n].get(label) for n in names]
+        ours, fp32 = values[0], values[1]
+        peer = values[2] if len(values) > 2 else None
+        seconds = label.endswith("(s)")
+        cells = ["" if v is None else f"{v:,.1f}" for v in values]
+        lines.append(f"| {label} | " + " | ".join(cells) +
+                     f" | {_speedup(ours, fp32, seconds)} | {_speedup(ours, peer, seconds)} |")
+    lines += ["", "| speculative decoding, batch 1 | without | with | ratio | identical greedy text | tokens / step |",
+              "|---|---|---|---|---|---|"]
+    for name, row in report["speculative"].items():
+        lines.append(f"| {name} | {row['plain_tps']:.1f} tok/s | {row['spec_tps']:.1f} tok/s | {row['ratio']:.2f}x | "
+                     f"{row['identical']} of {row['prompts']} | {row['accept_length']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
