@@ -290,14 +290,18 @@ EXTRACTION = [
 
 
 @pytest.fixture(scope="module")
-def smol_no_jump():
-    engine = Engine(max_total_tokens=8192, enable_jump_forward=False)
-    yield engine
-    engine.shutdown()
+def smol_fp32_pair():
+    """SmolLM2 with and without jump-forward, on fp32 weights: jump-forward changes the row counts of steps, and with
+    the default int4 kernel (bf16 inside) a different row count can flip a near-tie, which is not what the
+    comparison below is about."""
+    with Engine(max_total_tokens=8192, weight_format="fp32") as jump, \
+            Engine(max_total_tokens=8192, weight_format="fp32", enable_jump_forward=False) as no_jump:
+        yield jump, no_jump
 
 
 @pytest.mark.slow
-def test_smollm2_extraction_is_valid_and_agrees_with_and_without_jump_forward(smol_engine, smol_no_jump):
+def test_smollm2_extraction_is_valid_and_agrees_with_and_without_jump_forward(smol_fp32_pair):
+    smol_engine, smol_no_jump = smol_fp32_pair
     prompts = [smol_engine.apply_chat_template([{"role": "user", "content": f"Extract name, country, population "
                                                  f"and is_capital as JSON.\n{text}"}]) for text in EXTRACTION]
     params = {"json_schema": CITY, "max_new_tokens": 80, "temperature": 0.0}
