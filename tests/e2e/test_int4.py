@@ -68,6 +68,18 @@ def test_k_quant_files_load_as_gguf_dequantizes_them(tmp_path, kind):
         assert len(out["output_ids"]) == 8
 
 
+def test_a_file_without_4bit_layers_loads_again_from_the_cache(tmp_path, monkeypatch):
+    from radixflow.runtime.model.loader import load_weights
+    from radixflow.runtime.model_source import resolve_model
+
+    monkeypatch.setenv("RADIXFLOW_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "f16.gguf"
+    build_tiny_gguf(path, Q.F16)
+    for _ in range(2):  # converts, then reads the cache
+        checkpoint = load_weights(resolve_model(str(path)), torch.float32)
+        assert checkpoint.int4 == {} and "model.layers.0.mlp.down_proj.weight" in checkpoint.weights
+
+
 def test_cached_conversion_keeps_the_4bit_groups(tmp_path, monkeypatch):
     from radixflow.runtime.model.loader import load_weights
     from radixflow.runtime.model_source import resolve_model

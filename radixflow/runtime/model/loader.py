@@ -78,13 +78,16 @@ def _save_converted(directory: Path, config: dict, weights: dict[str, torch.Tens
             tensors |= {f"{name}.codes": g.codes[:, 0::2] | (g.codes[:, 1::2] << 4),  # two codes a byte
                         f"{name}.scales": g.scales, f"{name}.zeros": g.zeros}
             repeats[name] = str(g.repeat)
-        save_file(tensors, str(tmp / _INT4_FILE), metadata=repeats)
+        if tensors:  # safetensors cannot read back a file with no tensors
+            save_file(tensors, str(tmp / _INT4_FILE), metadata=repeats)
         (tmp / "config.json").write_text(json.dumps(config))
 
     publish_cache_dir(directory, write)
 
 
 def _load_int4(path: Path) -> dict[str, Int4Groups]:
+    if not path.exists():
+        return {}
     with safe_open(str(path), "pt") as f:
         repeats = f.metadata() or {}
         out = {}
