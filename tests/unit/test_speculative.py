@@ -153,6 +153,8 @@ def test_bad_speculative_settings_are_refused():
         Rig(speculative_algorithm="eagle")
     with pytest.raises(ValueError, match="min_match_window"):
         Rig(speculative_algorithm="ngram", speculative_ngram_min_match_window_size=0)
+    with pytest.raises(ValueError, match="speculative_num_draft_tokens must be >= 1, got 0"):
+        Rig(speculative_algorithm="ngram", speculative_num_draft_tokens=0)
 
 
 def test_drafts_stay_within_the_step_budget_and_free_memory():

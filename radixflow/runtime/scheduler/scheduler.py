@@ -73,6 +73,9 @@ class Scheduler:
                 1 <= config.speculative_ngram_min_match_window_size <= config.speculative_ngram_max_match_window_size):
             raise ValueError("speculative_ngram_min_match_window_size must be >= 1 and <= "
                              "speculative_ngram_max_match_window_size")
+        for name in ("speculative_num_draft_tokens", "speculative_max_batch_size"):
+            if config.speculative_algorithm and getattr(config, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
         self.drafter = Drafter(config, cache.prefix_cache) if config.speculative_algorithm else None
         self.output = OutputProcessor(tokenizer, config.enable_jump_forward)
         self.waiting: deque[Req] = deque()
