@@ -73,8 +73,8 @@ class SchedulerConfig:
     grammar_cache_size: int = _help("compiled grammars kept, keyed by their spec (LRU)", default=256)
     speculative_algorithm: str | None = _help(
         "ngram: draft-free speculative decoding; decoding requests draft the continuation of their recent tokens "
-        "from the radix tree or from their own earlier tokens, verified in one step (same greedy outputs, same "
-        "sampling distribution)", default=None)
+        "from the radix tree or from their own earlier tokens, verified in one step (greedy: the tokens plain decoding "
+        "picks, except at bf16 near-ties on the int4 weights; sampled: the same distribution)", default=None)
     speculative_num_draft_tokens: int = _help("tokens drafted per request and step", default=4)
     speculative_ngram_min_match_window_size: int = _help("shortest suffix of a request's tokens looked up",
                                                          default=2)
