@@ -27,21 +27,27 @@ from radixflow.runtime.request import Req
 from radixflow.runtime.sampling_params import SamplingParams
 
 
-def median_decode_step_ms(core: EngineCore, batch: int, reps: int) -> float:
-    times = []
+def decode_steps(core: EngineCore, batch: int, reps: int, tag: str,
+                 counter=lambda: 0.0) -> list[tuple[float, float]]:
+    """(wall seconds, growth of `counter()`) of every step in which every running request decodes."""
+    steps = []
     for rep in range(reps):
         for i in range(batch):
             prompt = tuple(range(100 + 40 * i, 132 + 40 * i))
-            core.scheduler.add_request(Req(rid=f"b{batch}-{rep}-{i}", prompt_ids=prompt, params=SamplingParams(
+            core.scheduler.add_request(Req(rid=f"{tag}{batch}-{rep}-{i}", prompt_ids=prompt, params=SamplingParams(
                 max_new_tokens=48, ignore_eos=True, temperature=0.0)))
         while not core.scheduler.idle:
             decoding = not core.scheduler.waiting and all(r.num_pending == 1 for r in core.scheduler.running)
-            start = time.perf_counter()
+            before, start = counter(), time.perf_counter()
             core.step()
             if decoding and core.scheduler.running:
-                times.append(time.perf_counter() - start)
+                steps.append((time.perf_counter() - start, counter() - before))
         core.scheduler.flush_cache()
-    return 1e3 * statistics.median(times)
+    return steps
+
+
+def median_decode_step_ms(core: EngineCore, batch: int, reps: int) -> float:
+    return 1e3 * statistics.median(wall for wall, _ in decode_steps(core, batch, reps, "b"))
 
 
 def main() -> None:
@@ -76,23 +82,10 @@ def linear_share_ms(core: EngineCore, batch: int, reps: int) -> tuple[float, flo
 
     llama.Linear.forward = timed
     try:
-        steps, total, linear = 0, 0.0, 0.0
-        for rep in range(reps):
-            for i in range(batch):
-                prompt = tuple(range(3000 + 40 * i, 3032 + 40 * i))
-                core.scheduler.add_request(Req(rid=f"s{batch}-{rep}-{i}", prompt_ids=prompt, params=SamplingParams(
-                    max_new_tokens=48, ignore_eos=True, temperature=0.0)))
-            while not core.scheduler.idle:
-                decoding = not core.scheduler.waiting and all(r.num_pending == 1 for r in core.scheduler.running)
-                spent[0], start = 0.0, time.perf_counter()
-                core.step()
-                if decoding and core.scheduler.running:
-                    steps, total, linear = steps + 1, total + time.perf_counter() - start, linear + spent[0]
-            core.scheduler.flush_cache()
+        steps = decode_steps(core, batch, reps, "s", counter=lambda: spent[0])
     finally:
         llama.Linear.forward = forward
-    return 1e3 * linear / steps, 1e3 * total / steps
-
+    return 1e3 * sum(lin for _, lin in steps) / len(steps), 1e3 * sum(wall for wall, _ in steps) / len(steps)
 
 if __name__ == "__main__":
     main()

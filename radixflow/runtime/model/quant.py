@@ -57,12 +57,16 @@ class Int4Groups:
         """The same weight laid out for an input repeated `repeat` times; the added copies encode zero."""
         if repeat == self.repeat:
             return self
-        extra = repeat - self.repeat
         out, wide = self.codes.shape
-        groups = self.scales.shape[1]
-        codes = torch.cat([self.codes, torch.full((out, wide // self.repeat * extra), 8, dtype=torch.uint8)], dim=1)
-        pad = torch.zeros(out, groups // self.repeat * extra)
-        return Int4Groups(codes, torch.cat([self.scales, pad], 1), torch.cat([self.zeros, pad], 1), repeat)
+        pad = Int4Groups.zero(out, wide // self.repeat * (repeat - self.repeat), repeat)
+        return Int4Groups(torch.cat([self.codes, pad.codes], 1), torch.cat([self.scales, pad.scales], 1),
+                          torch.cat([self.zeros, pad.zeros], 1), repeat)
+
+    @staticmethod
+    def zero(out: int, wide: int, repeat: int) -> "Int4Groups":
+        """`out` rows of `wide` codes that encode zero weights (code 8, scale 0, zero 0)."""
+        return Int4Groups(torch.full((out, wide), 8, dtype=torch.uint8), torch.zeros(out, wide // GROUP),
+                          torch.zeros(out, wide // GROUP), repeat)
 
     def rows(self, index) -> "Int4Groups":
         return Int4Groups(self.codes[index], self.scales[index], self.zeros[index], self.repeat)
@@ -128,12 +132,8 @@ class Int4Weight:
         self.repeat = groups.repeat
         self.out_features = out
         padded = -(-out // _OUT_MULTIPLE) * _OUT_MULTIPLE
-        if padded != out:  # rows of code 8, scale 0 and zero 0 encode zero weights; their outputs are dropped
-            pad = padded - out
-            codes = torch.full((pad, groups.codes.shape[1]), 8, dtype=torch.uint8)
-            groups = Int4Groups(torch.cat([groups.codes, codes]),
-                                torch.cat([groups.scales, torch.zeros(pad, groups.scales.shape[1])]),
-                                torch.cat([groups.zeros, torch.zeros(pad, groups.zeros.shape[1])]), groups.repeat)
+        if padded != out:  # zero rows; their outputs are dropped
+            groups = Int4Groups.cat([groups, Int4Groups.zero(padded - out, groups.codes.shape[1], groups.repeat)])
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
         # The kernel wants [groups, out, 2] with the scale first.
         self.scale_zeros = torch.stack([groups.scales.t(), groups.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()

@@ -176,9 +176,7 @@ class Scheduler:
         for req in sorted(decoding, key=lambda r: r.arrival):
             if req.status is not ReqStatus.RUNNING:
                 continue  # retracted earlier in this loop
-            # A draft fits in the step's budget and in free memory: speculation never evicts cached prefixes.
-            room = min(budget, self.cache.kv.free_count()) - 1
-            draft = self.drafter.propose(req, len(decoding))[:room] if self.drafter is not None and room > 0 else ()
+            draft = self._draft(req, len(decoding), budget)
             if draft and self.cache.alloc(req, req.num_computed, 1 + len(draft)):
                 batch.reqs.append(ScheduledReq(req, req.num_computed, 1 + len(draft), draft))
                 budget -= 1 + len(draft)
@@ -194,6 +192,14 @@ class Scheduler:
         self.new_token_ratio = max(self.new_token_ratio - self.config.new_token_ratio_decay,
                                    self.config.min_new_token_ratio)
         return budget
+
+    def _draft(self, req: Req, num_decoding: int, budget: int) -> tuple[int, ...]:
+        """Speculative tokens for a decoding request (none without `--speculative-algorithm`). A draft fits in the
+        step's budget and in free memory: speculation never evicts cached prefixes."""
+        if self.drafter is None:
+            return ()
+        room = min(budget, self.cache.kv.free_count()) - 1
+        return self.drafter.propose(req, num_decoding)[:room] if room > 0 else ()
 
     def _schedule_inflight(self, batch: ScheduledBatch, budget: int) -> int:
         scheduled = {id(s.req) for s in batch.reqs}
