@@ -19,6 +19,12 @@ _HEAL_WINDOW = 3
 
 class BaseBackend:
     chat_template = RoleTemplate.plain()  # settable, as in SGLang (`backend.chat_template = get_chat_template(...)`)
+    # A chat model is asked with the conversation (a list of {"role", "content"} messages) instead of the text; see
+    # the interpreter's `_chat_prompt`. The API backends set it; runtime backends take text.
+    is_chat_model = False
+    # `@function(num_api_spec_tokens=N)` speculates on this backend (radixflow/lang/speculative.py): worth it where
+    # each call costs a round trip and a prompt's tokens (API models), not where a radix cache keeps the prefix.
+    api_speculative_execution = False
 
     def get_chat_template(self):
         return self.chat_template

@@ -130,6 +130,8 @@ def _llama3_roles() -> dict[str, tuple[str, str]]:
 for _template in (
     ChatTemplate("default", None, {"system": ("SYSTEM:", "\n"), "user": ("USER:", "\n"),
                                    "assistant": ("ASSISTANT:", "\n")}),
+    # Chat APIs take roles as messages: the text has no markers (SGLang's "chatgpt").
+    ChatTemplate("chatgpt", None, {r: ("", "") for r in ("system", "user", "assistant")}),
     ChatTemplate("claude", None, {"system": ("", ""), "user": ("\n\nHuman: ", ""),
                                   "assistant": ("\n\nAssistant:", "")}),
     _chatml("chatml"),

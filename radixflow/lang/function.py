@@ -59,7 +59,8 @@ class SglFunction:
         options = {**RUN_OPTIONS, **{k: kwargs.pop(k) for k in list(kwargs) if k in RUN_OPTIONS
                                      and k not in parameters}}
         stream, use_thread = options["stream"], options["use_thread"]
-        executor = StreamExecutor(resolve_backend(options["backend"]), _defaults(options), stream, use_thread)
+        executor = StreamExecutor(resolve_backend(options["backend"]), _defaults(options), stream, use_thread,
+                                  self.num_api_spec_tokens)
         state = ProgramState(executor)
         arguments = {**kwargs, **self.bind_arguments}
         if stream:
@@ -97,7 +98,7 @@ class SglFunction:
     def _states(self, batch_kwargs: list[dict], defaults: dict, backend, num_threads: int,
                 progress_bar: bool) -> Iterator[ProgramState]:
         def run_one(kw: dict) -> ProgramState:
-            executor = StreamExecutor(backend, defaults)
+            executor = StreamExecutor(backend, defaults, num_api_spec_tokens=self.num_api_spec_tokens)
             state = ProgramState(executor)
             self._execute(state, executor, (), {**kw, **self.bind_arguments}, True)
             return state
@@ -238,7 +239,10 @@ def resolve_backend(backend=None):
 
 
 def function(func=None, *, num_api_spec_tokens: int | None = None):
-    """`@function` / `@function(num_api_spec_tokens=...)`: the first argument of `func` is the state `s`."""
+    """`@function` / `@function(num_api_spec_tokens=...)`: the first argument of `func` is the state `s`. With
+    `num_api_spec_tokens`, programs on an API-model backend speculate (radixflow/lang/speculative.py)."""
+    if num_api_spec_tokens is not None and (not isinstance(num_api_spec_tokens, int) or num_api_spec_tokens < 1):
+        raise ValueError(f"function: num_api_spec_tokens must be a positive integer, got {num_api_spec_tokens!r}")
     if func is None:
         return lambda f: SglFunction(f, num_api_spec_tokens)
     return SglFunction(func, num_api_spec_tokens)

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radixflow.errors import InvalidRequestError
 from radixflow.runtime.config import EngineConfig, ServerConfig
+from radixflow.server.anthropic_api import add_anthropic_routes
 from radixflow.server.common import ServerState
 from radixflow.server.errors import MAX_BODY_BYTES, APIError, SchedulerDiedError, error_response
 from radixflow.server.native_api import add_native_routes, add_operations_routes
@@ -44,18 +45,20 @@ def create_app(state: ServerState) -> FastAPI:
     add_operations_routes(app, state)
     add_native_routes(app, state)
     add_openai_routes(app, state)
+    add_anthropic_routes(app, state)
     return app
 
 
-async def _handle(_: Request, exc: Exception):
-    return error_response(exc)
+async def _handle(request: Request, exc: Exception):
+    return error_response(exc, request.url.path)
 
 
 class Guard:
-    """Outermost checks: the API key (every endpoint but /health), the body limit (a declared length over it is
-    refused before reading; a body sent without one is counted as it is read), bodies read as JSON whatever their
-    Content-Type (every endpoint takes JSON, and `curl -d` sends form-encoded), and a 500 in the API's shape for a
-    bug (logged with its traceback) instead of a dropped connection."""
+    """Outermost checks: the API key (every endpoint but /health; a bearer token or Anthropic's x-api-key), the
+    body limit (a declared length over it is refused before reading; a body sent without one is counted as it is
+    read), bodies read as JSON whatever their Content-Type (every endpoint takes JSON, and `curl -d` sends
+    form-encoded), and a 500 in the API's shape for a bug (logged with its traceback) instead of a dropped
+    connection."""
 
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
@@ -65,18 +68,18 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.api_key and scope["path"] != "/health":
-            if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
-                error = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                 type_="authentication_error")
-                return await error.response()(scope, receive, send)
+        path = scope["path"]
+        if self.api_key and path != "/health" and not self._authorized(headers):
+            error = APIError(401, "invalid or missing API key (Authorization: Bearer ..., or x-api-key: ...)",
+                             type_="authentication_error")
+            return await error_response(error, path)(scope, receive, send)
         if not headers.get(b"content-type", b"").lower().startswith(b"application/json"):
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
                      + [(b"content-type", b"application/json")]}
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             error = APIError(413, f"request body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
-            return await error.response()(scope, receive, send)
+            return await error_response(error, path)(scope, receive, send)
         started = False
         received = 0
 
@@ -96,10 +99,15 @@ class Guard:
         try:
             await self.app(scope, counted_receive, tracked_send)
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 and the server keeps serving
-            logger.exception("internal error on %s %s", scope.get("method"), scope["path"])
+            logger.exception("internal error on %s %s", scope.get("method"), path)
             if started:
                 raise
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc, path)(scope, receive, send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """OpenAI clients send `Authorization: Bearer KEY`; Anthropic's SDK sends `x-api-key: KEY`."""
+        bearer = headers.get(b"authorization", b"").decode("latin-1")
+        return bearer == f"Bearer {self.api_key}" or headers.get(b"x-api-key", b"").decode("latin-1") == self.api_key
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:

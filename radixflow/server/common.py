@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -15,7 +15,7 @@ from radixflow.entrypoints.generate import GenerateInput, NormalizedInput
 from radixflow.entrypoints.result import ResultCollector
 from radixflow.errors import InvalidRequestError
 from radixflow.runtime.request import Req
-from radixflow.server.errors import APIError, SchedulerDiedError
+from radixflow.server.errors import APIError, SchedulerDiedError, bad_request
 from radixflow.server.metrics import ServerMetrics
 from radixflow.server.tokenizer_manager import TokenizerManager
 
@@ -27,6 +27,12 @@ class ServerState:
         self.api_key = api_key
         self.metrics = ServerMetrics()
         self.started = time.time()
+
+    def check_model(self, name: str) -> None:
+        """A request names the served model (OpenAI's and Anthropic's APIs both ask for it)."""
+        if name != self.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           "model", code="model_not_found")
 
     def prepare(self, request: GenerateInput, text_field: str = "text",
                 renames: dict[str, str] | None = None) -> tuple[NormalizedInput, list[Req]]:
@@ -103,17 +109,37 @@ def _cancel(task: asyncio.Future) -> None:
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, so asyncio logs nothing
 
 
-def sse(payload) -> bytes:
-    return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n".encode()
+def sse(payload, event: str | None = None) -> bytes:
+    """One SSE event; `event` names its type (Anthropic's streams name every event, OpenAI's none)."""
+    data = f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
+    return (f"event: {event}\n{data}" if event else data).encode()
 
 
-def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
-    """An SSE response. Its 200 is sent before the first event, so a failure after that is sent as an event."""
+def event_stream(events: AsyncIterator[bytes], error_event: Callable[[Exception], bytes] | None = None
+                 ) -> StreamingResponse:
+    """An SSE response. Its 200 is sent before the first event, so a failure after that is sent as an event
+    (`error_event`, default OpenAI's error object)."""
     async def guarded():
         try:
             async for event in events:
                 yield event
         except SchedulerDiedError as exc:
-            yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+            yield (error_event or _openai_error_event)(exc)
 
     return StreamingResponse(guarded(), media_type="text/event-stream")
+
+
+def _openai_error_event(exc: Exception) -> bytes:
+    return sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+
+
+def render_chat(state: ServerState, messages: list[dict], continue_final: bool = False) -> str:
+    """The prompt for `messages` ({"role", "content": text}) by the model's chat template, ending with the
+    assistant's generation prompt; with `continue_final` the last (assistant) message is continued instead (a
+    prefill: the answer extends its text)."""
+    history, prefill = (messages[:-1], messages[-1]["content"]) if continue_final else (messages, "")
+    try:
+        prompt = state.manager.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja raises for templates that refuse a role order
+        raise bad_request(f"messages: the chat template rejected them ({exc})", "messages") from exc
+    return prompt + prefill

@@ -1,4 +1,5 @@
-"""Errors as HTTP responses in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""Errors as HTTP responses: in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and on the
+Anthropic-compatible routes (`/v1/messages...`) in Anthropic's, {"type": "error", "error": {"type", "message"}}.
 
 `error_response` is the one mapping from an exception to a response; the app's exception handlers and its
 catch-all middleware both use it.
@@ -14,6 +15,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from radixflow.errors import InvalidRequestError
 
 MAX_BODY_BYTES = 8 * 2**20  # the largest request body the server reads (413 beyond)
+ANTHROPIC_ROUTES = "/v1/messages"  # paths under it answer errors in Anthropic's shape
+
+# Anthropic's error types by HTTP status (its API reference, "Errors").
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
 
 
 class SchedulerDiedError(RuntimeError):
@@ -30,14 +37,24 @@ class APIError(HTTPException):
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status_code, headers=self.headers)
 
+    def anthropic_body(self) -> dict:
+        kind = _ANTHROPIC_TYPES.get(self.status_code, "invalid_request_error" if self.status_code < 500
+                                    else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def anthropic_response(self) -> JSONResponse:
+        return JSONResponse(self.anthropic_body(), status_code=self.status_code, headers=self.headers)
+
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """The API's answer to `exc`; anything unexpected is a 500 that names the exception."""
-    return as_api_error(exc).response()
+def error_response(exc: Exception, path: str = "") -> JSONResponse:
+    """The API's answer to `exc` on `path` (in Anthropic's shape under ANTHROPIC_ROUTES); anything unexpected is a
+    500 that names the exception."""
+    error = as_api_error(exc)
+    return error.anthropic_response() if path.startswith(ANTHROPIC_ROUTES) else error.response()
 
 
 def as_api_error(exc: Exception) -> APIError:

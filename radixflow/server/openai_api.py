@@ -7,6 +7,7 @@ normaliser as `/generate`; errors name the field as the OpenAI client spelled it
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 
@@ -15,9 +16,9 @@ from fastapi import FastAPI, Request
 from radixflow.entrypoints.generate import GenerateInput
 from radixflow.runtime.constrained.spec import json_object_schema
 from radixflow.runtime.request import Req
-from radixflow.server.common import ServerState, event_stream, sse
-from radixflow.server.errors import APIError, bad_request
-from radixflow.server.openai_protocol import ChatBody, ChatMessage, CompletionBody, SamplingBody
+from radixflow.server.common import ServerState, event_stream, render_chat, sse
+from radixflow.server.errors import bad_request
+from radixflow.server.openai_protocol import ChatBody, CompletionBody, SamplingBody
 
 # The runtime's field names as the OpenAI client knows them, for error messages.
 _COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
@@ -68,11 +69,6 @@ def _usage(metas: list[dict], prompt_metas: list[dict]) -> dict:
 
 
 def add_openai_routes(app: FastAPI, state: ServerState) -> None:
-    def check_model(name: str) -> None:
-        if name != state.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {state.model_name!r}",
-                           "model", code="model_not_found")
-
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(state.started),
@@ -80,7 +76,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        check_model(body.model)
+        state.check_model(body.model)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         echo_logprobs = body.echo and body.logprobs is not None
         _, reqs = state.prepare(GenerateInput(
@@ -98,10 +94,10 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
-        check_model(body.model)
+        state.check_model(body.model)
         if body.tools:
             raise bad_request("tools: tool calling is not supported by this server yet", "tools")
-        prompt = _chat_prompt(state, body.messages)
+        prompt = _chat_prompt(state, body)
         max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
@@ -139,9 +135,9 @@ def _completion_prompts(prompt) -> dict:
     return {"input_ids": prompt}
 
 
-def _chat_prompt(state: ServerState, messages: list[ChatMessage]) -> str:
+def _chat_prompt(state: ServerState, body: ChatBody) -> str:
     converted = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(body.messages):
         content = m.content
         if isinstance(content, list):
             texts = [part.get("text") for part in content if part.get("type") == "text"]
@@ -149,10 +145,10 @@ def _chat_prompt(state: ServerState, messages: list[ChatMessage]) -> str:
                 raise bad_request(f"messages.{i}.content: only text parts are supported", f"messages.{i}.content")
             content = "".join(t or "" for t in texts)
         converted.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-    try:
-        return state.manager.tokenizer.apply_chat_template(converted, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # jinja raises for templates that refuse a role order
-        raise bad_request(f"messages: the chat template rejected them ({exc})", "messages") from exc
+    if body.continue_final_message and converted[-1]["role"] != "assistant":
+        raise bad_request("continue_final_message: the last message must be the assistant's to continue",
+                          "continue_final_message")
+    return render_chat(state, converted, continue_final=body.continue_final_message)
 
 
 def _completion_choice(index: int, collector, state: ServerState, body: CompletionBody) -> dict:
@@ -165,9 +161,11 @@ def _completion_choice(index: int, collector, state: ServerState, body: Completi
         decode = state.manager.tokenizer.decode
         entries = (meta.get("input_token_logprobs", []) if body.echo else []) + meta["output_token_logprobs"]
         tops = (meta.get("input_top_logprobs", []) if body.echo else []) + meta["output_top_logprobs"]
-        logprobs = {"tokens": [decode([t]) for _, t, _ in entries], "token_logprobs": [lp for lp, _, _ in entries],
+        tokens = [decode([t]) for _, t, _ in entries]
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+        logprobs = {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in entries],
                     "top_logprobs": [{decode([t]): lp for lp, t, _ in row} if row else None for row in tops],
-                    "text_offset": []}
+                    "text_offset": offsets}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(meta)}
 
 

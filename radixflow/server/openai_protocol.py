@@ -61,3 +61,5 @@ class ChatBody(SamplingBody):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list | None = None
+    # SGLang's and vLLM's extension: the last (assistant) message is continued, not answered in a new turn.
+    continue_final_message: bool = False

@@ -13,6 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "radixflow"
 # Imports that may stay inside a function, and why: none of them is there to dodge a cycle.
 DEFERRED = {
     ("radixflow.runtime.tokenizer", "transformers"),  # after HF_HUB_OFFLINE is set; only a tokenizer load needs it
+    # `sgl.OpenAI` etc. (PEP 562 module attributes): the providers' SDKs add seconds to `import radixflow`.
+    ("radixflow", "radixflow.backends.api.openai"),
+    ("radixflow", "radixflow.backends.api.anthropic"),
+    ("radixflow", "radixflow.backends.api.vertexai"),
+    ("radixflow", "radixflow.backends.api.litellm"),
 }
 
 

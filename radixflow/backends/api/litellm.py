@@ -1,0 +1,74 @@
+"""`sgl.LiteLLM`: any provider LiteLLM routes to (an optional extra: `pip install 'radixflow[litellm]'`)."""
+
+from __future__ import annotations
+
+import os
+
+import openai
+
+from radixflow.backends.api.base import APIBackend, APIBackendError, Reply, Request
+from radixflow.backends.api.openai import finish_of, usage_of
+from radixflow.lang.chat_template import get_chat_template
+
+# LiteLLM fetches its model price map from GitHub at import unless told to use the copy it ships; offline, that
+# costs seconds of retries.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+try:
+    import litellm
+except ImportError as exc:  # an optional extra: say how to get it where the backend is asked for
+    raise ImportError("sgl.LiteLLM needs the litellm package: pip install 'radixflow[litellm]'") from exc
+
+
+class LiteLLM(APIBackend):
+    """SGLang's `LiteLLM(model_name, chat_template=None, api_key=None, organization=None, base_url=None,
+    timeout=600, max_retries=..., default_headers=None)`: `model_name` in LiteLLM's `provider/model` form; calls go
+    through `litellm.completion` (its `num_retries` retries 429 / 5xx). Chat models only."""
+
+    def __init__(self, model_name: str, chat_template=None, api_key: str | None = None,
+                 organization: str | None = None, base_url: str | None = None, timeout: float | None = 600,
+                 max_retries: int = 2, default_headers: dict | None = None):
+        super().__init__(model_name, chat_template or get_chat_template("chatgpt"))
+        self.client_params = {k: v for k, v in (("api_key", api_key), ("organization", organization),
+                                                ("base_url", base_url), ("timeout", timeout),
+                                                ("num_retries", max_retries), ("extra_headers", default_headers))
+                              if v is not None}
+
+    def _call(self, prompt, request: Request) -> Reply:
+        response = self._guarded(**self._kwargs(prompt, request))
+        texts = [c.message.content or "" for c in response.choices]
+        return Reply(texts, [finish_of(c.finish_reason) for c in response.choices], *usage_of(response.usage))
+
+    def _stream(self, prompt, request: Request):
+        text, finish, usage = "", None, (0, 0, 0)
+        for chunk in self._guarded(**self._kwargs(prompt, request), stream=True,
+                                   stream_options={"include_usage": True}):
+            if getattr(chunk, "usage", None) is not None:
+                usage = usage_of(chunk.usage)
+            for choice in chunk.choices:
+                piece = choice.delta.content or ""
+                finish = choice.finish_reason or finish
+                text += piece
+                if piece:
+                    yield piece
+        yield Reply([text], [finish_of(finish)], *usage)
+
+    def _kwargs(self, prompt, request: Request) -> dict:
+        kwargs = {"model": self.model_name, "messages": list(prompt), "max_tokens": request.max_tokens,
+                  "temperature": request.temperature, "top_p": request.top_p, "n": request.n, **self.client_params}
+        if request.stop:
+            kwargs["stop"] = request.stop
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(request, name):
+                kwargs[name] = getattr(request, name)
+        if request.json_schema is not None:
+            kwargs["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": request.json_schema}}
+        return kwargs
+
+    def _guarded(self, **kwargs):
+        try:
+            return litellm.completion(**kwargs)
+        except openai.APIError as exc:  # LiteLLM's exceptions are the openai SDK's
+            raise APIBackendError(str(self), getattr(exc, "message", None) or str(exc),
+                                  getattr(exc, "status_code", None)) from exc
+
