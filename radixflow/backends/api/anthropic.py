@@ -24,10 +24,9 @@ class Anthropic(APIBackend):
         kwargs, lost = self._kwargs(prompt, request)
         replies = [self._reply(self._guarded(self.client.messages.create, **kwargs), lost)
                    for _ in range(request.n)]  # the API has no n: one call per sample
-        first = replies[0]
         return Reply([r.texts[0] for r in replies], [r.finish_reasons[0] for r in replies],
                      sum(r.prompt_tokens for r in replies), sum(r.completion_tokens for r in replies),
-                     sum(r.cached_tokens for r in replies)) if request.n > 1 else first
+                     sum(r.cached_tokens for r in replies), calls=len(replies))
 
     def _stream(self, prompt, request: Request):
         kwargs, lost = self._kwargs(prompt, request)

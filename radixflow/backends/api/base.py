@@ -96,6 +96,7 @@ class Reply:
     completion_tokens: int = 0
     cached_tokens: int = 0
     tokens: list[list[tuple[float | None, str]]] | None = None
+    calls: int = 1  # API calls it took (a provider without `n` makes one per sample)
 
     def meta(self, i: int) -> dict:
         """SGLang-style meta info of sample `i`."""
@@ -173,7 +174,7 @@ class APIBackend(BaseBackend):
     def _count(self, reply: Reply) -> None:
         with self._usage_lock:
             usage = self.token_usage
-            usage.calls += 1
+            usage.calls += reply.calls
             usage.prompt_tokens += reply.prompt_tokens
             usage.completion_tokens += reply.completion_tokens
             usage.cached_tokens += reply.cached_tokens
