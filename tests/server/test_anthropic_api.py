@@ -108,6 +108,10 @@ def test_a_forced_tool_is_a_valid_call_whole_and_streamed(sdk, model_name):
 def test_the_api_key_is_taken_as_anthropics_header(keyed_server, model_name):
     keyed = anthropic.Anthropic(base_url=keyed_server.url, api_key=API_KEY, max_retries=0, timeout=30)
     assert keyed.messages.count_tokens(model=model_name, messages=USER).input_tokens > 0
+    body = {"model": model_name, "messages": USER}
+    for headers, status in (({"x-api-key": API_KEY}, 200), ({"x-api-key": "sk-wrong"}, 401), ({}, 401)):
+        response = httpx.post(f"{keyed_server.url}/v1/messages/count_tokens", json=body, headers=headers)
+        assert response.status_code == status, response.text
     wrong = anthropic.Anthropic(base_url=keyed_server.url, api_key="sk-wrong", max_retries=0, timeout=30)
     with pytest.raises(anthropic.AuthenticationError) as caught:
         wrong.messages.count_tokens(model=model_name, messages=USER)

@@ -22,15 +22,22 @@ except ImportError as exc:  # an optional extra: say how to get it where the bac
 class LiteLLM(APIBackend):
     """SGLang's `LiteLLM(model_name, chat_template=None, api_key=None, organization=None, base_url=None,
     timeout=600, max_retries=..., default_headers=None)`: `model_name` in LiteLLM's `provider/model` form; calls go
-    through `litellm.completion` (its `num_retries` retries 429 / 5xx). Chat models only."""
+    through `litellm.completion`, which retries 429 / 5xx and timeouts up to `max_retries` times. Chat models only."""
 
     def __init__(self, model_name: str, chat_template=None, api_key: str | None = None,
                  organization: str | None = None, base_url: str | None = None, timeout: float | None = 600,
                  max_retries: int = 2, default_headers: dict | None = None):
         super().__init__(model_name, chat_template or get_chat_template("chatgpt"))
+        # Retried: rate limits, timeouts, 5xx; not requests the provider refused (LiteLLM's own default retries
+        # every error, a 400 included).
+        retries = litellm.RetryPolicy(TimeoutErrorRetries=max_retries, RateLimitErrorRetries=max_retries,
+                                      InternalServerErrorRetries=max_retries,
+                                      ServiceUnavailableErrorRetries=max_retries, BadRequestErrorRetries=0,
+                                      AuthenticationErrorRetries=0, ContentPolicyViolationErrorRetries=0,
+                                      NotFoundErrorRetries=0, DefaultRetries=0)
         self.client_params = {k: v for k, v in (("api_key", api_key), ("organization", organization),
                                                 ("base_url", base_url), ("timeout", timeout),
-                                                ("num_retries", max_retries), ("extra_headers", default_headers))
+                                                ("retry_policy", retries), ("extra_headers", default_headers))
                               if v is not None}
 
     def _call(self, prompt, request: Request) -> Reply:
