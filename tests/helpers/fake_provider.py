@@ -53,8 +53,9 @@ class FakeProvider:
             def do_POST(self):  # noqa: N802 - http.server's naming
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
+                headers = {k.lower(): v for k, v in self.headers.items()}
                 with fake._lock:
-                    fake.requests.append(Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    fake.requests.append(Recorded("POST", self.path, headers, body))
                 status, payload = fake._respond(self.path, body)
                 if isinstance(payload, list):  # an SSE stream
                     data = "".join(f"data: {json.dumps(event)}\n\n" for event in payload).encode()

@@ -171,7 +171,8 @@ def test_the_anthropic_sdk_retries_429():
         state = chat_program.run(backend=backend)
         assert state["city"] == "Oslo" and state.get_meta_info("city")["finish_reason"]["matched"] == "."
         headers = fake.requests[1].headers  # this SDK sends the key as a bearer token; older ones as x-api-key
-        assert len(fake.requests) == 2 and {headers.get("x-api-key"), headers.get("authorization")} & {"a-key", "Bearer a-key"}
+        sent = {headers.get("x-api-key"), headers.get("authorization")}
+        assert len(fake.requests) == 2 and sent & {"a-key", "Bearer a-key"}
         body = fake.requests[1].body
         assert body["system"] == "You are terse." and body["stop_sequences"] == ["\n", "."]
         assert body["temperature"] == 0.5 and body["top_p"] == 0.9 and "top_k" not in body
