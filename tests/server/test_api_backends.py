@@ -177,7 +177,7 @@ def test_errors_carry_the_servers_message(tiny_server):
     assert state.error().status == 404 and "claude-17" in str(state.error())
 
 
-def test_an_image_reaches_the_server_which_refuses_it_by_name(chat, tmp_path):
+def test_an_image_reaches_the_server_which_refuses_it_by_name(chat, claude, tmp_path):
     image = tmp_path / "dot.png"
     image.write_bytes(b"\x89PNG\r\n\x1a\n")
 
@@ -186,7 +186,8 @@ def test_an_image_reaches_the_server_which_refuses_it_by_name(chat, tmp_path):
         s += sgl.user(sgl.image(str(image)) + "What is it?")
         s += sgl.assistant(sgl.gen("answer", max_tokens=4))
 
-    with warnings.catch_warnings(), pytest.warns(RuntimeWarning, match="primitive failed"):
-        state = look.run(backend=chat)
-    assert state.error().status == 400 and "only text parts are supported" in str(state.error())
+    for backend, says in ((chat, "only text parts are supported"), (claude, "messages.0.content.0: image blocks")):
+        with warnings.catch_warnings(), pytest.warns(RuntimeWarning, match="primitive failed"):
+            state = look.run(backend=backend)
+        assert state.error().status == 400 and says in str(state.error()), state.error()
 

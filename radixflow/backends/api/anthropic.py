@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import anthropic
 
-from radixflow.backends.api.base import APIBackend, APIBackendError, Reply, Request, parse_data_url, split_system
+from radixflow.backends.api.base import APIBackend, Reply, Request, parse_data_url, sdk_error, split_system
 from radixflow.lang.chat_template import get_chat_template
 
 
@@ -40,10 +40,8 @@ class Anthropic(APIBackend):
                     if piece:
                         yield piece
                 message = stream.get_final_message()
-        except anthropic.APIStatusError as exc:
-            raise APIBackendError(str(self), _message(exc), exc.status_code) from exc
         except anthropic.APIError as exc:
-            raise APIBackendError(str(self), str(exc)) from exc
+            raise sdk_error(str(self), exc) from exc
         yield self._reply(message, lost)
 
     def _kwargs(self, prompt, request: Request) -> tuple[dict, str]:
@@ -83,10 +81,8 @@ class Anthropic(APIBackend):
     def _guarded(self, create, **kwargs):
         try:
             return create(**kwargs)
-        except anthropic.APIStatusError as exc:
-            raise APIBackendError(str(self), _message(exc), exc.status_code) from exc
-        except anthropic.APIError as exc:  # connection errors and timeouts, after the SDK's retries
-            raise APIBackendError(str(self), str(exc)) from exc
+        except anthropic.APIError as exc:  # refusals, and failures after the SDK's retries
+            raise sdk_error(str(self), exc) from exc
 
 
 def _content(content: str | list[dict]) -> str | list[dict]:
@@ -105,8 +101,3 @@ def _content(content: str | list[dict]) -> str | list[dict]:
             blocks.append({"type": "text", "text": part.get("text", "")})
     return blocks
 
-
-def _message(exc: anthropic.APIStatusError) -> str:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error", body)
-    return (error.get("message") if isinstance(error, dict) else None) or exc.message

@@ -43,6 +43,15 @@ class APIBackendError(RuntimeError):
         self.status = status
 
 
+def sdk_error(backend: str, exc: Exception) -> APIBackendError:
+    """An SDK's exception (openai's and anthropic's, and LiteLLM's, which are openai's) as an APIBackendError: the
+    HTTP status where there was one, the provider's own message from the error body where it sent one."""
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    message = (error.get("message") if isinstance(error, dict) else None) or getattr(exc, "message", None)
+    return APIBackendError(backend, message or str(exc), getattr(exc, "status_code", None))
+
+
 class UnsupportedFeatureError(NotImplementedError):
     """A program asked a backend for something its provider cannot do (a regex on Anthropic, ...)."""
 

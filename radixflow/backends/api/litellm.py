@@ -6,8 +6,8 @@ import os
 
 import openai
 
-from radixflow.backends.api.base import APIBackend, APIBackendError, Reply, Request
-from radixflow.backends.api.openai import finish_of, usage_of
+from radixflow.backends.api.base import APIBackend, Reply, Request, sdk_error
+from radixflow.backends.api.openai import finish_of, sampling_kwargs, usage_of
 from radixflow.lang.chat_template import get_chat_template
 
 # LiteLLM fetches its model price map from GitHub at import unless told to use the copy it ships; offline, that
@@ -47,35 +47,28 @@ class LiteLLM(APIBackend):
 
     def _stream(self, prompt, request: Request):
         text, finish, usage = "", None, (0, 0, 0)
-        for chunk in self._guarded(**self._kwargs(prompt, request), stream=True,
-                                   stream_options={"include_usage": True}):
-            if getattr(chunk, "usage", None) is not None:
-                usage = usage_of(chunk.usage)
-            for choice in chunk.choices:
-                piece = choice.delta.content or ""
-                finish = choice.finish_reason or finish
-                text += piece
-                if piece:
-                    yield piece
+        try:
+            for chunk in litellm.completion(**self._kwargs(prompt, request), stream=True,
+                                            stream_options={"include_usage": True}):
+                if getattr(chunk, "usage", None) is not None:
+                    usage = usage_of(chunk.usage)
+                for choice in chunk.choices:
+                    piece = choice.delta.content or ""
+                    finish = choice.finish_reason or finish
+                    text += piece
+                    if piece:
+                        yield piece
+        except openai.APIError as exc:  # LiteLLM's exceptions are the openai SDK's
+            raise sdk_error(str(self), exc) from exc
         yield Reply([text], [finish_of(finish)], *usage)
 
     def _kwargs(self, prompt, request: Request) -> dict:
-        kwargs = {"model": self.model_name, "messages": list(prompt), "max_tokens": request.max_tokens,
-                  "temperature": request.temperature, "top_p": request.top_p, "n": request.n, **self.client_params}
-        if request.stop:
-            kwargs["stop"] = request.stop
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(request, name):
-                kwargs[name] = getattr(request, name)
-        if request.json_schema is not None:
-            kwargs["response_format"] = {"type": "json_schema",
-                                         "json_schema": {"name": "output", "schema": request.json_schema}}
-        return kwargs
+        return {"model": self.model_name, "messages": list(prompt), "max_tokens": request.max_tokens,
+                **sampling_kwargs(request), **self.client_params}
 
     def _guarded(self, **kwargs):
         try:
             return litellm.completion(**kwargs)
         except openai.APIError as exc:  # LiteLLM's exceptions are the openai SDK's
-            raise APIBackendError(str(self), getattr(exc, "message", None) or str(exc),
-                                  getattr(exc, "status_code", None)) from exc
+            raise sdk_error(str(self), exc) from exc
 

@@ -7,7 +7,7 @@ import warnings
 
 import openai
 
-from radixflow.backends.api.base import APIBackend, APIBackendError, Reply, Request
+from radixflow.backends.api.base import APIBackend, Reply, Request, sdk_error
 from radixflow.lang.chat_template import get_chat_template
 from radixflow.lang.choices import ChoicesDecision, token_length_normalized
 
@@ -54,29 +54,23 @@ class OpenAI(APIBackend):
         kwargs = {**self._kwargs(prompt, request), "stream": True, "stream_options": {"include_usage": True}}
         create = self.client.chat.completions.create if self.is_chat_model else self.client.completions.create
         text, finish, usage = "", None, (0, 0, 0)
-        for chunk in self._guarded(create, **kwargs):
-            if chunk.usage is not None:
-                usage = usage_of(chunk.usage)
-            for choice in chunk.choices:
-                piece = (choice.delta.content if self.is_chat_model else choice.text) or ""
-                text += piece
-                finish = choice.finish_reason or finish
-                if piece:
-                    yield piece
+        try:
+            for chunk in create(**kwargs):
+                if chunk.usage is not None:
+                    usage = usage_of(chunk.usage)
+                for choice in chunk.choices:
+                    piece = (choice.delta.content if self.is_chat_model else choice.text) or ""
+                    text += piece
+                    finish = choice.finish_reason or finish
+                    if piece:
+                        yield piece
+        except openai.APIError as exc:
+            raise sdk_error(str(self), exc) from exc
         yield Reply([text], [finish_of(finish)], *usage)
 
     def _kwargs(self, prompt, request: Request) -> dict:
-        kwargs = {"model": self.model_name, "temperature": request.temperature, "top_p": request.top_p,
-                  "n": request.n}
+        kwargs = {"model": self.model_name, **sampling_kwargs(request)}
         extra = {}
-        if request.stop:
-            kwargs["stop"] = request.stop
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(request, name):
-                kwargs[name] = getattr(request, name)
-        if request.json_schema is not None:
-            kwargs["response_format"] = {"type": "json_schema",
-                                         "json_schema": {"name": "output", "schema": request.json_schema}}
         if self.sglang_extensions:
             extra = {k: v for k, v in (("regex", request.regex), ("ebnf", request.ebnf)) if v is not None}
             extra |= {k: v for k, v in (("top_k", request.top_k), ("min_p", request.min_p)) if v not in (-1, 0.0)}
@@ -105,10 +99,8 @@ class OpenAI(APIBackend):
     def _guarded(self, create, **kwargs):
         try:
             return create(**kwargs)
-        except openai.APIStatusError as exc:
-            raise APIBackendError(str(self), _message(exc), exc.status_code) from exc
-        except openai.APIError as exc:  # connection errors and timeouts, after the SDK's retries
-            raise APIBackendError(str(self), str(exc)) from exc
+        except openai.APIError as exc:  # refusals, and failures after the SDK's retries
+            raise sdk_error(str(self), exc) from exc
 
     # -- select on a completion model ----------------------------------------------------------------------------
     def select(self, prompt, choices, temperature, method=None):
@@ -149,6 +141,20 @@ def _tail(entries: list[tuple], prefix_chars: int) -> list[tuple]:
     return out
 
 
+def sampling_kwargs(request: Request) -> dict:
+    """A request's sampling fields in OpenAI's names (OpenAI's API and LiteLLM's)."""
+    kwargs = {"temperature": request.temperature, "top_p": request.top_p, "n": request.n}
+    if request.stop:
+        kwargs["stop"] = request.stop
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, name):
+            kwargs[name] = getattr(request, name)
+    if request.json_schema is not None:
+        kwargs["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "output", "schema": request.json_schema}}
+    return kwargs
+
+
 def finish_of(reason: str | None) -> dict:
     """An OpenAI-shaped finish reason as the runtime's (OpenAI's API and LiteLLM's)."""
     return {"type": "length" if reason == "length" else "stop", "matched": None}
@@ -161,8 +167,3 @@ def usage_of(usage) -> tuple[int, int, int]:
     details = getattr(usage, "prompt_tokens_details", None)
     return usage.prompt_tokens, usage.completion_tokens, (getattr(details, "cached_tokens", 0) or 0)
 
-
-def _message(exc: openai.APIStatusError) -> str:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error", body)
-    return (error.get("message") if isinstance(error, dict) else None) or exc.message
