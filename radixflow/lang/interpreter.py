@@ -319,7 +319,7 @@ class StreamExecutor:
         if turn is None:
             return
         matched = 0 if turn.needs_call else len(turn.terms)
-        if turn.needs_call:
+        if turn.worth_speculating:
             params = {**turn.params, "max_new_tokens": self.spec_tokens, "stop": [], "n": 1}
             tries = _CHAT_SPEC_TRIES if params.get("temperature", 1.0) > 0 else 1
             for _ in range(tries):

@@ -90,6 +90,11 @@ class ChatTurn:
     def needs_call(self) -> bool:
         return any(not t.is_constant for t in self.terms)
 
+    @property
+    def worth_speculating(self) -> bool:
+        """A turn of one gen (or select) and nothing else is one call either way: it runs as usual."""
+        return self.needs_call and len(self.terms) > 1
+
     def pending(self, name: str) -> bool:
         return any(t.name == name for t in self.terms)
 

@@ -222,6 +222,19 @@ def test_chat_speculation_runs_the_rest_normally_where_the_answer_leaves_the_pat
     assert backend.calls[1][-1] == {"role": "assistant", "content": "Name: Ada\nAge:"}
 
 
+def test_a_turn_of_one_gen_runs_as_usual():
+    @sgl.function(num_api_spec_tokens=64)
+    def lone(s):
+        s += sgl.user("Make a character.")
+        s += sgl.assistant(sgl.gen("all", max_tokens=5, stop="\n"))
+
+    backend = ChatModel({"Make a character.": "Name: Ada\nAge: 36"})
+    calls = []
+    backend.generate = lambda prompt, params, logprob: (calls.append(params), ("Name: Ada", {}))[1]
+    assert lone.run(backend=backend)["all"] == "Name: Ada"
+    assert [(c["max_new_tokens"], c["stop"]) for c in calls] == [(5, "\n")]  # the gen's own, not the turn's
+
+
 def test_reading_a_variable_inside_the_turn_fills_the_turn_at_that_point():
     def reads_early(s):
         s += sgl.user("Make a character.")
