@@ -9,7 +9,7 @@ import openai
 
 from radixflow.backends.api.base import APIBackend, Reply, Request, sdk_error
 from radixflow.lang.chat_template import get_chat_template
-from radixflow.lang.choices import ChoicesDecision, token_length_normalized
+from radixflow.lang.choices import token_length_normalized
 
 INSTRUCT_MODEL_NAMES = ("gpt-3.5-turbo-instruct", "davinci-002", "babbage-002")  # completion-only (SGLang's list+)
 
@@ -116,10 +116,8 @@ class OpenAI(APIBackend):
             present = ["".join(text for *_, text in entries) for entries in inputs if entries]
             scored = iter(self._echo(present) if present else ())
             unconditional = [next(scored) if entries else [] for entries in inputs]
-        decision: ChoicesDecision = method(
-            choices=list(choices), normalized_prompt_logprobs=normalized, input_token_logprobs=inputs,
-            output_token_logprobs=[[] for _ in choices], unconditional_token_logprobs=unconditional)
-        return decision
+        return method(choices=list(choices), normalized_prompt_logprobs=normalized, input_token_logprobs=inputs,
+                      output_token_logprobs=[[] for _ in choices], unconditional_token_logprobs=unconditional)
 
     def _echo(self, prompts: list[str]) -> list[list[tuple]]:
         """Each prompt's token logprobs, (logprob, None, token text), by an echo call that generates nothing."""
