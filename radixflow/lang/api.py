@@ -20,7 +20,7 @@ from radixflow.lang.ir import (
     Video,
     as_node,
 )
-from radixflow.lang.reasoning import split_reasoning
+from radixflow.parsers.reasoning import check_model_type
 
 # dtype= of gen: the regex the value must match (as SGLang; the variable stays a string, so programs that
 # concatenate it keep working). str is a double-quoted string with no quote, backslash or control character inside
@@ -137,7 +137,7 @@ def separate_reasoning(expr=None, model_type: str | None = None) -> Node:
              if isinstance(n, (Gen, Select)) and n.name]
     if not names:
         raise ValueError("separate_reasoning: the expression has no named gen or select to split")
-    split_reasoning("", model_type)  # refuses an unknown model type here, at the call
+    check_model_type(model_type)  # refuses an unknown model type here, at the call
     return Concat([node, *(SeparateReasoning(name, model_type) for name in names)])
 
 

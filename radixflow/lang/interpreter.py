@@ -38,8 +38,8 @@ from radixflow.lang.ir import (
     VarScopeEnd,
     Video,
 )
-from radixflow.lang.reasoning import split_reasoning
 from radixflow.lang.speculative import ChatTurn, Speculation, Term
+from radixflow.parsers.reasoning import split_reasoning
 
 # What a speculative call asks for besides the text: the token texts, so a gen's token limit can be applied to it.
 _SPEC_LOGPROB = {"return_logprob": True, "top_logprobs_num": 0, "return_text_in_logprobs": True}
