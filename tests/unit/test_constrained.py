@@ -10,28 +10,18 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from radixflow.errors import InvalidRequestError
 from radixflow.runtime.constrained.bitmask import allowed_tokens, apply_bitmask, fill_bitmask
 from radixflow.runtime.constrained.grammar import GrammarCompiler, GrammarError, RequestGrammar
 from radixflow.runtime.constrained.spec import MAX_SPEC_CHARS, Constraint, constraint_of
 from radixflow.runtime.sampling_params import SamplingParams
-
-MERGES = [('"', ","), ("{", '"'), ("y", "e"), ("ye", "s"), ("Ġ", '"')]
+from tests.helpers.toy_tokenizer import build_toy_tokenizer
 
 
 @pytest.fixture(scope="module")
 def toy_tokenizer():
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"</s>": 0}
-    for symbol in alphabet + ["".join(m) for m in MERGES]:
-        vocab.setdefault(symbol, len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    return build_toy_tokenizer()
 
 
 @pytest.fixture()
