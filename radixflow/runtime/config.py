@@ -92,6 +92,12 @@ class ServerConfig:
     served_model_name: str | None = _help("model name in the OpenAI API; default: the model file's name",
                                           default=None)
     log_level: str = _help("debug, info, warning, error", default="info")
+    tool_call_parser: str = _help(
+        "how the model writes tool calls, for the OpenAI API's tools: hermes (also qwen25, qwen), llama3, "
+        "pythonic. A chat template without tool support gets this format's instructions", default="hermes")
+    reasoning_parser: str | None = _help(
+        "split the model's <think> block into reasoning_content: deepseek-r1, deepseek-v3, qwen3, qwen3-thinking, "
+        "glm45, kimi; constraints then apply to the answer after the thinking", default=None)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from radixflow.errors import InvalidRequestError
 from radixflow.runtime.config import EngineConfig, ServerConfig
 from radixflow.server.anthropic_api import add_anthropic_routes
+from radixflow.server.chat_tools import check_parsers
 from radixflow.server.common import ServerState
 from radixflow.server.errors import MAX_BODY_BYTES, APIError, SchedulerDiedError, error_response
 from radixflow.server.native_api import add_native_routes, add_operations_routes
@@ -111,10 +112,12 @@ class Guard:
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
+    check_parsers(server_config.tool_call_parser, server_config.reasoning_parser)  # before loading the model
     manager = TokenizerManager(engine_config, server_config.log_level)
     name = server_config.served_model_name or (
         manager.source.path.stem if manager.source.kind == "gguf" else manager.source.path.name)
-    state = ServerState(manager, name, server_config.api_key)
+    state = ServerState(manager, name, server_config.api_key, server_config.tool_call_parser,
+                        server_config.reasoning_parser)
     print(f"[radixflow] serving {name!r} on http://{server_config.host}:{server_config.port} "
           f"(context {manager.limits.max_context}, KV pool {manager.limits.pool_size} tokens)", flush=True)
     uvicorn.run(create_app(state), host=server_config.host, port=server_config.port,

@@ -21,10 +21,13 @@ from radixflow.server.tokenizer_manager import TokenizerManager
 
 
 class ServerState:
-    def __init__(self, manager: TokenizerManager, served_model_name: str, api_key: str | None):
+    def __init__(self, manager: TokenizerManager, served_model_name: str, api_key: str | None,
+                 tool_call_parser: str = "hermes", reasoning_parser: str | None = None):
         self.manager = manager
         self.model_name = served_model_name
         self.api_key = api_key
+        self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
         self.metrics = ServerMetrics()
         self.started = time.time()
 
@@ -133,13 +136,15 @@ def _openai_error_event(exc: Exception) -> bytes:
     return sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
 
 
-def render_chat(state: ServerState, messages: list[dict], continue_final: bool = False) -> str:
+def render_chat(state: ServerState, messages: list[dict], continue_final: bool = False,
+                tools: list[dict] | None = None) -> str:
     """The prompt for `messages` ({"role", "content": text}) by the model's chat template, ending with the
     assistant's generation prompt; with `continue_final` the last (assistant) message is continued instead (a
-    prefill: the answer extends its text)."""
+    prefill: the answer extends its text). `tools` go to a template that renders tools itself."""
     history, prefill = (messages[:-1], messages[-1]["content"]) if continue_final else (messages, "")
     try:
-        prompt = state.manager.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        prompt = state.manager.tokenizer.apply_chat_template(history, tools=tools, tokenize=False,
+                                                             add_generation_prompt=True)
     except Exception as exc:  # jinja raises for templates that refuse a role order
         raise bad_request(f"messages: the chat template rejected them ({exc})", "messages") from exc
     return prompt + prefill

@@ -14,8 +14,9 @@ import uuid
 from fastapi import FastAPI, Request
 
 from radixflow.entrypoints.generate import GenerateInput
-from radixflow.runtime.constrained.spec import json_object_schema
+from radixflow.runtime.constrained.spec import CONSTRAINT_FIELDS, json_object_schema
 from radixflow.runtime.request import Req
+from radixflow.server.chat_tools import ChatDelta, ChatPlan, ChatReader, call_deltas, calls_json, plan_chat
 from radixflow.server.common import ServerState, event_stream, render_chat, sse
 from radixflow.server.errors import bad_request
 from radixflow.server.openai_protocol import ChatBody, CompletionBody, SamplingBody
@@ -95,9 +96,9 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         state.check_model(body.model)
-        if body.tools:
-            raise bad_request("tools: tool calling is not supported by this server yet", "tools")
-        prompt = _chat_prompt(state, body)
+        plan = _chat_plan(state, body)
+        prompt = render_chat(state, plan.messages, continue_final=body.continue_final_message,
+                             tools=plan.template_tools)
         max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
@@ -105,25 +106,41 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
             limits = state.manager.limits
             room = min(limits.max_context, limits.pool_size) - len(state.manager.tokenizer.encode(prompt))
             max_tokens = min(max(room, 1), 4096)
+        sampling = _sampling(body, max_tokens)
+        if plan.grammar is not None:  # tools, or an answer after a thinking block: the plan's grammar
+            sampling = {**{k: v for k, v in sampling.items() if k not in CONSTRAINT_FIELDS}, "ebnf": plan.grammar}
         _, reqs = state.prepare(GenerateInput(
-            text=prompt, sampling_params={**_sampling(body, max_tokens), "n": body.n}, return_logprob=body.logprobs,
+            text=prompt, sampling_params={**sampling, "n": body.n}, return_logprob=body.logprobs,
             top_logprobs_num=body.top_logprobs or 0 if body.logprobs else 0), text_field="prompt",
             renames={**_COMPLETION_NAMES, "max_new_tokens": max_name})
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return event_stream(_stream_chat(state, reqs, body, rid))
+            return event_stream(_stream_chat(state, reqs, body, plan, rid))
         collectors = await state.run_all(request, reqs)
         choices = []
         for i, c in enumerate(collectors):
             meta = c.meta()
-            choice = {"index": i, "message": {"role": "assistant", "content": c.text},
-                      "finish_reason": _finish_reason(meta), "logprobs": None}
+            reader = ChatReader(plan)
+            read = reader.read(c.text)
+            message = {"role": "assistant", "content": read.content}
+            if plan.reasoning_on:
+                message["reasoning_content"] = read.reasoning
+            if reader.calls:
+                message |= {"content": read.content if read.content.strip() else None,
+                            "tool_calls": calls_json(reader.calls)}
+            choice = {"index": i, "message": message, "finish_reason": _chat_finish(meta, reader),
+                      "logprobs": None}
             if body.logprobs:
                 choice["logprobs"] = {"content": _chat_logprobs(state, c.ids, c.out_lps)}
             choices.append(choice)
         metas = [c.meta() for c in collectors]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": state.model_name,
                 "choices": choices, "usage": _usage(metas, metas[:1])}
+
+
+def _chat_finish(meta: dict, reader: ChatReader) -> str | None:
+    reason = _finish_reason(meta)
+    return "tool_calls" if reason == "stop" and reader.calls else reason
 
 
 def _completion_prompts(prompt) -> dict:
@@ -135,7 +152,8 @@ def _completion_prompts(prompt) -> dict:
     return {"input_ids": prompt}
 
 
-def _chat_prompt(state: ServerState, body: ChatBody) -> str:
+def _chat_plan(state: ServerState, body: ChatBody) -> ChatPlan:
+    """The body's messages as text, planned with its tools (chat_tools.py)."""
     converted = []
     for i, m in enumerate(body.messages):
         content = m.content
@@ -148,7 +166,8 @@ def _chat_prompt(state: ServerState, body: ChatBody) -> str:
     if body.continue_final_message and converted[-1]["role"] != "assistant":
         raise bad_request("continue_final_message: the last message must be the assistant's to continue",
                           "continue_final_message")
-    return render_chat(state, converted, continue_final=body.continue_final_message)
+    return plan_chat(body, converted, _response_format(body),
+                     state.manager.tokenizer.chat_template, state.tool_call_parser, state.reasoning_parser)
 
 
 def _completion_choice(index: int, collector, state: ServerState, body: CompletionBody) -> dict:
@@ -224,18 +243,29 @@ async def _stream_completion(state: ServerState, reqs: list[Req], body: Completi
     yield sse("[DONE]")
 
 
-async def _stream_chat(state: ServerState, reqs: list[Req], body: ChatBody, rid: str):
+async def _stream_chat(state: ServerState, reqs: list[Req], body: ChatBody, plan: ChatPlan, rid: str):
     created = int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
     for i in range(len(reqs)):
         yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]})
+    readers = [ChatReader(plan) for _ in reqs]
     metas: dict[int, dict] = {}
     async for i, collector, out in _merged(state, reqs):
         # The full meta (cumulative logprob lists) is built once, at the end: per token it would be O(n) each.
         meta = collector.meta() if out.finished else None
-        delta = {"content": out.text} if out.text else {}
-        choice = {"index": i, "delta": delta, "finish_reason": _finish_reason(meta) if meta else None}
+        read = readers[i].feed(out.text)
+        if out.finished:
+            end = readers[i].finish()
+            read = ChatDelta(read.reasoning + end.reasoning, read.content + end.content, read.calls + end.calls)
+        delta = {}
+        if read.reasoning:
+            delta["reasoning_content"] = read.reasoning
+        if read.content:
+            delta["content"] = read.content
+        if read.calls:
+            delta["tool_calls"] = call_deltas(read.calls)
+        choice = {"index": i, "delta": delta, "finish_reason": _chat_finish(meta, readers[i]) if meta else None}
         if body.logprobs and out.output_logprobs:
             choice["logprobs"] = {"content": _chat_logprobs(state, out.token_ids, out.output_logprobs)}
         if meta:

@@ -51,6 +51,26 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description='an assistant\'s calls: [{"id", "type": "function", "function": {"name", '
+                                  '"arguments": a JSON string}}]')
+    tool_call_id: str | None = Field(default=None, description="a tool message: the id of the call it answers")
+    name: str | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema of type object")
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatBody(SamplingBody):
@@ -60,6 +80,10 @@ class ChatBody(SamplingBody):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        default=None, description='"auto" (the default with tools), "none", "required", or {"type": "function", '
+                                  '"function": {"name": ...}}; required and named calls are valid by construction')
+    parallel_tool_calls: bool = True
     # SGLang's and vLLM's extension: the last (assistant) message is continued, not answered in a new turn.
     continue_final_message: bool = False
