@@ -46,7 +46,8 @@ class Fleet:
         assert not failures, "\n".join(failures)
 
 
-_SERVER_FIXTURES = ("tiny_server", "keyed_server", "doomed_server", "stopped_server", "smol_server")
+_SERVER_FIXTURES = ("tiny_server", "keyed_server", "doomed_server", "stopped_server", "smol_server",
+                    "thinking_server", "pythonic_server")
 EXPECTED_ERRORS = {"doomed_server"}  # its scheduler is killed on purpose
 _needed_servers = pytest.StashKey[set]()
 
@@ -74,6 +75,10 @@ def fleet(request, tmp_path_factory):
             args = ["--model-path", str(model_dir), *TINY_ARGS]
             if name == "keyed_server":  # also a KV pool (64 tokens) far under the context (2048)
                 args[args.index("--max-total-tokens") + 1] = str(KEYED_POOL)
+            if name == "thinking_server":  # a reasoning model's output
+                args += ["--reasoning-parser", "qwen3"]
+            if name == "pythonic_server":  # another tool-call format
+                args += ["--tool-call-parser", "pythonic"]
             specs[name] = WatchedServer(args, tmp_path_factory.mktemp(name), API_KEY if name == "keyed_server"
                                         else None)
     fleet = Fleet(specs)
@@ -105,6 +110,18 @@ def doomed_server(fleet):
 def stopped_server(fleet):
     """A server a test stops."""
     return fleet.get("stopped_server")
+
+
+@pytest.fixture(scope="session")
+def thinking_server(fleet):
+    """The tiny model with `--reasoning-parser qwen3`."""
+    return fleet.get("thinking_server")
+
+
+@pytest.fixture(scope="session")
+def pythonic_server(fleet):
+    """The tiny model with `--tool-call-parser pythonic`."""
+    return fleet.get("pythonic_server")
 
 
 @pytest.fixture(scope="session")
