@@ -9,7 +9,8 @@ Anthropic counts them.
 Structured outputs (`output_config.format`, a JSON schema) constrain the answer's text. Tools: a forced tool
 (`tool_choice` `{"type": "tool", "name": ...}`, or `{"type": "any"}` with one tool) is generated under its
 `input_schema`, so the call is valid by construction; `none` ignores the tools. Letting the model choose (`auto`)
-needs tool-call parsing, which this server does not have yet: refused with a 400.
+would need tool_use / tool_result blocks and a tool-call parser on this route: refused with a 400 (the OpenAI route,
+/v1/chat/completions, has them).
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def _forced_tool(body: MessagesBody) -> AnthropicTool | None:
     if kind == "any" and len(tools) == 1:
         return _checked(tools[0], 0)
     raise bad_request(f"tool_choice: {kind!r} with {len(tools)} tool(s) needs the model to choose between text and "
-                      "tools, which this server does not support yet; force one tool with "
-                      '{"type": "tool", "name": ...}', "tool_choice")
+                      "tools, which /v1/messages does not support yet (/v1/chat/completions does); force one tool "
+                      'with {"type": "tool", "name": ...}', "tool_choice")
 
 
 def _output_schema(body: MessagesBody) -> dict | None:

@@ -149,6 +149,8 @@ def test_reasoning_content_and_calls_read_back_whole_and_streamed(chunks):
     assert reasoning == "It is Paris." and content == "Let me look. "
     assert calls == [("get_weather", '{"city": "Paris"}')]
     assert read(plan(body(), reasoning="qwen3"), "Plain answer.", chunks) == ("", "Plain answer.", [])
+    json_plan = plan(body(), constraint={"json_schema": SCHEMA}, reasoning="qwen3")
+    assert read(json_plan, '<think>Yes.</think>\n{"ok": true}', chunks) == ("Yes.", '{"ok": true}', [])
 
 
 def test_the_streamed_reasoning_split_is_split_reasoning():
