@@ -226,9 +226,10 @@ class ChatReader:
         return self._answer_end(self._merge(split.reasoning, self._answer(split.answer)))
 
     def read(self, text: str) -> ChatDelta:
-        """A whole output."""
+        """A whole output (its reasoning stripped, as `split_reasoning` gives it)."""
         first, last = self.feed(text), self.finish()
-        return ChatDelta(first.reasoning + last.reasoning, first.content + last.content, first.calls + last.calls)
+        return ChatDelta((first.reasoning + last.reasoning).strip(), first.content + last.content,
+                         first.calls + last.calls)
 
     def _answer(self, text: str) -> ChatDelta:
         if self.tools is None:

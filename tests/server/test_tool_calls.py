@@ -219,3 +219,15 @@ def test_a_json_answer_follows_the_thinking_block(thinking_server):
             jsonschema.validate(json.loads(choice.message.content), schema)
         else:  # cut inside the thinking block: all of it is reasoning, no tag in either
             assert choice.message.content == "" and reasoning and "<think>" not in reasoning
+    # Streamed, the same split: reasoning_content deltas, then content deltas.
+    for seed, whole in enumerate(choices[:4]):
+        reasoning, content = "", ""
+        for chunk in sdk.chat.completions.create(model=model, messages=ASK, max_tokens=60, temperature=1.0,
+                                                 seed=seed, stream=True, response_format={
+                                                     "type": "json_schema", "json_schema": {"name": "answer",
+                                                                                            "schema": schema}}):
+            delta = chunk.choices[0].delta if chunk.choices else None
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or "" if delta else ""
+            content += delta.content or "" if delta else ""
+        assert content == whole.message.content
+        assert reasoning.strip() == whole.message.model_extra["reasoning_content"]

@@ -4,12 +4,15 @@ output read back whole and streamed."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import llguidance
 import llguidance.hf
 import pytest
 
 from radixflow.parsers.reasoning import ReasoningStream, split_reasoning
 from radixflow.server.chat_tools import ChatReader, check_parsers, plan_chat
+from radixflow.server.common import render_chat
 from radixflow.server.errors import APIError
 from radixflow.server.openai_protocol import ChatBody
 from tests.helpers.toy_tokenizer import build_toy_tokenizer
@@ -66,6 +69,23 @@ def test_a_template_that_renders_tools_gets_them_and_the_history_as_it_takes_it(
                                                         "parameters": WEATHER["function"]["parameters"]}}]
     assert p.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert p.messages[2] == {"role": "tool", "content": "21 C", "tool_call_id": "call_1", "name": "get_weather"}
+
+
+TOOL_TEMPLATE = ("{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}{% for m in messages %}"
+                 "<{{ m.role }}>{{ m.content or '' }}{% for c in m.tool_calls or [] %}[call {{ c.function.name }} "
+                 "{{ c.function.arguments.city }}]{% endfor %}{% endfor %}<assistant>")
+
+
+def test_the_template_renders_the_tools_and_the_history():
+    hf = build_toy_tokenizer()
+    hf.chat_template = TOOL_TEMPLATE
+    history = [*ASKED, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    p = plan(body(tools=[WEATHER], messages=history), template=TOOL_TEMPLATE)
+    state = SimpleNamespace(manager=SimpleNamespace(tokenizer=hf))
+    assert render_chat(state, p.messages, tools=p.template_tools) == (
+        "[tool get_weather]<user>Weather in Paris?<assistant>[call get_weather Paris]<tool>21 C<assistant>")
 
 
 def test_earlier_calls_and_results_are_written_in_the_format_otherwise():
