@@ -14,6 +14,8 @@ Mismatched lengths are refused naming the field, never truncated.
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,10 +43,16 @@ class NormalizedInput:
     logprob_options: LogprobOptions
     is_single: bool  # one prompt, one sample: the result is a dict, not a list
     stream: bool
+    timeout: float | None = None  # seconds from now: past it, the engine ends the request (finish "abort")
 
     def build(self, tokenizer, eos_ids: frozenset[int], limits: RequestLimits) -> list[Req]:
         """Tokenize and check every prompt; one `Req` per sample, flat, prompt-major."""
-        return [req for p in self.prompts for req in _build(tokenizer, eos_ids, limits, p, self.logprob_options)]
+        reqs = [req for p in self.prompts for req in _build(tokenizer, eos_ids, limits, p, self.logprob_options)]
+        if self.timeout is not None:
+            deadline = time.time() + self.timeout
+            for req in reqs:
+                req.deadline = deadline
+        return reqs
 
     def shape(self, results: Sequence):
         """The flat per-request results in the caller's shape: one item, or the list."""
@@ -64,6 +72,7 @@ class GenerateInput:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
+    timeout: float | None = None  # seconds; the request ends with finish_reason abort ("timeout: ...") past it
 
     def normalize(self, text_field: str = "text") -> NormalizedInput:
         """Validate the shapes and the sampling parameters; raises InvalidRequestError naming the field
@@ -77,7 +86,11 @@ class GenerateInput:
         logprob = logprob_options(self.return_logprob, self.logprob_start_len, self.top_logprobs_num,
                                   self.return_text_in_logprobs)
         items = [PromptRequests(p, sp, r) for p, sp, r in zip(prompts, params, rids, strict=True)]
-        return NormalizedInput(items, logprob, is_single, bool(self.stream))
+        timeout = self.timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise InvalidRequestError("timeout", f"must be a number of seconds > 0, got {timeout!r}")
+        return NormalizedInput(items, logprob, is_single, bool(self.stream), timeout)
 
 
 def logprob_options(return_logprob: bool, logprob_start_len: int, top_logprobs_num: int,

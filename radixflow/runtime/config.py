@@ -95,6 +95,21 @@ class ServerConfig:
     tool_call_parser: str = _help(
         "how the model writes tool calls, for the OpenAI API's tools: hermes (also qwen25, qwen), llama3, "
         "pythonic. A chat template without tool support gets this format's instructions", default="hermes")
+    max_queued_requests: int | None = _help(
+        "requests accepted but not yet producing output beyond which new ones get 503 with Retry-After; default: "
+        "no bound", default=None)
+    max_queued_tokens: int | None = _help(
+        "prompt tokens of those queued requests beyond which new ones get 503 with Retry-After; default: no bound",
+        default=None)
+    request_timeout_s: float | None = _help(
+        "a request not finished this many seconds after it arrived ends (finish_reason abort, 'timeout: ...') and "
+        "frees its KV; a request's own `timeout` field overrides it", default=None)
+    graceful_shutdown_timeout: float = _help(
+        "on SIGTERM: new requests get 503 while running ones finish, for at most this many seconds; then the rest "
+        "are aborted and the server exits", default=20.0)
+    max_scheduler_restarts: int = _help(
+        "times the server restarts a scheduler process that died (backoff 1, 2, 4, ... s); then it stays down "
+        "(503)", default=3)
     reasoning_parser: str | None = _help(
         "split the model's <think> block into reasoning_content: deepseek-r1, deepseek-v3, qwen3, qwen3-thinking, "
         "glm45, kimi; constraints then apply to the answer after the thinking", default=None)

@@ -68,6 +68,7 @@ class Req:
     logprob_options: LogprobOptions = field(default_factory=LogprobOptions)
     stop_ids: frozenset[int] = frozenset()  # EOS ids (unless ignore_eos) plus stop_token_ids
     arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # wall-clock time (time.time(): both processes share the clock) to end it by
 
     status: ReqStatus = ReqStatus.WAITING
     num_computed: int = 0

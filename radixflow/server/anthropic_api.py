@@ -46,7 +46,8 @@ def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
                 raise bad_request("output_config.format: give either a forced tool or an output format, not both",
                                   "output_config.format")
             sampling["json_schema"] = tool.input_schema if tool is not None else schema
-        _, reqs = state.prepare(GenerateInput(text=_prompt(state, body), sampling_params=sampling),
+        _, reqs = state.prepare(GenerateInput(text=_prompt(state, body), sampling_params=sampling,
+                                              timeout=body.timeout),
                                 text_field="messages", renames=_NAMES)
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         if body.stream:

@@ -48,6 +48,7 @@ class MessagesBody(CountTokensBody):
                                   "under the schema, by construction (structured outputs)")
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    timeout: float | None = Field(default=None, gt=0, description="seconds: not finished by then, the request ends")
     tool_choice: dict[str, Any] | None = Field(
         default=None, description='`{"type": "tool", "name": ...}` (or `{"type": "any"}` with one tool): the answer '
                                   "is a call of that tool whose input is valid by construction; `none` ignores "

@@ -4,6 +4,8 @@ the scheduler process and then the app on uvicorn (`radixflow serve`)."""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -17,7 +19,14 @@ from radixflow.runtime.config import EngineConfig, ServerConfig
 from radixflow.server.anthropic_api import add_anthropic_routes
 from radixflow.server.chat_tools import check_parsers
 from radixflow.server.common import ServerState
-from radixflow.server.errors import MAX_BODY_BYTES, APIError, SchedulerDiedError, error_response
+from radixflow.server.errors import (
+    MAX_BODY_BYTES,
+    APIError,
+    QueueFullError,
+    SchedulerDiedError,
+    error_response,
+    unavailable,
+)
 from radixflow.server.native_api import add_native_routes, add_operations_routes
 from radixflow.server.openai_api import add_openai_routes
 from radixflow.server.tokenizer_manager import TokenizerManager
@@ -40,9 +49,9 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     # Starlette's HTTPException covers routing errors, FastAPI's body errors and APIError; anything else unexpected
     # is the Guard's.
-    for exc_type in (HTTPException, RequestValidationError, InvalidRequestError, SchedulerDiedError):
+    for exc_type in (HTTPException, RequestValidationError, InvalidRequestError, SchedulerDiedError, QueueFullError):
         app.add_exception_handler(exc_type, _handle)
-    app.add_middleware(Guard, api_key=state.api_key)
+    app.add_middleware(Guard, api_key=state.config.api_key, is_draining=lambda: state.draining_since is not None)
     add_operations_routes(app, state)
     add_native_routes(app, state)
     add_openai_routes(app, state)
@@ -55,21 +64,25 @@ async def _handle(request: Request, exc: Exception):
 
 
 class Guard:
-    """Outermost checks: the API key (every endpoint but /health; a bearer token or Anthropic's x-api-key), the
-    body limit (a declared length over it is refused before reading; a body sent without one is counted as it is
-    read), bodies read as JSON whatever their Content-Type (every endpoint takes JSON, and `curl -d` sends
-    form-encoded), and a 500 in the API's shape for a bug (logged with its traceback) instead of a dropped
-    connection."""
+    """Outermost checks: draining (503 for everything once SIGTERM came), the API key (every endpoint but
+    /health; a bearer token or Anthropic's x-api-key), the body limit (a declared length over it is refused before
+    reading; a body sent without one is counted as it is read), bodies read as JSON whatever their Content-Type
+    (every endpoint takes JSON, and `curl -d` sends form-encoded), and a 500 in the API's shape for a bug (logged
+    with its traceback) instead of a dropped connection."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None):
+    def __init__(self, app: ASGIApp, api_key: str | None, is_draining: Callable[[], bool] = lambda: False):
         self.app = app
         self.api_key = api_key
+        self.is_draining = is_draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         path = scope["path"]
+        if self.is_draining():  # SIGTERM: what runs may finish; nothing new starts
+            error = unavailable("the server is shutting down; send the request to another server")
+            return await error_response(error, path)(scope, receive, send)
         if self.api_key and path != "/health" and not self._authorized(headers):
             error = APIError(401, "invalid or missing API key (Authorization: Bearer ..., or x-api-key: ...)",
                              type_="authentication_error")
@@ -113,12 +126,45 @@ class Guard:
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     check_parsers(server_config.tool_call_parser, server_config.reasoning_parser)  # before loading the model
-    manager = TokenizerManager(engine_config, server_config.log_level)
+    manager = TokenizerManager(engine_config, server_config.log_level,
+                               max_restarts=server_config.max_scheduler_restarts)
     name = server_config.served_model_name or (
         manager.source.path.stem if manager.source.kind == "gguf" else manager.source.path.name)
-    state = ServerState(manager, name, server_config.api_key, server_config.tool_call_parser,
-                        server_config.reasoning_parser)
+    state = ServerState(manager, name, server_config)
     print(f"[radixflow] serving {name!r} on http://{server_config.host}:{server_config.port} "
           f"(context {manager.limits.max_context}, KV pool {manager.limits.pool_size} tokens)", flush=True)
-    uvicorn.run(create_app(state), host=server_config.host, port=server_config.port,
-                log_level=server_config.log_level.lower(), timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(state), host=server_config.host, port=server_config.port,
+                            log_level=server_config.log_level.lower(), timeout_graceful_shutdown=5)
+    DrainingServer(config, state).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain on SIGTERM (or SIGINT): new requests get 503 at once (the Guard), running
+    requests go on until they end or `--graceful-shutdown-timeout` passes, then the rest are aborted with a reason
+    and the server stops as uvicorn does. A second signal stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+        self._signal: int | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._signal is None:
+            self._signal = sig
+            self.state.draining_since = time.monotonic()
+            self.state.manager.stopping = True  # a scheduler that dies now stays down
+            logger.info("draining: %d requests in flight", self.state.manager.in_flight)
+        else:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        since = self.state.draining_since
+        if since is not None and not self.should_exit:
+            in_flight = self.state.manager.in_flight
+            if in_flight and time.monotonic() - since > self.state.config.graceful_shutdown_timeout:
+                self.state.manager.abort_all(f"the server shut down: the request did not finish within the "
+                                             f"{self.state.config.graceful_shutdown_timeout:g} s grace period")
+                in_flight = 0
+            if not in_flight:
+                super().handle_exit(self._signal, None)
+        return await super().on_tick(counter)

@@ -4,6 +4,7 @@ scheduler, streaming SSE and noticing a client that went away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,20 +15,19 @@ from fastapi.responses import StreamingResponse
 from radixflow.entrypoints.generate import GenerateInput, NormalizedInput
 from radixflow.entrypoints.result import ResultCollector
 from radixflow.errors import InvalidRequestError
+from radixflow.runtime.config import ServerConfig
 from radixflow.runtime.request import Req
-from radixflow.server.errors import APIError, SchedulerDiedError, bad_request
+from radixflow.server.errors import APIError, QueueFullError, SchedulerDiedError, bad_request
 from radixflow.server.metrics import ServerMetrics
 from radixflow.server.tokenizer_manager import TokenizerManager
 
 
 class ServerState:
-    def __init__(self, manager: TokenizerManager, served_model_name: str, api_key: str | None,
-                 tool_call_parser: str = "hermes", reasoning_parser: str | None = None):
+    def __init__(self, manager: TokenizerManager, served_model_name: str, config: ServerConfig):
         self.manager = manager
         self.model_name = served_model_name
-        self.api_key = api_key
-        self.tool_call_parser = tool_call_parser
-        self.reasoning_parser = reasoning_parser
+        self.config = config
+        self.draining_since: float | None = None  # set on SIGTERM: new requests get 503 while running ones end
         self.metrics = ServerMetrics()
         self.started = time.time()
 
@@ -43,13 +43,17 @@ class ServerState:
         runtime's field names to those this API's client sent, for error messages (OpenAI's `max_tokens`)."""
         if not self.manager.alive:  # checked here, before a streamed response has sent its 200
             raise SchedulerDiedError(self.manager.dead_reason or "scheduler process is not running")
+        if request.timeout is None and self.config.request_timeout_s is not None:
+            request = dataclasses.replace(request, timeout=self.config.request_timeout_s)
         try:
             normalized = request.normalize(text_field)
-            return normalized, normalized.build(self.manager.tokenizer, self.manager.eos_ids, self.manager.limits)
+            reqs = normalized.build(self.manager.tokenizer, self.manager.eos_ids, self.manager.limits)
         except InvalidRequestError as exc:
             if renames:
                 raise exc.renamed(renames) from None
             raise
+        self.manager.admit(reqs, self.config.max_queued_requests, self.config.max_queued_tokens)
+        return normalized, reqs
 
     async def stream(self, req: Req) -> AsyncIterator[tuple[ResultCollector, object]]:
         """(collector, delta) pairs for one request; records metrics as outputs arrive."""
@@ -126,7 +130,7 @@ def event_stream(events: AsyncIterator[bytes], error_event: Callable[[Exception]
         try:
             async for event in events:
                 yield event
-        except SchedulerDiedError as exc:
+        except (SchedulerDiedError, QueueFullError) as exc:
             yield (error_event or _openai_error_event)(exc)
 
     return StreamingResponse(guarded(), media_type="text/event-stream")

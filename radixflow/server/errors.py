@@ -27,10 +27,17 @@ class SchedulerDiedError(RuntimeError):
     """The scheduler process is gone: requests end with 503 until it is back."""
 
 
+class QueueFullError(RuntimeError):
+    """The server has as much queued work as it is configured to take: 503 with Retry-After."""
+
+
+RETRY_AFTER_S = 1  # what a refused client is told to wait: the queue moves at every engine step
+
+
 class APIError(HTTPException):
     def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None):
-        super().__init__(status_code=status, detail=message)
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.message, self.param, self.type, self.code = message, param, type_, code
 
     def response(self) -> JSONResponse:
@@ -50,6 +57,12 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
 
+def unavailable(message: str) -> APIError:
+    """503 with Retry-After: the server cannot take the request now (queue full, shutting down)."""
+    return APIError(503, message, type_="server_error", code="unavailable",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def error_response(exc: Exception, path: str = "") -> JSONResponse:
     """The API's answer to `exc` on `path` (in Anthropic's shape under ANTHROPIC_ROUTES); anything unexpected is a
     500 that names the exception."""
@@ -65,6 +78,8 @@ def as_api_error(exc: Exception) -> APIError:
             return bad_request(str(exc), exc.field)
         case SchedulerDiedError():
             return APIError(503, str(exc), type_="server_error")
+        case QueueFullError():
+            return unavailable(str(exc))
         case RequestValidationError():
             return _validation_error(exc)
         case StarletteHTTPException(status_code=400):  # FastAPI could not read the body (e.g. not UTF-8)

@@ -32,6 +32,8 @@ class SamplingBody(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    timeout: float | None = Field(default=None, gt=0, description="seconds: not finished by then, the request ends "
+                                                                  "(finish_reason abort)")
     # Structured output: OpenAI's response_format, plus SGLang's regex / ebnf extensions.
     response_format: dict | None = None
     regex: str | None = None

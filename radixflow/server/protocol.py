@@ -29,6 +29,8 @@ class GenerateRequest(_Body):
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     stream: bool = Field(default=False, description="SSE with the text so far in each event (single prompt, n=1)")
+    timeout: float | None = Field(default=None, gt=0, description="seconds: not finished by then, the request ends "
+                                                                  "(finish_reason abort, 'timeout: ...')")
 
 
 class AbortRequestBody(_Body):

@@ -1,5 +1,14 @@
 """The HTTP process's side of the runtime: tokenize and validate, send requests to the scheduler process, route
-its outputs back to the waiting HTTP handlers, and notice when that process dies."""
+its outputs back to the waiting HTTP handlers, and supervise that process.
+
+Supervision: when the scheduler process dies (a crash, an OOM kill), every request in flight ends at once with an
+error, new requests get 503, and the process is started again (up to `max_restarts` times, after 1, 2, 4, ...
+seconds); once the new one reports ready, requests are served again.
+
+Admission: a request counts as queued from the moment it is admitted until its first output (or its end); past
+the configured bounds on queued requests or their prompt tokens, new requests are refused (503, Retry-After)
+instead of queueing without bound.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,9 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 
 import zmq
@@ -23,7 +34,7 @@ from radixflow.runtime.model_source import resolve_model
 from radixflow.runtime.request import FinishReason, Req
 from radixflow.runtime.scheduler.output import RequestOutput
 from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
-from radixflow.server.errors import SchedulerDiedError
+from radixflow.server.errors import QueueFullError, SchedulerDiedError
 from radixflow.server.messages import (
     AbortRequest,
     AddRequest,
@@ -40,8 +51,13 @@ logger = logging.getLogger(__name__)
 
 
 class TokenizerManager:
-    def __init__(self, config: EngineConfig, log_level: str = "info", startup_timeout_s: float = 600.0):
+    def __init__(self, config: EngineConfig, log_level: str = "info", startup_timeout_s: float = 600.0,
+                 max_restarts: int = 3):
         self.config = config
+        self.log_level = log_level
+        self.startup_timeout_s = startup_timeout_s
+        self.max_restarts = max_restarts
+        self.restarts = 0
         self.source = resolve_model(config.model.model_path)
         self.tokenizer = load_tokenizer(self.source, config.model.chat_template)
         self.eos_ids = eos_token_ids(self.tokenizer, self.source)
@@ -52,11 +68,7 @@ class TokenizerManager:
         out.bind(self._out_addr)
         self._push = self._sync_ctx.socket(zmq.PUSH)
         self._push.bind(self._in_addr)
-        # spawn, not fork: the child must not inherit this process's threads or zmq state.
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=run_scheduler_process, args=(config, self._in_addr, self._out_addr, log_level),
-            name="radixflow-scheduler", daemon=True)
-        self.process.start()
+        self.process = self._spawn()
         ready = self._wait_ready(out, startup_timeout_s)
         out.close(linger=0)
         self.limits = RequestLimits(ready.max_context, ready.pool_size, ready.vocab_size)
@@ -65,6 +77,16 @@ class TokenizerManager:
         self._call_ids = itertools.count()
         self._receiver: asyncio.Task | None = None
         self.dead_reason: str | None = None
+        self.stopping = False  # the server is shutting down: a scheduler that dies now is not restarted
+        self._queued: dict[str, int] = {}  # admitted requests without an output yet -> their prompt tokens
+
+    def _spawn(self) -> multiprocessing.Process:
+        # spawn, not fork: the child must not inherit this process's threads or zmq state.
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_scheduler_process, args=(self.config, self._in_addr, self._out_addr, self.log_level),
+            name="radixflow-scheduler", daemon=True)
+        process.start()
+        return process
 
     def _wait_ready(self, out, timeout_s: float) -> Ready:
         poller_deadline = timeout_s * 1000
@@ -89,6 +111,7 @@ class TokenizerManager:
         self._receiver = asyncio.create_task(self._receive_loop())
 
     async def close(self) -> None:
+        self.stopping = True
         if self._receiver:
             self._receiver.cancel()
         if self.process.is_alive():
@@ -109,9 +132,30 @@ class TokenizerManager:
         return self.dead_reason is None and self.process.is_alive()
 
     # -- requests ---------------------------------------------------------------------------------------------
+    def admit(self, reqs: list[Req], max_requests: int | None, max_tokens: int | None) -> None:
+        """Count `reqs` as queued, or raise QueueFullError if that passes a bound. A request stays counted until
+        its first output, its end, or (never submitted: its client left first) until it is dropped."""
+        tokens = sum(len(r.prompt_ids) for r in reqs)
+        if max_requests is not None and len(self._queued) + len(reqs) > max_requests:
+            raise QueueFullError(f"{len(self._queued)} requests are queued and {len(reqs)} more would pass the limit "
+                                 f"of {max_requests} (--max-queued-requests); retry later")
+        queued_tokens = sum(self._queued.values())
+        if max_tokens is not None and queued_tokens + tokens > max_tokens:
+            raise QueueFullError(f"{queued_tokens} prompt tokens are queued and {tokens} more would pass the limit "
+                                 f"of {max_tokens} (--max-queued-tokens); retry later")
+        for req in reqs:
+            self._queued[req.rid] = len(req.prompt_ids)
+            weakref.finalize(req, self._queued.pop, req.rid, None)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet finished."""
+        return len(self._queues.keys() | self._queued.keys())
+
     async def submit(self, req: Req) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; the request is aborted if the consumer stops early (client gone)."""
         if not self.alive:
+            self._queued.pop(req.rid, None)
             raise SchedulerDiedError(self.dead_reason or "scheduler process is not running")
         if req.rid in self._queues:
             raise InvalidRequestError("rid", f"request id {req.rid!r} is already in use")
@@ -122,12 +166,21 @@ class TokenizerManager:
         try:
             while not finished:
                 out = await queue.get()
+                self._queued.pop(req.rid, None)  # it has started (or ended): no longer queued
                 finished = out.finished
                 yield out
         finally:
             self._queues.pop(req.rid, None)
+            self._queued.pop(req.rid, None)
             if not finished:
                 self.abort(req.rid)
+
+    def abort_all(self, reason: str) -> None:
+        """End every request in flight now, with `reason` (the drain's grace period is over)."""
+        for rid, queue in list(self._queues.items()):
+            queue.put_nowait(RequestOutput(rid=rid, finished=True, finish_reason=FinishReason("abort",
+                                                                                              message=reason)))
+            self.abort(rid)
 
     def abort(self, rid: str) -> None:
         if self.alive:
@@ -160,8 +213,45 @@ class TokenizerManager:
             if await self._pull.poll(500):
                 self._dispatch(loads(await self._pull.recv()))
             elif not self.process.is_alive():
-                self._fail_everything(f"scheduler process died (exit code {self.process.exitcode})")
-                return
+                reason = f"scheduler process died (exit code {self.process.exitcode})"
+                self._fail_everything(reason)
+                if self.stopping or not await self._restart(reason):
+                    return
+
+    async def _restart(self, reason: str) -> bool:
+        """Start the scheduler process again, with backoff, until it reports ready or the restarts run out.
+        `dead_reason` says what is going on meanwhile (health answers 503 with it)."""
+        while self.restarts < self.max_restarts and not self.stopping:
+            self.restarts += 1
+            delay = 2 ** (self.restarts - 1)
+            self.dead_reason = (f"{reason}; restarting it (restart {self.restarts} of {self.max_restarts}, "
+                                f"in {delay} s)")
+            logger.error(self.dead_reason)
+            await asyncio.sleep(delay)
+            started = time.monotonic()
+            self.process = self._spawn()
+            error = await self._await_ready()
+            if error is None:
+                logger.warning("scheduler process restarted in %.1f s", time.monotonic() - started)
+                self.dead_reason = None
+                return True
+            reason = error
+        self.dead_reason = f"{reason}; not restarted again ({self.restarts} restarts, --max-scheduler-restarts)"
+        logger.error(self.dead_reason)
+        return False
+
+    async def _await_ready(self) -> str | None:
+        """Wait for the new process's Ready: None, or why it did not come."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if await self._pull.poll(500):
+                message = loads(await self._pull.recv())
+                if isinstance(message, Ready):
+                    return f"model failed to load: {message.error}" if message.error else None
+            elif not self.process.is_alive():
+                return f"scheduler process exited during start-up (exit code {self.process.exitcode})"
+        self.process.kill()
+        return f"scheduler process not ready after {self.startup_timeout_s:.0f} s"
 
     def _dispatch(self, message) -> None:
         if isinstance(message, OutputBatch):
@@ -178,6 +268,7 @@ class TokenizerManager:
         """In-flight requests end with an error instead of hanging."""
         logger.error(reason)
         self.dead_reason = reason
+        self._queued.clear()
         for rid, queue in list(self._queues.items()):
             queue.put_nowait(RequestOutput(rid=rid, finished=True, finish_reason=FinishReason("abort", message=reason)))
         for future in self._calls.values():

@@ -11,7 +11,7 @@ from radixflow.server.app import Guard
 from radixflow.server.errors import MAX_BODY_BYTES
 
 
-def guarded(api_key: str | None = None) -> TestClient:
+def guarded(api_key: str | None = None, draining: bool = False) -> TestClient:
     app = FastAPI()
 
     @app.get("/health")
@@ -26,7 +26,7 @@ def guarded(api_key: str | None = None) -> TestClient:
     async def bug():
         raise KeyError("a bug")
 
-    app.add_middleware(Guard, api_key=api_key)
+    app.add_middleware(Guard, api_key=api_key, is_draining=lambda: draining)
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -62,3 +62,11 @@ def test_body_over_the_limit_with_and_without_a_declared_length():
             yield b" " * 2**20
     streamed = client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
     assert streamed.status_code == 413
+
+
+def test_a_draining_server_answers_503_with_retry_after_on_every_path():
+    client = guarded(draining=True)
+    for response in (client.get("/health"), client.post("/echo", json={}), client.post("/v1/messages", json={})):
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "shutting down" in client.get("/health").json()["error"]["message"]
+    assert client.post("/v1/messages", json={}).json()["error"]["type"] == "overloaded_error"  # Anthropic's shape

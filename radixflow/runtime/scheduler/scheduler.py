@@ -139,6 +139,7 @@ class Scheduler:
     # -- schedule --------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        self._expire()
         self._poll_grammars()
         budget = self.config.chunked_prefill_size if self.config.enable_chunked_prefill else UNCHUNKED_BUDGET
         budget = self._schedule_decodes(batch, budget)
@@ -146,6 +147,12 @@ class Scheduler:
         self._admit_waiting(batch, budget)
         self.refresh_stats()
         return batch
+
+    def _expire(self) -> None:
+        """Requests past their deadline (a `timeout`) end, waiting or running, and free their KV."""
+        now = time.time()
+        for req in [r for r in (*self.waiting, *self.running) if r.deadline is not None and now > r.deadline]:
+            self._end(req, FinishReason("abort", message="timeout: the request did not finish within its timeout"))
 
     def _poll_grammars(self) -> None:
         """Requests whose grammar finished compiling become schedulable; a failed or overdue compile ends the
