@@ -229,6 +229,7 @@ class TokenizerManager:
             logger.error(self.dead_reason)
             await asyncio.sleep(delay)
             started = time.monotonic()
+            self.dead_reason = f"{reason}; restarting it (restart {self.restarts} of {self.max_restarts}: loading)"
             self.process = self._spawn()
             error = await self._await_ready()
             if error is None:

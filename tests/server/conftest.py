@@ -47,7 +47,7 @@ class Fleet:
 
 
 _SERVER_FIXTURES = ("tiny_server", "keyed_server", "doomed_server", "stopped_server", "smol_server",
-                    "thinking_server", "pythonic_server")
+                    "thinking_server", "pythonic_server", "bounded_server", "fuzz_server", "soak_server")
 EXPECTED_ERRORS = {"doomed_server"}  # its scheduler is killed on purpose
 _needed_servers = pytest.StashKey[set]()
 
@@ -79,6 +79,11 @@ def fleet(request, tmp_path_factory):
                 args += ["--reasoning-parser", "qwen3"]
             if name == "pythonic_server":  # another tool-call format
                 args += ["--tool-call-parser", "pythonic"]
+            if name == "bounded_server":  # one request runs at a time, two may queue; a short drain
+                args += ["--max-running-requests", "1", "--max-queued-requests", "2", "--max-queued-tokens", "300",
+                         "--request-timeout-s", "5", "--graceful-shutdown-timeout", "1"]
+            if name == "soak_server":  # many streams at once
+                args += ["--max-running-requests", "256"]
             specs[name] = WatchedServer(args, tmp_path_factory.mktemp(name), API_KEY if name == "keyed_server"
                                         else None)
     fleet = Fleet(specs)
@@ -122,6 +127,24 @@ def thinking_server(fleet):
 def pythonic_server(fleet):
     """The tiny model with `--tool-call-parser pythonic`."""
     return fleet.get("pythonic_server")
+
+
+@pytest.fixture(scope="session")
+def bounded_server(fleet):
+    """The tiny model with admission bounds, a default request timeout and a 1 s drain; its last test stops it."""
+    return fleet.get("bounded_server")
+
+
+@pytest.fixture(scope="session")
+def fuzz_server(fleet):
+    """The tiny model for the API fuzzer (whatever it sends must leave the server healthy)."""
+    return fleet.get("fuzz_server")
+
+
+@pytest.fixture(scope="session")
+def soak_server(fleet):
+    """The tiny model for the soak test."""
+    return fleet.get("soak_server")
 
 
 @pytest.fixture(scope="session")
