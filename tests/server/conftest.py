@@ -82,6 +82,8 @@ def fleet(request, tmp_path_factory):
             if name == "bounded_server":  # one request runs at a time, two may queue; a short drain
                 args += ["--max-running-requests", "1", "--max-queued-requests", "2", "--max-queued-tokens", "300",
                          "--request-timeout-s", "5", "--graceful-shutdown-timeout", "1"]
+            if name == "fuzz_server":  # a generated max_tokens cannot make the fuzzing run long
+                args += ["--request-timeout-s", "2"]
             if name == "soak_server":  # many streams at once
                 args += ["--max-running-requests", "256"]
             specs[name] = WatchedServer(args, tmp_path_factory.mktemp(name), API_KEY if name == "keyed_server"
