@@ -6,6 +6,8 @@ in a loop fed by an inbox; the in-process `Engine` runs that loop on a thread, t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import queue
@@ -191,6 +193,7 @@ class EngineCore:
                 if self._was_busy:
                     self._was_busy = False
                     self._idle_integrity_check()
+                    release_free_memory()
                 outputs = self.scheduler.drain_outputs()
             else:
                 self._was_busy = True
@@ -231,3 +234,14 @@ class EngineCore:
             case _:
                 raise TypeError(f"unexpected inbox item {item!r}")
 
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), when the engine goes idle. A step's
+    tensors come in as many sizes as there are batch shapes; glibc keeps the freed space in its heap, fragmented,
+    so a long-running server's memory grew with every burst of traffic (bench/RESULTS.md, the soak)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
