@@ -7,10 +7,10 @@ in a loop fed by an inbox; the in-process `Engine` runs that loop on a thread, t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,7 +235,7 @@ class EngineCore:
                 raise TypeError(f"unexpected inbox item {item!r}")
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the process's own symbols: glibc's
 
 
 def release_free_memory() -> None:
