@@ -9,6 +9,8 @@ whatever the batching, chunking, caching or retractions.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -392,6 +394,24 @@ def test_abort_a_waiting_and_a_running_request_frees_their_kv():
     rig.run()
     assert rig.finish["next"].type == "length"
     assert set(rig.finish) == {"run", "wait", "next"}
+
+
+def test_requests_past_their_deadline_end_waiting_or_running_and_free_their_kv():
+    rig = Rig(pool_size=256, max_running_requests=1)
+    rig.add("run", tokens(100, 20), max_new_tokens=50)
+    rig.add("wait", tokens(200, 20), max_new_tokens=50)
+    rig.add("patient", tokens(300, 20), max_new_tokens=2)
+    rig.step()
+    rig.step()
+    now = time.time()
+    rig.reqs["run"].deadline = rig.reqs["wait"].deadline = now - 0.001
+    rig.reqs["patient"].deadline = now + 3600
+    rig.run()
+    for rid in ("run", "wait"):
+        assert rig.finish[rid].type == "abort" and rig.finish[rid].message.startswith("timeout"), rig.finish[rid]
+    assert len(rig.tokens["run"]) == 2 and rig.tokens["wait"] == []
+    assert rig.finish["patient"].type == "length"  # a deadline still ahead changes nothing
+    assert rig.cache.req_to_token.free_count() == rig.cache.req_to_token.num_slots  # every slot back
 
 
 def test_abort_between_schedule_and_process_output_frees_the_kv_of_that_step():
