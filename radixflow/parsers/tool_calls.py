@@ -146,12 +146,11 @@ class Hermes(ToolFormat):
     _TAIL = re.compile(r"\s*\}\s*</tool_call>\s*")
 
     def instructions(self, tools):
-        listed = "\n".join(json.dumps(t.openai()) for t in tools)
         return ("# Tools\n\nYou can call functions to help answer. These are the functions you can call, as JSON "
-                f"signatures inside <tools></tools>:\n<tools>\n{listed}\n</tools>\n\nTo call one, answer with a "
-                "JSON object holding its name and arguments inside <tool_call></tool_call> tags, one block per "
-                'call:\n<tool_call>\n{"name": <function name>, "arguments": <arguments as a JSON object>}\n'
-                "</tool_call>")
+                f"signatures inside <tools></tools>:\n<tools>\n{_signatures(tools)}\n</tools>\n\n"
+                "To call one, answer with a JSON object holding its name and arguments inside "
+                "<tool_call></tool_call> tags, one block per call:\n<tool_call>\n"
+                '{"name": <function name>, "arguments": <arguments as a JSON object>}\n</tool_call>')
 
     def render_calls(self, calls):
         return "\n".join(f'<tool_call>\n{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}\n</tool_call>'
@@ -190,9 +189,8 @@ class Llama3(ToolFormat):
     _TAIL = re.compile(r"\s*\}(\s*;)?\s*")
 
     def instructions(self, tools):
-        listed = "\n".join(json.dumps(t.openai()) for t in tools)
         return ("You can call these functions (JSON signatures):\n"
-                f"{listed}\n\nTo call a function, answer only with a JSON object of the form "
+                f"{_signatures(tools)}\n\nTo call a function, answer only with a JSON object of the form "
                 '{"name": <function name>, "parameters": <arguments as a JSON object>}; join several calls '
                 'with "; ".')
 
@@ -235,10 +233,9 @@ class Pythonic(ToolFormat):
     _TAIL = re.compile(r"\)\s*(,|\])\s*")
 
     def instructions(self, tools):
-        listed = "\n".join(json.dumps(t.openai()) for t in tools)
         return ("You can call these functions (JSON signatures):\n"
-                f"{listed}\n\nTo call functions, answer only with a Python list of calls with keyword arguments, "
-                'for example [get_weather(city="Paris"), get_time()].')
+                f"{_signatures(tools)}\n\nTo call functions, answer only with a Python list of calls with keyword "
+                'arguments, for example [get_weather(city="Paris"), get_time()].')
 
     def render_calls(self, calls):
         return "[" + ", ".join(f"{c.name}({_python_kwargs(c.arguments)})" for c in calls) + "]"
@@ -425,6 +422,10 @@ class _ArgumentScanner:
             elif not ch.isspace():
                 self.started = True
         return len(text), False
+
+
+def _signatures(tools: list[Tool]) -> str:
+    return "\n".join(json.dumps(t.openai()) for t in tools)
 
 
 def _lark_text(text: str) -> str:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import llguidance
-import llguidance.hf
 import pytest
 
 from radixflow.parsers.reasoning import ReasoningStream, split_reasoning
@@ -15,7 +13,7 @@ from radixflow.server.chat_tools import ChatReader, check_parsers, plan_chat
 from radixflow.server.common import render_chat
 from radixflow.server.errors import APIError
 from radixflow.server.openai_protocol import ChatBody
-from tests.helpers.toy_tokenizer import build_toy_tokenizer
+from tests.helpers.toy_tokenizer import GrammarProbe, build_toy_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
                                             "parameters": {"type": "object", "properties": {
@@ -37,16 +35,11 @@ def plan(chat: ChatBody, constraint=None, template=None, parser="hermes", reason
 
 @pytest.fixture(scope="module")
 def toy():
-    hf = build_toy_tokenizer()
-    return hf, llguidance.hf.from_tokenizer(hf, n_vocab=len(hf), eos_token=0)
+    return GrammarProbe()
 
 
-def accepts(toy, grammar: str, text: str) -> bool:
-    hf, tokenizer = toy
-    assert llguidance.LLMatcher.validate_grammar(grammar) == "", grammar
-    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar))
-    ids = hf.encode(text, add_special_tokens=False)
-    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+def accepts(toy: GrammarProbe, grammar: str, text: str) -> bool:
+    return toy.accepts(grammar, text)
 
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 
-import llguidance
-import llguidance.hf
 import pytest
 
 from radixflow.parsers.tool_calls import FORMATS, Tool, ToolCall, tool_format
-from tests.helpers.toy_tokenizer import build_toy_tokenizer
+from tests.helpers.toy_tokenizer import GrammarProbe
 
 WEATHER = Tool("get_weather", "Weather in a city.", {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -119,16 +117,11 @@ def test_aliases_and_unknown_names():
 
 @pytest.fixture(scope="module")
 def toy():
-    hf = build_toy_tokenizer()
-    return hf, llguidance.hf.from_tokenizer(hf, n_vocab=len(hf), eos_token=0)
+    return GrammarProbe()
 
 
-def accepts(toy, grammar: str, text: str) -> bool:
-    hf, tokenizer = toy
-    assert llguidance.LLMatcher.validate_grammar(grammar) == ""
-    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar))
-    ids = hf.encode(text, add_special_tokens=False)
-    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+def accepts(toy: GrammarProbe, grammar: str, text: str) -> bool:
+    return toy.accepts(grammar, text)
 
 
 def canonical(name: str, calls) -> str:
