@@ -78,7 +78,9 @@ class TokenizerManager:
         self._receiver: asyncio.Task | None = None
         self.dead_reason: str | None = None
         self.stopping = False  # the server is shutting down: a scheduler that dies now is not restarted
-        self._queued: dict[str, int] = {}  # admitted requests without an output yet -> their prompt tokens
+        # Admitted requests without an output yet -> their prompt tokens. Weak: a request never submitted (its client
+        # left before its stream began) stops counting when it is dropped.
+        self._queued: weakref.WeakKeyDictionary[Req, int] = weakref.WeakKeyDictionary()
 
     def _spawn(self) -> multiprocessing.Process:
         # spawn, not fork: the child must not inherit this process's threads or zmq state.
@@ -134,7 +136,7 @@ class TokenizerManager:
     # -- requests ---------------------------------------------------------------------------------------------
     def admit(self, reqs: list[Req], max_requests: int | None, max_tokens: int | None) -> None:
         """Count `reqs` as queued, or raise QueueFullError if that passes a bound. A request stays counted until
-        its first output, its end, or (never submitted: its client left first) until it is dropped."""
+        its first output or its end (or, never submitted, until it is dropped)."""
         tokens = sum(len(r.prompt_ids) for r in reqs)
         if max_requests is not None and len(self._queued) + len(reqs) > max_requests:
             raise QueueFullError(f"{len(self._queued)} requests are queued and {len(reqs)} more would pass the limit "
@@ -144,18 +146,17 @@ class TokenizerManager:
             raise QueueFullError(f"{queued_tokens} prompt tokens are queued and {tokens} more would pass the limit "
                                  f"of {max_tokens} (--max-queued-tokens); retry later")
         for req in reqs:
-            self._queued[req.rid] = len(req.prompt_ids)
-            weakref.finalize(req, self._queued.pop, req.rid, None)
+            self._queued[req] = len(req.prompt_ids)
 
     @property
     def in_flight(self) -> int:
         """Requests admitted and not yet finished."""
-        return len(self._queues.keys() | self._queued.keys())
+        return len(self._queues) + sum(req.rid not in self._queues for req in list(self._queued))
 
     async def submit(self, req: Req) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; the request is aborted if the consumer stops early (client gone)."""
         if not self.alive:
-            self._queued.pop(req.rid, None)
+            self._queued.pop(req, None)
             raise SchedulerDiedError(self.dead_reason or "scheduler process is not running")
         if req.rid in self._queues:
             raise InvalidRequestError("rid", f"request id {req.rid!r} is already in use")
@@ -166,12 +167,12 @@ class TokenizerManager:
         try:
             while not finished:
                 out = await queue.get()
-                self._queued.pop(req.rid, None)  # it has started (or ended): no longer queued
+                self._queued.pop(req, None)  # it has started (or ended): no longer queued
                 finished = out.finished
                 yield out
         finally:
             self._queues.pop(req.rid, None)
-            self._queued.pop(req.rid, None)
+            self._queued.pop(req, None)
             if not finished:
                 self.abort(req.rid)
 
