@@ -33,7 +33,6 @@ class ChatPlan:
     template_tools: list[dict] | None = None  # for a chat template that renders tools itself
     format: ToolFormat | None = None  # set when the output may hold calls
     reasoning: str | None = None  # the reasoning parser's model type, when one is configured
-    reasoning_on: bool = False
     grammar: str | None = None  # the output's Lark grammar, when tools or reasoning shape it
 
 
@@ -54,9 +53,8 @@ def plan_chat(body: ChatBody, messages: list[dict], constraint: dict, template: 
     fmt = tool_format(parser)
     tools = _tools(body)
     mode, chosen = _tool_choice(body, tools)
-    plan = ChatPlan(messages=[], reasoning=reasoning, reasoning_on=reasoning is not None)
     native = bool(template) and "tools" in template
-    plan.messages = _history(body, messages, fmt, native)
+    plan = ChatPlan(messages=_history(body, messages, fmt, native), reasoning=reasoning)
     if mode != "none":
         if constraint:
             raise bad_request("response_format: cannot be combined with tools unless tool_choice is 'none'",
@@ -206,7 +204,7 @@ class ChatReader:
     """One choice's output: reasoning (with a reasoning parser), then content and calls (with tools)."""
 
     def __init__(self, plan: ChatPlan):
-        self.reasoning = ReasoningStream(plan.reasoning) if plan.reasoning_on else None
+        self.reasoning = ReasoningStream(plan.reasoning) if plan.reasoning is not None else None
         self.tools = plan.format.stream() if plan.format else None
 
     @property

@@ -17,7 +17,7 @@ from radixflow.entrypoints.result import ResultCollector
 from radixflow.errors import InvalidRequestError
 from radixflow.runtime.config import ServerConfig
 from radixflow.runtime.request import Req
-from radixflow.server.errors import APIError, QueueFullError, SchedulerDiedError, bad_request
+from radixflow.server.errors import APIError, SchedulerDiedError, bad_request
 from radixflow.server.metrics import ServerMetrics
 from radixflow.server.tokenizer_manager import TokenizerManager
 
@@ -130,7 +130,7 @@ def event_stream(events: AsyncIterator[bytes], error_event: Callable[[Exception]
         try:
             async for event in events:
                 yield event
-        except (SchedulerDiedError, QueueFullError) as exc:
+        except SchedulerDiedError as exc:
             yield (error_event or _openai_error_event)(exc)
 
     return StreamingResponse(guarded(), media_type="text/event-stream")

@@ -123,7 +123,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
             reader = ChatReader(plan)
             read = reader.read(c.text)
             message = {"role": "assistant", "content": read.content}
-            if plan.reasoning_on:
+            if plan.reasoning is not None:
                 message["reasoning_content"] = read.reasoning
             if reader.calls:
                 message |= {"content": read.content if read.content.strip() else None,
