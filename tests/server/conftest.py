@@ -81,7 +81,7 @@ def fleet(request, tmp_path_factory):
                 args += ["--tool-call-parser", "pythonic"]
             if name == "bounded_server":  # one request runs at a time, two may queue; a short drain
                 args += ["--max-running-requests", "1", "--max-queued-requests", "2", "--max-queued-tokens", "300",
-                         "--request-timeout-s", "5", "--graceful-shutdown-timeout", "1"]
+                         "--request-timeout-s", "1", "--graceful-shutdown-timeout", "1"]
             if name == "fuzz_server":  # a generated max_tokens cannot make the fuzzing run long
                 args += ["--request-timeout-s", "2"]
             if name == "soak_server":  # many streams at once
@@ -133,7 +133,8 @@ def pythonic_server(fleet):
 
 @pytest.fixture(scope="session")
 def bounded_server(fleet):
-    """The tiny model with admission bounds, a default request timeout and a 1 s drain; its last test stops it."""
+    """The tiny model with admission bounds, a 1 s default request timeout and a 1 s drain; its last test stops
+    it."""
     return fleet.get("bounded_server")
 
 
