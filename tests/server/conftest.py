@@ -7,6 +7,8 @@ gone: a server that leaves an orphaned scheduler holding the model and KV memory
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import httpx
 import pytest
 
@@ -46,8 +48,32 @@ class Fleet:
         assert not failures, "\n".join(failures)
 
 
-_SERVER_FIXTURES = ("tiny_server", "keyed_server", "doomed_server", "stopped_server", "smol_server",
-                    "thinking_server", "pythonic_server", "bounded_server", "fuzz_server", "soak_server")
+class TinyServer(NamedTuple):
+    flags: list[str]  # after TINY_ARGS (a later flag wins)
+    doc: str
+    api_key: str | None = None
+
+
+# The tiny-model servers the tests use. Each is a session fixture of its name, launched only if a selected test
+# uses it.
+TINY_SERVERS = {
+    "tiny_server": TinyServer([], "The tiny random Llama; most tests share it (each must leave it idle and healthy)."),
+    "keyed_server": TinyServer(["--max-total-tokens", str(KEYED_POOL)], "Behind --api-key, with a 64-token KV pool "
+                               "(far under the 2048-token context).", API_KEY),
+    "doomed_server": TinyServer([], "A server whose scheduler process a test kills."),
+    "stopped_server": TinyServer([], "A server a test stops."),
+    "thinking_server": TinyServer(["--reasoning-parser", "qwen3"], "A reasoning model's output parsed."),
+    "pythonic_server": TinyServer(["--tool-call-parser", "pythonic"], "Another tool-call format."),
+    "bounded_server": TinyServer(["--max-running-requests", "1", "--max-queued-requests", "2",
+                                  "--max-queued-tokens", "300", "--request-timeout-s", "1",
+                                  "--graceful-shutdown-timeout", "1"],
+                                 "One request runs at a time and two may queue; requests end after 1 s unless they "
+                                 "ask for longer; a 1 s drain. Its last test stops it."),
+    "fuzz_server": TinyServer(["--request-timeout-s", "2"],
+                              "For the API fuzzer: a generated max_tokens cannot make the run long."),
+    "soak_server": TinyServer(["--max-running-requests", "256"], "For the soak test: many streams at once."),
+}
+_SERVER_FIXTURES = (*TINY_SERVERS, "smol_server")
 EXPECTED_ERRORS = {"doomed_server"}  # its scheduler is killed on purpose
 _needed_servers = pytest.StashKey[set]()
 
@@ -72,22 +98,9 @@ def fleet(request, tmp_path_factory):
     if needed - {"smol_server"}:
         model_dir = request.getfixturevalue("tiny_model_dir")
         for name in sorted(needed - {"smol_server"}):
-            args = ["--model-path", str(model_dir), *TINY_ARGS]
-            if name == "keyed_server":  # also a KV pool (64 tokens) far under the context (2048)
-                args[args.index("--max-total-tokens") + 1] = str(KEYED_POOL)
-            if name == "thinking_server":  # a reasoning model's output
-                args += ["--reasoning-parser", "qwen3"]
-            if name == "pythonic_server":  # another tool-call format
-                args += ["--tool-call-parser", "pythonic"]
-            if name == "bounded_server":  # one request runs at a time, two may queue; a short drain
-                args += ["--max-running-requests", "1", "--max-queued-requests", "2", "--max-queued-tokens", "300",
-                         "--request-timeout-s", "1", "--graceful-shutdown-timeout", "1"]
-            if name == "fuzz_server":  # a generated max_tokens cannot make the fuzzing run long
-                args += ["--request-timeout-s", "2"]
-            if name == "soak_server":  # many streams at once
-                args += ["--max-running-requests", "256"]
-            specs[name] = WatchedServer(args, tmp_path_factory.mktemp(name), API_KEY if name == "keyed_server"
-                                        else None)
+            spec = TINY_SERVERS[name]
+            specs[name] = WatchedServer(["--model-path", str(model_dir), *TINY_ARGS, *spec.flags],
+                                        tmp_path_factory.mktemp(name), spec.api_key)
     fleet = Fleet(specs)
     try:
         yield fleet
@@ -95,65 +108,19 @@ def fleet(request, tmp_path_factory):
         fleet.stop_all()
 
 
-@pytest.fixture(scope="session")
-def tiny_server(fleet):
-    """The tiny random Llama; most tests share it (each must leave it idle and healthy)."""
-    return fleet.get("tiny_server")
+def _server_fixture(name: str, doc: str):
+    @pytest.fixture(scope="session", name=name)
+    def server(fleet):
+        return fleet.get(name)
+
+    server.__doc__ = doc
+    return server
 
 
-@pytest.fixture(scope="session")
-def keyed_server(fleet):
-    """The tiny model behind --api-key, with a 64-token KV pool."""
-    return fleet.get("keyed_server")
-
-
-@pytest.fixture(scope="session")
-def doomed_server(fleet):
-    """A server whose scheduler process a test kills."""
-    return fleet.get("doomed_server")
-
-
-@pytest.fixture(scope="session")
-def stopped_server(fleet):
-    """A server a test stops."""
-    return fleet.get("stopped_server")
-
-
-@pytest.fixture(scope="session")
-def thinking_server(fleet):
-    """The tiny model with `--reasoning-parser qwen3`."""
-    return fleet.get("thinking_server")
-
-
-@pytest.fixture(scope="session")
-def pythonic_server(fleet):
-    """The tiny model with `--tool-call-parser pythonic`."""
-    return fleet.get("pythonic_server")
-
-
-@pytest.fixture(scope="session")
-def bounded_server(fleet):
-    """The tiny model with admission bounds, a 1 s default request timeout and a 1 s drain; its last test stops
-    it."""
-    return fleet.get("bounded_server")
-
-
-@pytest.fixture(scope="session")
-def fuzz_server(fleet):
-    """The tiny model for the API fuzzer (whatever it sends must leave the server healthy)."""
-    return fleet.get("fuzz_server")
-
-
-@pytest.fixture(scope="session")
-def soak_server(fleet):
-    """The tiny model for the soak test."""
-    return fleet.get("soak_server")
-
-
-@pytest.fixture(scope="session")
-def smol_server(fleet):
-    """The embedded SmolLM2-135M-Instruct: for the few tests that need meaningful text."""
-    return fleet.get("smol_server")
+for _name, _spec in TINY_SERVERS.items():
+    globals()[_name] = _server_fixture(_name, _spec.doc)
+smol_server = _server_fixture("smol_server", "The embedded SmolLM2-135M-Instruct: for the few tests that need "
+                                             "meaningful text.")
 
 
 @pytest.fixture
