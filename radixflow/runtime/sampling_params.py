@@ -70,7 +70,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # A temperature this small is greedy in effect, and dividing logits by it overflows (SGLang's epsilon).
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def top_k_or_none(self) -> int | None:
@@ -111,6 +112,9 @@ class SamplingParams:
             raise InvalidRequestError("stop_token_ids", "must be a list of non-negative integers")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise InvalidRequestError("seed", f"must be an integer, got {self.seed!r}")
+
+
+GREEDY_TEMPERATURE = 1e-6
 
 
 def _check_int(params, name: str, low: int, high: int | None = None) -> None:

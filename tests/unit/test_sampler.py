@@ -108,3 +108,18 @@ def test_callers_logits_are_left_unmodified(masked):
     if masked:
         assert tokens[0] == 3  # bits 1 and 3 allowed; 1 is banned
         assert tokens[1] < 32
+
+
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-300}, {"temperature": 1e-40, "frequency_penalty": -2.0},
+                                     {"temperature": 1.0, "repetition_penalty": 1e-300},
+                                     {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1.0, "min_p": 1.0}])
+def test_extreme_parameters_sample_the_most_likely_token_instead_of_failing(extreme):
+    """Found by the API fuzzer: such values overflowed the softmax into NaN (or dropped every token) and the
+    draw raised, failing the whole batch."""
+    params = SamplingParams(**extreme)
+    params.validate()
+    logits = torch.randn(3, 40) * 5
+    rows = [SamplingRow(params, list(range(0, 40, 3)), list(range(0, 40, 5)), frozenset(), 0) for _ in range(3)]
+    penalized = logits.clone()
+    apply_penalties(penalized, rows)
+    assert sample(logits, rows).token_ids == penalized.argmax(dim=-1).tolist()

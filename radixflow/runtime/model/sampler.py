@@ -69,8 +69,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         if row.banned_ids:
             logits[i, list(row.banned_ids)] = float("-inf")
     greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-    probs = probabilities(logits, rows)
     chosen = logits.argmax(dim=-1)
+    probs = _valid(probabilities(logits, rows), chosen)
     drawn = _draw(probs, rows, default_generator)
     tokens = torch.where(greedy, chosen, drawn)
     return SampleResult(tokens.tolist(), logprobs)
@@ -98,8 +98,19 @@ def _filter(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     # Keep a token if the mass *before* it is below top_p, so the top token always survives.
     drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_ps[:, None]
     drop |= sorted_probs < (min_ps * sorted_probs[:, 0])[:, None]
+    drop[:, 0] = False  # the most likely token always stays, whatever rounding does to the sums above
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+
+def _valid(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The distributions as drawable: a row that extreme parameters broke (a penalty of 1e-300 sends a logit to
+    infinity and the softmax to NaN) becomes certain of its most likely token instead of failing the batch."""
+    broken = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)
+    if bool(broken.any()):
+        probs = probs.clone()
+        probs[broken] = torch.nn.functional.one_hot(chosen[broken], probs.shape[1]).to(probs.dtype)
+    return probs
 
 
 def _draw(probs: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None) -> torch.Tensor:
