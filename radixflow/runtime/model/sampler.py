@@ -106,7 +106,7 @@ def _filter(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def _valid(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """The distributions as drawable: a row that extreme parameters broke (a penalty of 1e-300 sends a logit to
     infinity and the softmax to NaN) becomes certain of its most likely token instead of failing the batch."""
-    broken = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)
+    broken = ~(probs.sum(dim=-1) > 0)  # a NaN anywhere makes the sum NaN, which is not > 0
     if bool(broken.any()):
         probs = probs.clone()
         probs[broken] = torch.nn.functional.one_hot(chosen[broken], probs.shape[1]).to(probs.dtype)
