@@ -1,11 +1,11 @@
-"""Tool calling and reasoning output for `/v1/chat/completions`.
+"""Tool calling and reasoning output for the chat routes (`/v1/chat/completions`, `/v1/messages`).
 
-Request side (`plan_chat`): the tools and `tool_choice` are checked; the conversation is rendered by the model's own
-chat template when it renders tools, else tools, earlier calls and tool results are written in the configured
-format (`--tool-call-parser`, radixflow/parsers/tool_calls.py) into the messages; and the output grammar is chosen:
-`required` / a named function is the format's calls and nothing else, `auto` free text in which a started call
-must be valid (a lazy trigger), `none` no tools. With `--reasoning-parser`, a grammar (tools, or a JSON schema or
-regex from `response_format`) applies to the answer after the model's `<think>` block.
+Request side (`plan_chat`, on a `ChatRequest` that each route converts its body to): the conversation is rendered
+by the model's own chat template when it renders tools, else tools, earlier calls and tool results are written in
+the configured format (`--tool-call-parser`, radixflow/parsers/tool_calls.py) into the messages; and the output
+grammar is chosen: `required` / a named function is the format's calls and nothing else, `auto` free text in
+which a started call must be valid (a lazy trigger), `none` no tools. With `--reasoning-parser`, a grammar (tools,
+or a JSON schema or regex the response format asks for) applies to the answer after the model's `<think>` block.
 
 Response side (`ChatReader`): the output split into reasoning, content and calls, whole or streamed.
 """
@@ -20,9 +20,25 @@ from radixflow.parsers.reasoning import STARTS_THINKING, THINK_END, ReasoningStr
 from radixflow.parsers.tool_calls import CallPiece, Tool, ToolCall, ToolFormat, tool_format
 from radixflow.runtime.constrained.spec import JSON_DEFAULTS, Constraint
 from radixflow.server.errors import bad_request
-from radixflow.server.openai_protocol import ChatBody
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+
+
+@dataclass
+class ChatRequest:
+    """A chat request as `plan_chat` takes it, from either API (openai_api.py, anthropic_api.py convert theirs).
+
+    `messages`: {"role", "content": text}, where an assistant's message may carry its earlier `calls` (ToolCall)
+    and a tool result (role "tool") the `answers` id of the call it answers and the `field` its client wrote that
+    id in. `tool_choice`: "auto", "none", "required", or the name of the one function to call (checked against
+    `tools` by the caller, who names its own field)."""
+
+    messages: list[dict]
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "none"
+    parallel: bool = True
+    constraint: dict = field(default_factory=dict)  # json_schema / regex / ebnf the API's response format asked for
+    constraint_field: str = "response_format"
 
 
 @dataclass
@@ -46,108 +62,81 @@ def check_parsers(tool_call_parser: str, reasoning_parser: str | None) -> None:
         check_model_type(reasoning_parser, "--reasoning-parser:")
 
 
-def plan_chat(body: ChatBody, messages: list[dict], constraint: dict, template: str | None, parser: str,
-              reasoning: str | None) -> ChatPlan:
-    """`messages`: the body's messages with text content. `constraint`: the sampling fields `response_format`
-    asked for (json_schema / regex / ebnf), possibly empty."""
+def checked_tool(name: str, description: str | None, parameters: dict | None, field_name: str) -> Tool:
+    """A tool whose parameter schema (at `field_name`) is an object schema the grammar engine compiles."""
+    parameters = parameters if parameters is not None else EMPTY_PARAMETERS
+    if parameters.get("type", "object") != "object":
+        raise bad_request(f"{field_name}.type: must be 'object'", f"{field_name}.type")
+    try:
+        Constraint("json_schema", json.dumps(parameters)).validate()
+    except InvalidRequestError as exc:
+        raise bad_request(f"{field_name}: {exc.detail}", field_name) from None
+    return Tool(name, description or "", {"type": "object", **parameters})
+
+
+def check_unique(tools: list[Tool], field_of) -> None:
+    """No name defined twice; `field_of(i)` names the i-th tool's name field."""
+    seen = set()
+    for i, tool in enumerate(tools):
+        if tool.name in seen:
+            raise bad_request(f"{field_of(i)}: {tool.name!r} is defined twice", field_of(i))
+        seen.add(tool.name)
+
+
+def plan_chat(request: ChatRequest, template: str | None, parser: str, reasoning: str | None) -> ChatPlan:
     fmt = tool_format(parser)
-    tools = _tools(body)
-    mode, chosen = _tool_choice(body, tools)
     native = bool(template) and "tools" in template
-    plan = ChatPlan(messages=_history(body, messages, fmt, native), reasoning=reasoning)
-    if mode != "none":
-        if constraint:
-            raise bad_request("response_format: cannot be combined with tools unless tool_choice is 'none'",
-                              "response_format")
+    plan = ChatPlan(messages=_history(request.messages, fmt, native), reasoning=reasoning)
+    if request.tool_choice != "none":
+        if request.constraint:
+            raise bad_request(f"{request.constraint_field}: cannot be combined with tools unless the tool choice is "
+                              "none", request.constraint_field)
         plan.format = fmt
         if native:
-            plan.template_tools = [t.openai() for t in tools]
+            plan.template_tools = [t.openai() for t in request.tools]
         else:
-            plan.messages = _with_instructions(plan.messages, fmt.instructions(tools))
-        answer = fmt.grammar(chosen, required=mode == "required", parallel=body.parallel_tool_calls)
+            plan.messages = _with_instructions(plan.messages, fmt.instructions(request.tools))
+        named = [t for t in request.tools if t.name == request.tool_choice]
+        required = request.tool_choice == "required" or bool(named)
+        answer = fmt.grammar(named or request.tools, required=required, parallel=request.parallel)
         plan.grammar = _after_thinking(answer, reasoning) if reasoning else answer
-    elif reasoning and constraint.keys() & {"json_schema", "regex"}:
-        plan.grammar = _after_thinking(_answer_grammar(constraint), reasoning)
+    elif reasoning and request.constraint.keys() & {"json_schema", "regex"}:
+        plan.grammar = _after_thinking(_answer_grammar(request.constraint), reasoning)
     return plan
 
 
-def _tools(body: ChatBody) -> list[Tool]:
-    tools, seen = [], set()
-    for i, tool in enumerate(body.tools or []):
-        fn = tool.function
-        if fn.name in seen:
-            raise bad_request(f"tools.{i}.function.name: {fn.name!r} is defined twice", f"tools.{i}.function.name")
-        seen.add(fn.name)
-        parameters = fn.parameters if fn.parameters is not None else EMPTY_PARAMETERS
-        field_name = f"tools.{i}.function.parameters"
-        if parameters.get("type", "object") != "object":
-            raise bad_request(f"{field_name}.type: must be 'object'", f"{field_name}.type")
-        try:
-            Constraint("json_schema", json.dumps(parameters)).validate()
-        except InvalidRequestError as exc:
-            raise bad_request(f"{field_name}: {exc.detail}", field_name) from None
-        tools.append(Tool(fn.name, fn.description or "", {"type": "object", **parameters}))
-    return tools
-
-
-def _tool_choice(body: ChatBody, tools: list[Tool]) -> tuple[str, list[Tool]]:
-    """("none" | "auto" | "required", the tools the output may call)."""
-    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        named = [t for t in tools if t.name == name]
-        if choice.get("type") != "function" or not named:
-            raise bad_request(f"tool_choice: {name!r} is not one of the tools "
-                              f"({', '.join(t.name for t in tools) or 'none given'})", "tool_choice")
-        return "required", named
-    if choice != "none" and not tools:
-        raise bad_request(f"tool_choice: {choice!r} needs tools", "tool_choice")
-    return choice, tools
-
-
-def _history(body: ChatBody, messages: list[dict], fmt: ToolFormat, native: bool) -> list[dict]:
+def _history(messages: list[dict], fmt: ToolFormat, native: bool) -> list[dict]:
     """The conversation with earlier calls and tool results: as the chat template takes them where it renders
     tools, else written in the format (calls in the assistant's text, results as user messages)."""
     names: dict[str, str] = {}  # call id -> function name, for the results that answer them
     out: list[dict] = []
-    for i, (source, message) in enumerate(zip(body.messages, messages)):
-        if source.role == "assistant" and source.tool_calls:
-            calls = [_earlier_call(i, j, call) for j, call in enumerate(source.tool_calls)]
+    for message in messages:
+        text = message["content"]
+        if message.get("calls"):
+            calls = message["calls"]
             names |= {c.id: c.name for c in calls}
             if native:
-                out.append({**message, "tool_calls": [{"id": c.id, "type": "function", "function": {
-                    "name": c.name, "arguments": _as_object(c.arguments)}} for c in calls]})
+                out.append({"role": "assistant", "content": text, "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _as_object(c.arguments)}}
+                    for c in calls]})
             else:
-                text = message["content"]
                 out.append({"role": "assistant", "content": (text + "\n" if text else "") + fmt.render_calls(calls)})
-        elif source.role == "tool":
-            if source.tool_call_id not in names:
-                raise bad_request(f"messages.{i}.tool_call_id: {source.tool_call_id!r} answers no earlier tool call",
-                                  f"messages.{i}.tool_call_id")
-            name = names[source.tool_call_id]
+        elif message["role"] == "tool":
+            call_id = message.get("answers")
+            if call_id not in names:
+                field_name = message.get("field", "messages")
+                raise bad_request(f"{field_name}: {call_id!r} answers no earlier tool call", field_name)
             if native:
-                out.append({"role": "tool", "content": message["content"], "tool_call_id": source.tool_call_id,
-                            "name": name})
+                out.append({"role": "tool", "content": text, "tool_call_id": call_id, "name": names[call_id]})
                 continue
-            result = fmt.render_result(name, message["content"])
+            result = fmt.render_result(names[call_id], text)
             if out and out[-1].get("tool_results"):  # consecutive results go back in one user message
                 out[-1]["content"] += "\n" + result
             else:
                 out.append({"role": "user", "content": result, "tool_results": True})
         else:
-            out.append(message)
+            out.append({"role": message["role"], "content": text})
     return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
-
-
-def _earlier_call(i: int, j: int, call: dict) -> ToolCall:
-    field_name = f"messages.{i}.tool_calls.{j}"
-    fn = call.get("function") or {}
-    if not isinstance(fn.get("name"), str):
-        raise bad_request(f"{field_name}.function.name: required", f"{field_name}.function.name")
-    arguments = fn.get("arguments", "{}")
-    # Kept as sent: a call cut at max_tokens has unfinished arguments, and OpenAI takes it back as it is.
-    return ToolCall(fn["name"], arguments if isinstance(arguments, str) else json.dumps(arguments),
-                    id=call.get("id") or f"call_{i}_{j}")
 
 
 def _as_object(arguments: str):

@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 
 from radixflow.entrypoints.generate import GenerateInput
+from radixflow.parsers.tool_calls import Tool, ToolCall
 from radixflow.runtime.constrained.spec import CONSTRAINT_FIELDS, json_object_schema
 from radixflow.runtime.request import Req
-from radixflow.server.chat_tools import ChatDelta, ChatPlan, ChatReader, call_deltas, calls_json, plan_chat
+from radixflow.server.chat_tools import (
+    ChatDelta,
+    ChatPlan,
+    ChatReader,
+    ChatRequest,
+    call_deltas,
+    calls_json,
+    check_unique,
+    checked_tool,
+    plan_chat,
+)
 from radixflow.server.common import ServerState, event_stream, render_chat, sse
 from radixflow.server.errors import bad_request
 from radixflow.server.openai_protocol import ChatBody, CompletionBody, SamplingBody
@@ -96,7 +108,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         state.check_model(body.model)
-        plan = _chat_plan(state, body)
+        plan = chat_plan(state, body)
         prompt = render_chat(state, plan.messages, continue_final=body.continue_final_message,
                              tools=plan.template_tools)
         max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -152,9 +164,9 @@ def _completion_prompts(prompt) -> dict:
     return {"input_ids": prompt}
 
 
-def _chat_plan(state: ServerState, body: ChatBody) -> ChatPlan:
-    """The body's messages as text, planned with its tools (chat_tools.py)."""
-    converted = []
+def chat_plan(state: ServerState, body: ChatBody) -> ChatPlan:
+    """The body as a `ChatRequest` (text messages, earlier calls and results, checked tools), planned."""
+    messages = []
     for i, m in enumerate(body.messages):
         content = m.content
         if isinstance(content, list):
@@ -162,13 +174,48 @@ def _chat_plan(state: ServerState, body: ChatBody) -> ChatPlan:
             if len(texts) != len(content):
                 raise bad_request(f"messages.{i}.content: only text parts are supported", f"messages.{i}.content")
             content = "".join(t or "" for t in texts)
-        converted.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-    if body.continue_final_message and converted[-1]["role"] != "assistant":
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.role == "assistant" and m.tool_calls:
+            message["calls"] = [_earlier_call(i, j, call) for j, call in enumerate(m.tool_calls)]
+        if m.role == "tool":
+            message |= {"answers": m.tool_call_id, "field": f"messages.{i}.tool_call_id"}
+        messages.append(message)
+    if body.continue_final_message and messages[-1]["role"] != "assistant":
         raise bad_request("continue_final_message: the last message must be the assistant's to continue",
                           "continue_final_message")
+    tools = [checked_tool(t.function.name, t.function.description, t.function.parameters,
+                          f"tools.{i}.function.parameters") for i, t in enumerate(body.tools or [])]
+    check_unique(tools, lambda i: f"tools.{i}.function.name")
+    request = ChatRequest(messages, tools, _tool_choice(body, tools), body.parallel_tool_calls,
+                          _response_format(body))
     config = state.config
-    return plan_chat(body, converted, _response_format(body), state.manager.tokenizer.chat_template,
-                     config.tool_call_parser, config.reasoning_parser)
+    return plan_chat(request, state.manager.tokenizer.chat_template, config.tool_call_parser,
+                     config.reasoning_parser)
+
+
+def _tool_choice(body: ChatBody, tools: list[Tool]) -> str:
+    """OpenAI's `tool_choice` as `ChatRequest` takes it: a mode, or the name of the function to call."""
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or name not in {t.name for t in tools}:
+            raise bad_request(f"tool_choice: {name!r} is not one of the tools "
+                              f"({', '.join(t.name for t in tools) or 'none given'})", "tool_choice")
+        return name
+    if choice != "none" and not tools:
+        raise bad_request(f"tool_choice: {choice!r} needs tools", "tool_choice")
+    return choice
+
+
+def _earlier_call(i: int, j: int, call: dict) -> ToolCall:
+    field_name = f"messages.{i}.tool_calls.{j}"
+    fn = call.get("function") or {}
+    if not isinstance(fn.get("name"), str):
+        raise bad_request(f"{field_name}.function.name: required", f"{field_name}.function.name")
+    arguments = fn.get("arguments", "{}")
+    # Kept as sent: a call cut at max_tokens has unfinished arguments, and OpenAI takes it back as it is.
+    return ToolCall(fn["name"], arguments if isinstance(arguments, str) else json.dumps(arguments),
+                    id=call.get("id") or f"call_{i}_{j}")
 
 
 def _completion_choice(index: int, collector, state: ServerState, body: CompletionBody) -> dict:

@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 from radixflow.parsers.reasoning import ReasoningStream, split_reasoning
-from radixflow.server.chat_tools import ChatReader, check_parsers, plan_chat
+from radixflow.server.chat_tools import ChatReader, check_parsers
 from radixflow.server.common import render_chat
 from radixflow.server.errors import APIError
+from radixflow.server.openai_api import chat_plan
 from radixflow.server.openai_protocol import ChatBody
 from tests.helpers.toy_tokenizer import GrammarProbe, build_toy_tokenizer
 
@@ -29,8 +30,15 @@ def body(**fields) -> ChatBody:
 
 
 def plan(chat: ChatBody, constraint=None, template=None, parser="hermes", reasoning=None):
-    texts = [{"role": m.role, "content": m.content or ""} for m in chat.messages]
-    return plan_chat(chat, texts, constraint or {}, template, parser, reasoning)
+    """The OpenAI route's plan of `chat`, on a server whose template, parsers are these; `constraint` is the
+    response format (`json_schema`) or SGLang's `regex` field."""
+    if constraint:
+        chat = chat.model_copy(update={"regex": constraint.get("regex"), "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": constraint["json_schema"]}}
+            if "json_schema" in constraint else None})
+    state = SimpleNamespace(manager=SimpleNamespace(tokenizer=SimpleNamespace(chat_template=template)),
+                            config=SimpleNamespace(tool_call_parser=parser, reasoning_parser=reasoning))
+    return chat_plan(state, chat)
 
 
 @pytest.fixture(scope="module")
