@@ -5,7 +5,8 @@ A body becomes a `ChatRequest` (chat_tools.py, as the OpenAI route's does): text
 and `tool_result` blocks, the tools and `tool_choice`; the model's own template renders it (a final assistant
 message is a prefill the answer continues) and it runs through the same normaliser as `/generate`. Tool use is
 the OpenAI route's: `auto` lets the model write text or start a call that must then be valid, `any` / a named
-`tool` make the answer calls only, valid by construction; the answer's calls come back as `tool_use` blocks.
+`tool` make the answer calls only, valid by construction; the answer's calls come back as `tool_use` blocks. With
+`--reasoning-parser`, a reasoning model's thinking comes back as a `thinking` block (unsigned: `signature` "").
 Structured outputs (`output_config.format`, a JSON schema) constrain the answer's text. Errors are in Anthropic's
 shape (errors.py). `usage.cache_read_input_tokens` is what the radix cache held; `input_tokens` is the rest of the
 prompt, as Anthropic counts them.
@@ -62,8 +63,11 @@ def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
         meta = collector.meta()
         reader = ChatReader(plan)
         read = reader.read(collector.text)
-        content = ([{"type": "text", "text": read.content}] if read.content or not reader.calls else []) + \
-            [_tool_use(call) for call in reader.calls]
+        content = [_tool_use(call) for call in reader.calls]
+        if read.content or not (content or read.reasoning):  # an empty answer still has its (empty) text block
+            content.insert(0, {"type": "text", "text": read.content})
+        if read.reasoning:
+            content.insert(0, {"type": "thinking", "thinking": read.reasoning, "signature": ""})
         stop_reason, stop_sequence = _stop_reason(meta, body, reader)
         return {**_message_head(state, message_id, meta), "content": content, "stop_reason": stop_reason,
                 "stop_sequence": stop_sequence}
@@ -244,6 +248,12 @@ class _Blocks:
 
     def events(self, delta: ChatDelta, last: bool = False) -> list[bytes]:
         out = []
+        thinking = delta.reasoning if self.kind == "thinking" else delta.reasoning.lstrip()
+        if thinking:  # a reasoning model's thinking (--reasoning-parser), before the answer; from its first word
+            if self.kind != "thinking":
+                out += self._open({"type": "thinking", "thinking": "", "signature": ""}, "thinking")
+            out.append(_event({"type": "content_block_delta", "index": self.index,
+                               "delta": {"type": "thinking_delta", "thinking": thinking}}))
         if delta.content:
             if self.kind != "text":
                 out += self._open({"type": "text", "text": ""}, "text")

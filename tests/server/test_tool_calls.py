@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import anthropic
 import jsonschema
 import openai
 import pytest
@@ -231,3 +232,26 @@ def test_a_json_answer_follows_the_thinking_block(thinking_server):
             content += delta.content or "" if delta else ""
         assert content == whole.message.content
         assert reasoning.strip() == whole.message.model_extra["reasoning_content"]
+
+
+def test_anthropic_gets_the_thinking_as_a_thinking_block(thinking_server):
+    sdk = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=60)
+    _, model = connect(thinking_server)
+    kinds = set()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    for topic in ("Paris", "rain", "the time", "Oslo", "wind", "snow", "Lima", "a storm"):
+        # Greedy (the Messages API has no seed), with a JSON answer to give: the random model opens a thinking
+        # block for some of these questions.
+        kwargs = dict(model=model, max_tokens=24, messages=[{"role": "user", "content": f"Tell me about {topic}."}],
+                      extra_body={"temperature": 0.0}, output_config={"format": {"type": "json_schema",
+                                                                                 "schema": schema}})
+        whole = sdk.messages.create(**kwargs)
+        with sdk.messages.stream(**kwargs) as stream:
+            streamed = stream.get_final_message()
+        assert [b.type for b in streamed.content] == [b.type for b in whole.content]
+        for block in whole.content:
+            kinds.add(block.type)
+            text = block.thinking if block.type == "thinking" else block.text
+            assert "<think>" not in text and "</think>" not in text
+    assert "thinking" in kinds
