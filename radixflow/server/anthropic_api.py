@@ -45,11 +45,11 @@ def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/messages")
     async def messages(body: MessagesBody, request: Request):
         state.check_model(body.model)
-        plan, prompt = _plan(state, body)
+        schema = _output_schema(body)
+        plan, prompt = _plan(state, body, schema)
         sampling = {"max_new_tokens": body.max_tokens, "temperature": body.temperature,
                     "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": body.top_k or -1,
                     "stop": body.stop_sequences or []}
-        schema = _output_schema(body)
         if plan.grammar is not None:  # tools, or an answer after a thinking block
             sampling["ebnf"] = plan.grammar
         elif schema is not None:
@@ -75,12 +75,12 @@ def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensBody):
         state.check_model(body.model)
-        _, prompt = _plan(state, body)
+        _, prompt = _plan(state, body, None)
         return {"input_tokens": len(state.manager.tokenizer.encode(prompt))}
 
 
-def _plan(state: ServerState, body: CountTokensBody) -> tuple[ChatPlan, str]:
-    """The body as a planned chat request, and its prompt."""
+def _plan(state: ServerState, body: CountTokensBody, schema: dict | None) -> tuple[ChatPlan, str]:
+    """The body as a planned chat request (`schema`: its output format's), and its prompt."""
     messages = []
     if body.system:
         messages.append({"role": "system", "content": _text(body.system, "system", state.model_name)})
@@ -90,7 +90,6 @@ def _plan(state: ServerState, body: CountTokensBody) -> tuple[ChatPlan, str]:
              for i, t in enumerate(body.tools or [])]
     check_unique(tools, lambda i: f"tools.{i}.name")
     choice, parallel = _tool_choice(getattr(body, "tool_choice", None), tools)
-    schema = _output_schema(body) if isinstance(body, MessagesBody) else None
     request = ChatRequest(messages, tools, choice, parallel, {"json_schema": schema} if schema else {},
                           "output_config.format")
     config = state.config
@@ -118,8 +117,7 @@ def _messages(role: str, content: str | list[dict], i: int, model: str) -> list[
                 results.append({"role": "tool", "content": _text(block.get("content") or "", field_name, model),
                                 "answers": block.get("tool_use_id"), "field": f"{field_name}.tool_use_id"})
             case "image", _:
-                raise bad_request(f"{field_name}: image blocks need a model that takes images; {model} takes text "
-                                  "only", field_name)
+                raise _no_images(field_name, model)
             case kind, _:
                 raise bad_request(f"{field_name}.type: {kind!r} blocks are not supported in a {role} message here",
                                   f"{field_name}.type")
@@ -138,12 +136,16 @@ def _text(content: str | list[dict], field: str, model: str) -> str:
         if block.get("type") == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
         elif block.get("type") == "image":
-            raise bad_request(f"{field}.{j}: image blocks need a model that takes images; {model} takes text only",
-                              f"{field}.{j}")
+            raise _no_images(f"{field}.{j}", model)
         else:
             raise bad_request(f"{field}.{j}.type: {block.get('type')!r} blocks are not supported here (text only)",
                               f"{field}.{j}.type")
     return "".join(texts)
+
+
+def _no_images(field_name: str, model: str) -> APIError:
+    return bad_request(f"{field_name}: image blocks need a model that takes images; {model} takes text only",
+                       field_name)
 
 
 def _tool_choice(choice: dict | None, tools: list) -> tuple[str, bool]:
