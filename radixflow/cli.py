@@ -12,6 +12,9 @@ import time
 
 from radixflow.engine import Engine
 from radixflow.errors import InvalidRequestError
+from radixflow.router.app import serve_router
+from radixflow.router.config import RouterConfig
+from radixflow.router.launch import serve_data_parallel
 from radixflow.runtime.config import EngineConfig, ServerConfig, add_cli_args, from_cli_args
 from radixflow.server.app import serve
 
@@ -47,7 +50,21 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    serve(from_cli_args(EngineConfig, args), from_cli_args(ServerConfig, args))
+    engine, server = from_cli_args(EngineConfig, args), from_cli_args(ServerConfig, args)
+    if server.dp_size != 1:
+        serve_data_parallel(engine, server, from_cli_args(RouterConfig, args, prefix="router_"))
+    else:
+        serve(engine, server)
+    return 0
+
+
+def _router(args: argparse.Namespace) -> int:
+    if not args.worker_urls:
+        print("error: --worker-urls: give at least one worker URL (more can join through /add_worker)",
+              file=sys.stderr)
+        return 2
+    serve_router(args.worker_urls, from_cli_args(RouterConfig, args), args.host, args.port, args.log_level,
+                 args.api_key)
     return 0
 
 
@@ -69,7 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the HTTP server (native /generate and OpenAI /v1/*)")
     add_cli_args(srv, ServerConfig)
     add_cli_args(srv, EngineConfig)
+    add_cli_args(srv, RouterConfig, prefix="router_")
     srv.set_defaults(func=_serve)
+    rtr = sub.add_parser("router", help="route requests across several radixflow servers (data parallelism)")
+    rtr.add_argument("--worker-urls", nargs="*", default=[], help="the servers' base URLs (http://host:port)")
+    rtr.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    rtr.add_argument("--port", type=int, default=30000, help="port to listen on (default: 30000)")
+    rtr.add_argument("--api-key", default=None, help="require this key of clients (Bearer or x-api-key); the "
+                     "client's key headers are passed on to the workers")
+    rtr.add_argument("--log-level", default="info")
+    add_cli_args(rtr, RouterConfig)
+    rtr.set_defaults(func=_router)
     return parser
 
 

@@ -45,6 +45,9 @@ class CacheConfig:
     max_total_tokens: int | None = _help("KV pool size in tokens; default: derived from --kv-cache-gb", default=None)
     kv_cache_gb: float = _help("memory budget for the KV pool, in GiB", default=1.0)
     disable_radix_cache: bool = _help("do not reuse KV across requests (ablation)", default=False)
+    enable_cache_events: bool = _help(
+        "log the radix cache's inserted and evicted prefixes (the last 1,024) for a router building its view of "
+        "this server's cache from them (GET /cache_events; radixflow router --tree-source events)", default=False)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class ServerConfig:
     reasoning_parser: str | None = _help(
         "split the model's <think> block into reasoning_content: deepseek-r1, deepseek-v3, qwen3, qwen3-thinking, "
         "glm45, kimi; constraints then apply to the answer after the thinking", default=None)
+    dp_size: int = _help(
+        "data parallelism: start this many servers (each with its own scheduler, KV pool and radix cache, on free "
+        "local ports, with the cores split between them) behind a router on --host/--port; --router-* flags set "
+        "the router (radixflow router --help)", default=1)
 
 
 @dataclass(frozen=True)
@@ -146,15 +153,16 @@ def _base_type(tp):
     return tp
 
 
-def add_cli_args(parser: argparse.ArgumentParser, config_cls) -> None:
-    """Add one `--flag` per leaf field of a (possibly composed) config dataclass."""
+def add_cli_args(parser: argparse.ArgumentParser, config_cls, prefix: str = "") -> None:
+    """Add one `--flag` per leaf field of a (possibly composed) config dataclass; `prefix` goes before each name
+    (`router_`: `--router-policy`)."""
     hints = typing.get_type_hints(config_cls)
     for f in fields(config_cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            add_cli_args(parser, tp)
+            add_cli_args(parser, tp, prefix)
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + (prefix + f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
         base = _base_type(tp)
@@ -164,11 +172,31 @@ def add_cli_args(parser: argparse.ArgumentParser, config_cls) -> None:
             parser.add_argument(flag, type=base, default=default, help=f"{help_text} (default: {default})")
 
 
-def from_cli_args(config_cls, args: argparse.Namespace):
+def from_cli_args(config_cls, args: argparse.Namespace, prefix: str = ""):
     """Inverse of `add_cli_args`."""
     hints = typing.get_type_hints(config_cls)
     values = {}
     for f in fields(config_cls):
         tp = hints[f.name]
-        values[f.name] = from_cli_args(tp, args) if dataclasses.is_dataclass(tp) else getattr(args, f.name)
+        values[f.name] = (from_cli_args(tp, args, prefix) if dataclasses.is_dataclass(tp)
+                          else getattr(args, prefix + f.name))
     return config_cls(**values)
+
+
+def to_cli_args(config) -> list[str]:
+    """The flags that rebuild `config` through `add_cli_args` (fields left at their defaults are left out): how
+    `serve --dp-size N` passes its own options on to the N servers it starts."""
+    out = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out += to_cli_args(value)
+            continue
+        if value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            out += [flag, str(value)]
+    return out

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from radixflow.errors import InvalidRequestError
+from radixflow.runtime.cache.events import CacheEventLog
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.cache.prefix_cache import NoPrefixCache
@@ -127,7 +128,8 @@ class EngineCore:
         self.max_context = min(config.model.context_length or args.max_position, args.max_position)
         kv = KVPool(pool_size, args.num_layers, args.num_kv_heads, args.head_dim, dtype, device)
         req_to_token = ReqToTokenPool(config.scheduler.max_running_requests, self.max_context + 1, device)
-        prefix_cache = NoPrefixCache() if config.cache.disable_radix_cache else RadixCache(free_kv=kv.free)
+        events = CacheEventLog(1024) if config.cache.enable_cache_events else None
+        prefix_cache = NoPrefixCache() if config.cache.disable_radix_cache else RadixCache(kv.free, events)
         self.cache = CacheManager(kv, req_to_token, prefix_cache)
         self.limits = RequestLimits(self.max_context, pool_size, args.vocab_size)
         self.grammar = GrammarCompiler(self.loaded.tokenizer, args.vocab_size, _primary_eos(self.loaded),

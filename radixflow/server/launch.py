@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`radixflow serve [args]` on a free local port, with its output in `log`.
+    """`radixflow serve [args]` (or `radixflow router [args]`) on a free local port, with its output in `log`.
 
     `start()` returns at once; `wait_ready()` blocks until /health answers 200 (and, if another process took the
     port meanwhile, starts again on a new one). The server runs in its own session, so `stop()` can reach every
@@ -33,7 +33,9 @@ class ServerProcess:
     """
 
     def __init__(self, args: list[str] | tuple[str, ...] = (), api_key: str | None = None,
-                 log: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None):
+                 log: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 command: str = "serve"):
+        self.command = command  # or "router": `radixflow router [args]`
         self.args = [*args, *(["--api-key", api_key] if api_key else [])]
         self.api_key = api_key
         self.log = log or Path(tempfile.mkstemp(prefix="radixflow-serve-", suffix=".log")[1])
@@ -52,7 +54,7 @@ class ServerProcess:
 
     def start(self, port: int | None = None) -> ServerProcess:
         self.port = port or free_port()
-        cmd = [sys.executable, "-m", "radixflow", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "radixflow", self.command, "--host", "127.0.0.1", "--port", str(self.port),
                *self.args]
         with open(self.log, "ab") as log:
             # Own session: a Ctrl-C in the caller's terminal does not reach it; `stop` ends it in order.

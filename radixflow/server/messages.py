@@ -9,7 +9,7 @@ The scheduler process owns the model; the HTTP process tokenizes and validates. 
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from radixflow.runtime.inbox import AbortRequest, AddRequest
@@ -23,6 +23,7 @@ __all__ = ["AbortRequest", "AddRequest", "ControlReply", "ControlRequest", "Mess
 class ControlRequest:
     call_id: int
     op: str  # a key of scheduler_process.CONTROL_OPS
+    args: dict = field(default_factory=dict)  # its keyword arguments
 
 
 @dataclass

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from radixflow.entrypoints.generate import GenerateInput
 from radixflow.runtime.request import Req
 from radixflow.server.common import ServerState, event_stream, sse
+from radixflow.server.errors import APIError
 from radixflow.server.protocol import AbortRequestBody, FlushCacheRequest, GenerateRequest
 
 
@@ -72,6 +73,18 @@ def add_operations_routes(app: FastAPI, state: ServerState) -> None:
         return {"version": "0.1.0", "uptime_s": time.time() - state.started, "stats": stats,
                 "model": config.model.__dict__, "cache": config.cache.__dict__, "scheduler": config.scheduler.__dict__,
                 "max_total_num_tokens": state.manager.limits.pool_size}
+
+    @app.get("/cache_events")
+    async def cache_events(since: int = 0):
+        """The radix cache's inserted / evicted prefixes from event `since` on, as text (for a router's
+        `--tree-source events`); `lost`: events before the ones given were dropped, start over from these."""
+        try:
+            log = await state.manager.control("cache_events", since=since)
+        except RuntimeError as exc:
+            raise APIError(400, str(exc).removeprefix("ValueError: "), "since") from exc
+        decode = state.manager.tokenizer.decode
+        return {"next": log["next"], "lost": log["lost"],
+                "events": [{"op": op, "text": decode(list(tokens))} for op, tokens in log["events"]]}
 
     @app.get("/debug/check_integrity")
     async def check_integrity():

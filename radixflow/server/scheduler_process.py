@@ -36,10 +36,20 @@ def _check_integrity(core: EngineCore) -> bool:
     return True
 
 
+def _cache_events(core: EngineCore, since: int) -> dict:
+    """The radix cache's events from `since` on (tokens; the HTTP process decodes them)."""
+    log = getattr(core.cache.prefix_cache, "events", None)
+    if log is None:
+        raise ValueError("cache events are off: start the server with --enable-cache-events")
+    events, next_seq, lost = log.since(since)
+    return {"events": [(e.op, e.tokens) for e in events], "next": next_seq, "lost": lost}
+
+
 CONTROL_OPS = {
     "flush_cache": lambda core: core.scheduler.flush_cache(),
     "stats": EngineCore.stats,
     "check_integrity": _check_integrity,
+    "cache_events": _cache_events,
 }
 
 
@@ -96,7 +106,7 @@ def _control_call(message: ControlRequest, core: EngineCore, push) -> Call:
             push.send(dumps(ControlReply(message.call_id, error=f"unknown control op {message.op!r}")))
             return
         try:
-            push.send(dumps(ControlReply(message.call_id, result=op(core))))
+            push.send(dumps(ControlReply(message.call_id, result=op(core, **message.args))))
         except Exception as exc:  # noqa: BLE001 - the caller gets the error; the engine keeps going
             push.send(dumps(ControlReply(message.call_id, error=f"{type(exc).__name__}: {exc}")))
     return Call(run)

@@ -194,13 +194,13 @@ class TokenizerManager:
             if is_sample_of(other, rid):
                 self.abort(other)
 
-    async def control(self, op: str, timeout_s: float = 30.0):
+    async def control(self, op: str, timeout_s: float = 30.0, **args):
         if not self.alive:
             raise SchedulerDiedError(self.dead_reason or "scheduler process is not running")
         call_id = next(self._call_ids)
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
-        self._push.send(dumps(ControlRequest(call_id, op)))
+        self._push.send(dumps(ControlRequest(call_id, op, args)))
         try:
             reply: ControlReply = await asyncio.wait_for(future, timeout_s)
         finally:

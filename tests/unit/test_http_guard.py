@@ -1,4 +1,4 @@
-"""The server's outermost checks (server/app.py `Guard`) on a small app of their own: API key, body limit, and a
+"""The server's outermost checks (server/guard.py `Guard`) on a small app of their own: API key, body limit, and a
 bug answered 500 in the API's error shape with the server going on."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from radixflow.server.app import Guard
 from radixflow.server.errors import MAX_BODY_BYTES
+from radixflow.server.guard import Guard
 
 
 def guarded(api_key: str | None = None, draining: bool = False) -> TestClient:

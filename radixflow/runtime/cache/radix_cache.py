@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from radixflow.runtime.cache.events import CacheEventLog
 from radixflow.runtime.cache.prefix_cache import CacheIntegrityError, MatchResult, PrefixCache
 
 
@@ -45,8 +46,9 @@ class RadixCache(PrefixCache):
     `last_node` is the deepest `TreeNode` of the match (the root if nothing matched).
     """
 
-    def __init__(self, free_kv: Callable[[list[int]], None]) -> None:
+    def __init__(self, free_kv: Callable[[list[int]], None], events: CacheEventLog | None = None) -> None:
         self._free_kv = free_kv
+        self.events = events  # inserted and evicted prefixes, for a router (events.py)
         # A counter rather than wall time: ties and orderings are then reproducible in tests.
         self._clock = itertools.count(1)
         self.reset()
@@ -54,6 +56,8 @@ class RadixCache(PrefixCache):
     def reset(self) -> None:
         """Drop every cached entry without freeing it (the caller resets the pool as well)."""
         self.root = TreeNode()
+        if self.events is not None:
+            self.events.record("clear", ())
         self._evictable = 0
         self._protected = 0
 
@@ -89,6 +93,8 @@ class RadixCache(PrefixCache):
             node.children[leaf.key[0]] = leaf
             self._evictable += len(leaf.key)
             node, held = leaf, held + leaf.value
+            if self.events is not None:
+                self.events.record("insert", tokens)
         return MatchResult(kv_indices=held, last_node=node)
 
     def continuation(self, node: TreeNode | None, tokens: Sequence[int], max_tokens: int) -> list[int]:
@@ -189,6 +195,8 @@ class RadixCache(PrefixCache):
         freed: list[int] = []
         while len(freed) < num_tokens and heap:
             _, _, leaf = heapq.heappop(heap)
+            if self.events is not None:
+                self.events.record("evict", self._path_tokens(leaf))
             parent = leaf.parent
             del parent.children[leaf.key[0]]
             self._evictable -= len(leaf.key)
@@ -198,6 +206,13 @@ class RadixCache(PrefixCache):
         if freed:
             self._free_kv(freed)
         return len(freed)
+
+    def _path_tokens(self, node: TreeNode) -> list[int]:
+        parts = []
+        while node is not self.root:
+            parts.append(node.key)
+            node = node.parent
+        return [t for key in reversed(parts) for t in key]
 
     def _is_evictable_leaf(self, node: TreeNode) -> bool:
         return node is not self.root and not node.children and node.lock_ref == 0
