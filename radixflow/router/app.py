@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import httpx
@@ -352,12 +353,17 @@ def _error_event(path: str, message: str) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
-def create_router_app(router: Router, api_key: str | None = None) -> FastAPI:
+def create_router_app(router: Router, api_key: str | None = None,
+                      on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """`on_shutdown` runs (in a thread) when the router stops: `serve --dp-size` stops its workers there, since
+    uvicorn ends the process by re-raising the signal it caught once the app is down."""
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await router.start()
         yield
         await router.close()
+        if on_shutdown is not None:
+            await asyncio.to_thread(on_shutdown)
 
     app = FastAPI(title="radixflow router", lifespan=lifespan)
     app.state.router = router
@@ -435,10 +441,10 @@ def create_router_app(router: Router, api_key: str | None = None) -> FastAPI:
 
 
 def serve_router(worker_urls: list[str], config: RouterConfig, host: str, port: int, log_level: str = "info",
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, on_shutdown: Callable[[], None] | None = None) -> None:
     router = Router(worker_urls, config)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
     print(f"[radixflow] router on http://{host}:{port} ({config.policy}) over {len(worker_urls)} worker(s)",
           flush=True)
-    uvicorn.run(create_router_app(router, api_key), host=host, port=port, log_level=log_level.lower(),
+    uvicorn.run(create_router_app(router, api_key, on_shutdown), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=5)

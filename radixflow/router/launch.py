@@ -34,14 +34,26 @@ def serve_data_parallel(engine: EngineConfig, server: ServerConfig, router: Rout
     args = to_cli_args(engine) + to_cli_args(worker_server)
     logs = Path(tempfile.mkdtemp(prefix="radixflow-dp-"))
     workers = [ServerProcess(args, api_key=None, log=logs / f"worker-{i}.log") for i in range(server.dp_size)]
+
+    def stop_workers() -> None:
+        for w in workers:  # all drain at once
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.terminate()
+        for w in workers:
+            w.stop()
+
     try:
         for w in workers:
             w.start()
         for w in workers:
             w.wait_ready()
-        print(f"[radixflow] {server.dp_size} workers up ({', '.join(w.url for w in workers)}); logs in {logs}",
-              flush=True)
-        serve_router([w.url for w in workers], router, server.host, server.port, server.log_level, server.api_key)
-    finally:
-        for w in workers:
-            w.stop()
+    except BaseException:
+        stop_workers()
+        raise
+    print(f"[radixflow] {server.dp_size} workers up ({', '.join(w.url for w in workers)}); logs in {logs}",
+          flush=True)
+    try:
+        serve_router([w.url for w in workers], router, server.host, server.port, server.log_level, server.api_key,
+                     on_shutdown=stop_workers)
+    finally:  # the router could not start (its port taken, say): the lifespan that stops the workers never ran
+        stop_workers()
