@@ -111,6 +111,7 @@ class Engine:
         self._stop.set()
         self._thread.join(timeout=10)
         self.core.grammar.shutdown()
+        self.core.close()
 
     def __enter__(self):
         return self

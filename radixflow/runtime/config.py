@@ -26,7 +26,11 @@ class ModelConfig:
     dtype: str = _help("weights and activations dtype (float32 on CPU; bfloat16/float16 on GPU)", default="float32")
     context_length: int | None = _help("maximum tokens per request (prompt + output); default: the model's",
                                        default=None)
-    num_threads: int | None = _help("torch intra-op threads on CPU; default: all cores", default=None)
+    num_threads: int | None = _help("torch intra-op threads on CPU; default: all cores (shared out between "
+                                    "tensor-parallel ranks)", default=None)
+    tp_size: int = _help(
+        "tensor parallelism: split the model's heads, MLP and vocabulary over this many processes (one "
+        "torch.distributed group: gloo on the CPU, NCCL on GPUs); the scheduler runs on rank 0", default=1)
     chat_template: str | None = _help("Jinja chat template (file path or literal) overriding the model's", default=None)
     onednn_linear: bool = _help("on CPU in float32, run multi-row linear layers on oneDNN with prepacked weights "
                                 "(faster than MKL on CPUs where MKL skips AVX-512); off: torch's default matmul",

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import os
 import queue
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -29,6 +31,14 @@ from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
 from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
 from radixflow.runtime.model.loader import load_weights
+from radixflow.runtime.model.parallel import (
+    LeaderForward,
+    TensorParallel,
+    TensorParallelError,
+    check_divisible,
+    shard_weights,
+    start_leader,
+)
 from radixflow.runtime.model.quant import int4_kernel_available
 from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.model_source import ModelSource, resolve_model
@@ -52,7 +62,12 @@ class LoadedModel:
     eos_ids: frozenset[int]
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def dtype_of(config: EngineConfig) -> torch.dtype:
+    return _DTYPES[config.model.dtype]
+
+
+def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> LoadedModel:
+    """The model (with tensor parallelism: this rank's shard of it), its tokenizer and EOS ids."""
     mc = config.model
     if mc.dtype not in _DTYPES:
         raise ValueError(f"dtype: {mc.dtype!r} is not one of {', '.join(_DTYPES)}")
@@ -62,24 +77,35 @@ def load_model(config: EngineConfig) -> LoadedModel:
         raise ValueError(f"weight_format: {mc.weight_format!r} is not one of {', '.join(_WEIGHT_FORMATS)}")
     if mc.quantization == "int8" and (mc.device != "cpu" or mc.dtype != "float32"):
         raise ValueError("quantization: int8 runs on the CPU with dtype float32 activations")
-    if mc.num_threads:
-        torch.set_num_threads(mc.num_threads)
+    if mc.tp_size < 1:
+        raise ValueError(f"tp_size: must be >= 1, got {mc.tp_size}")
+    if mc.num_threads or mc.tp_size > 1:  # tensor-parallel ranks share the cores unless told otherwise
+        torch.set_num_threads(mc.num_threads or max(1, (os.cpu_count() or 1) // mc.tp_size))
     device = torch.device(mc.device)
     source = resolve_model(mc.model_path)
     checkpoint = load_weights(source, _DTYPES[mc.dtype])
     args = checkpoint.args
+    weights = checkpoint.weights
+    if tp is not None:
+        check_divisible(args, tp.size)
+        weights = shard_weights(weights, args, tp)
+        args = dataclasses.replace(args, num_heads=args.num_heads // tp.size,
+                                   num_kv_heads=args.num_kv_heads // tp.size,
+                                   intermediate_size=args.intermediate_size // tp.size)
     with torch.device("meta"):
-        model = LlamaModel(args)
+        model = LlamaModel(args, tp)
     model = model.to_empty(device=device).to(_DTYPES[mc.dtype])
     # `to_empty` leaves buffers uninitialised too, and the RoPE frequencies are not in the checkpoint.
     model.inv_freq = rope_inv_freq(args).float().to(device)
-    model.load_weights(checkpoint.weights)
+    model.load_weights(weights)
     model.eval()
     if mc.quantization == "int8":
         quantize_int8(model)
     elif mc.onednn_linear and device.type == "cpu" and mc.dtype == "float32" and not prepack_onednn(model):
         logger.info("oneDNN linear layers unavailable in this torch build; using torch's matmul")
-    if mc.weight_format == "auto" and mc.quantization is None and checkpoint.int4:
+    if mc.weight_format == "auto" and mc.quantization is None and checkpoint.int4 and tp is not None:
+        logger.info("4-bit weights dequantized: the int4 kernel is not split for tensor parallelism")
+    elif mc.weight_format == "auto" and mc.quantization is None and checkpoint.int4:
         # On other devices (or a torch without the CPU kernel) the dequantized weights serve every call.
         if mc.dtype == "float32" and int4_kernel_available(device):
             logger.info("int4 kernel for %d linear layers", model.use_int4(checkpoint.int4))
@@ -120,8 +146,9 @@ def prefill_context_tokens(args: ModelArgs, device: torch.device) -> int:
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        self.loaded = loaded or load_model(config)
-        args = self.loaded.args
+        self.tp, self._followers = start_leader(config) if config.model.tp_size > 1 else (None, [])
+        self.loaded = loaded or load_model(config, self.tp)
+        args = self.loaded.model.args  # this rank's shape under tensor parallelism: its KV heads
         device = torch.device(config.model.device)
         dtype = _DTYPES[config.model.dtype]
         pool_size = kv_pool_size(config, args)
@@ -140,7 +167,8 @@ class EngineCore:
             self.config = config
         self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits, self.grammar)
         self.runner = ModelRunner(self.loaded.model, kv, req_to_token, device, config.seed,
-                                  config.scheduler.lazy_grammar_masks)
+                                  config.scheduler.lazy_grammar_masks,
+                                  forward=LeaderForward(self.loaded.model, self.tp) if self.tp else None)
         self._was_busy = False
 
     def step(self) -> list[RequestOutput]:
@@ -156,6 +184,8 @@ class EngineCore:
             return self.scheduler.drain_outputs()
         try:
             output = self.runner.run(batch)
+        except TensorParallelError:
+            raise  # the ranks are out of step: this engine cannot go on (the server restarts the scheduler)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not take the engine down
             logger.exception("forward failed for requests %s", [s.req.rid for s in batch.reqs])
             for s in batch.reqs:
@@ -165,6 +195,17 @@ class EngineCore:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel followers (nothing to do without them)."""
+        if self.tp is not None:
+            self.runner.forward.shutdown()
+            for proc in self._followers:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            self.tp = None
 
     def stats(self) -> dict:
         """Scheduler figures plus KV pool and cache sizes (the engine's `stats()`, the server's stats call)."""

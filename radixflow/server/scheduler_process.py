@@ -74,7 +74,10 @@ def run_scheduler_process(config: EngineConfig, in_addr: str, out_addr: str, log
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     receiver = threading.Thread(target=_receive, args=(pull, inbox, core, push, stop, parent), daemon=True)
     receiver.start()
-    core.serve_forever(inbox, lambda outputs: push.send(dumps(OutputBatch(outputs))), stop)
+    try:
+        core.serve_forever(inbox, lambda outputs: push.send(dumps(OutputBatch(outputs))), stop)
+    finally:
+        core.close()
     logger.info("scheduler stopped")
     receiver.join(timeout=2)  # it polls with a timeout and sees `stop`; closing first would break its poll
     pull.close(linger=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from torch import nn
 
 from radixflow.runtime.model.attention import AttentionInputs, paged_attention
 from radixflow.runtime.model.quant import Int4Groups, Int4Weight
+
+if TYPE_CHECKING:
+    from radixflow.runtime.model.parallel import TensorParallel
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -208,28 +212,41 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TensorParallel | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(args, layer_id)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
+        # Tensor parallelism: o_proj and down_proj produce partial sums of the hidden state on each rank.
+        self.reduce = tp.all_reduce if tp is not None else _identity
 
     def forward(self, x, cos_sin, attn: AttentionInputs):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.reduce(self.self_attn(self.input_layernorm(x), cos_sin, attn))
+        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class LlamaModel(nn.Module):
-    """Causal LM. `forward` returns logits only for the rows in `attn.logits_rows`."""
+    """Causal LM. `forward` returns logits only for the rows in `attn.logits_rows`.
 
-    def __init__(self, args: ModelArgs):
+    With tensor parallelism (`tp`, parallel.py) `args` are this rank's: its heads, KV heads and MLP columns; the
+    vocabulary stays whole in `args` while the embedding and lm_head hold this rank's rows of it.
+    """
+
+    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.tp = tp
+        self.vocab_start, vocab_end = tp.vocab_range(args.vocab_size) if tp else (0, args.vocab_size)
+        vocab_rows = vocab_end - self.vocab_start
+        self.embed_tokens = nn.Embedding(vocab_rows, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, tp) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        self.lm_head = Linear(args.hidden_size, vocab_rows)
         self.register_buffer("inv_freq", rope_inv_freq(args).float(), persistent=False)
 
     @torch.inference_mode()
@@ -237,12 +254,23 @@ class LlamaModel(nn.Module):
         freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         cos_sin = (freqs.cos().to(self.embed_tokens.weight.dtype)[:, None, :],
                    freqs.sin().to(self.embed_tokens.weight.dtype)[:, None, :])
-        x = self.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos_sin, attn)
         if attn.logits_rows is not None:
             x = x[attn.logits_rows]
-        return self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x))
+        if self.tp is not None:
+            logits = self.tp.gather_last_dim(logits)[:, :self.args.vocab_size]
+        return logits.float()
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.vocab_start  # ids of other ranks' rows look up row 0 and are zeroed
+        outside = (local < 0) | (local >= self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(local.masked_fill(outside, 0)).masked_fill(outside[:, None], 0.0)
+        return self.tp.all_reduce(x)
 
     def use_int4(self, groups: dict[str, Int4Groups]) -> int:
         """Give each linear layer whose checkpoint weight has 4-bit groups (Hugging Face names) its int4 kernel,

@@ -32,8 +32,10 @@ class LogitRows(NamedTuple):
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVPool, req_to_token: ReqToTokenPool, device: torch.device,
-                 seed: int = 0, lazy_grammar_masks: bool = True):
+                 seed: int = 0, lazy_grammar_masks: bool = True, forward=None):
         self.model = model
+        # The model call; under tensor parallelism rank 0's, which sends the inputs to the other ranks first.
+        self.forward = forward or model
         self.kv = kv
         self.req_to_token = req_to_token
         self.device = device
@@ -55,7 +57,7 @@ class ModelRunner:
                                torch.tensor(logit_rows, dtype=torch.int64, device=self.device))
         sampling = [s for s in reqs if s.samples_next and not s.draft]
         masks = self.masker.before_forward([s.req for s in sampling])
-        logits = self.model(input_ids, positions, attn)
+        logits = self.forward(input_ids, positions, attn)
         outputs = [ModelOutput(prompt_logprobs=self._prompt_logprobs(s, logits, r)) for s, r in zip(reqs, rows)]
         if sampling:
             sample_logits = logits[[r.sample_row for s, r in zip(reqs, rows) if r.samples and not s.draft]]
