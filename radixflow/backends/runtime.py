@@ -29,7 +29,7 @@ def _leaf_fields(config_cls) -> set[str]:
 OWN_FLAGS = _leaf_fields(EngineConfig) | _leaf_fields(ServerConfig)
 # SGLang server arguments radixflow takes under another name, or only at the value that means "not used".
 SGLANG_RENAMED = {"random_seed": "seed"}
-SGLANG_ONLY_DEFAULT = {"tp_size": 1, "dp_size": 1, "trust_remote_code": False, "skip_tokenizer_init": False}
+SGLANG_ONLY_DEFAULT = {"trust_remote_code": False, "skip_tokenizer_init": False}
 
 
 def server_flags(server_args: dict) -> list[str]:

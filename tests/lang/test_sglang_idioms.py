@@ -222,12 +222,12 @@ def test_global_config_default_backend_verbosity_and_precache(capsys, monkeypatc
 def test_runtime_takes_sglangs_server_argument_names_and_refuses_unknown_ones_before_launching():
     from radixflow.backends.runtime import server_flags
 
-    assert server_flags({"context_length": 512, "chunked_prefill_size": -1, "random_seed": 3, "tp_size": 1,
-                         "disable_radix_cache": True, "schedule_policy": "fcfs"}) == [
-        "--context-length", "512", "--no-enable-chunked-prefill", "--seed", "3", "--disable-radix-cache",
-        "--schedule-policy", "fcfs"]
-    with pytest.raises(ValueError, match="tp_size=2"):
-        sgl.Runtime(tp_size=2)
+    assert server_flags({"context_length": 512, "chunked_prefill_size": -1, "random_seed": 3, "tp_size": 2,
+                         "dp_size": 2, "disable_radix_cache": True, "schedule_policy": "fcfs"}) == [
+        "--context-length", "512", "--no-enable-chunked-prefill", "--seed", "3", "--tp-size", "2", "--dp-size", "2",
+        "--disable-radix-cache", "--schedule-policy", "fcfs"]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        sgl.Runtime(trust_remote_code=True)
     with pytest.raises(TypeError, match="'mem_fraction_static'"):
         sgl.Runtime(mem_fraction_static=0.8)
 

@@ -10,7 +10,7 @@ the CPU, NCCL on a GPU), in the Megatron layout.
 Rank 0 is the scheduler process: it schedules, samples and owns the radix cache and the KV pool's allocator. For
 each forward it broadcasts the batch's model inputs (token ids, positions, KV slots, attention plan), so every
 rank runs the same forward on its shard and writes its heads' K/V at the same pool slots. The other ranks are
-followers (`follower_main`, in processes rank 0 starts) that loop on that broadcast. A rank
+followers (runtime/tp_follower.py, in processes rank 0 starts) that loop on that broadcast. A rank
 that dies breaks the group's next collective: rank 0 then raises `TensorParallelError`, which ends the scheduler
 process, and the server answers 503 (and restarts it, with new followers) as for any scheduler death.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pickle
 import socket
 import subprocess
@@ -93,7 +92,7 @@ def shard_weights(weights: dict[str, torch.Tensor], args, tp: TensorParallel) ->
     return out
 
 
-_FOLLOWER = "from radixflow.runtime.model.parallel import follower_main; follower_main()"
+_FOLLOWER = "from radixflow.runtime.tp_follower import follower_main; follower_main()"
 
 
 def _free_port() -> int:
@@ -102,7 +101,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_group(rank: int, size: int, port: int, device: torch.device) -> TensorParallel:
+def init_group(rank: int, size: int, port: int, device: torch.device) -> TensorParallel:
     store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=_RENDEZVOUS_TIMEOUT)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=_NO_TIMEOUT)
@@ -120,7 +119,7 @@ def start_leader(config) -> tuple[TensorParallel, list[subprocess.Popen]]:
         proc.stdin.close()
         followers.append(proc)
     try:
-        tp = _init_group(0, size, port, torch.device(config.model.device))
+        tp = init_group(0, size, port, torch.device(config.model.device))
     except Exception:
         for proc in followers:
             proc.kill()
@@ -150,50 +149,14 @@ class LeaderForward:
         dist.destroy_process_group()
 
 
-def follower_main() -> None:
-    """A follower rank: load this rank's shard, then run every forward rank 0 broadcasts until it sends None."""
-    from radixflow.runtime.cache.kv_pool import KVPool
-    from radixflow.runtime.engine_core import dtype_of, kv_pool_size, load_model
-    from radixflow.runtime.model.attention import AttentionInputs
-
-    config, rank, port = pickle.loads(sys.stdin.buffer.read())
-    logging.basicConfig(level="WARNING", format=f"%(asctime)s %(levelname)s tp-rank-{rank}: %(message)s")
-    device = torch.device(config.model.device)
-    if device.type == "cuda":  # one GPU per rank
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=str(device)))
-    tp = _init_group(rank, config.model.tp_size, port, device)
-    loaded = load_model(config, tp)
-    args = loaded.model.args
-    kv = KVPool(kv_pool_size(config, args), args.num_layers, args.num_kv_heads, args.head_dim,
-                dtype_of(config), device)
-    parent = os.getppid()
-    while True:
-        box = [None]
-        try:
-            dist.broadcast_object_list(box, src=0)
-        except RuntimeError:
-            break  # rank 0 is gone
-        if box[0] is None or os.getppid() != parent:
-            break
-        input_ids, positions, out_loc, groups, logits_rows = _to_device(box[0], device)
-        try:
-            loaded.model(input_ids, positions, AttentionInputs(kv.k, kv.v, out_loc, groups, logits_rows))
-        except Exception:  # noqa: BLE001 - rank 0 failed the same forward, or the group broke: both are fatal
-            logger.exception("forward failed")
-            break
-    os._exit(0)  # skip interpreter teardown: the group may be half gone
-
-
-def _to_device(obj, device: torch.device):
+def to_device(obj, device: torch.device):
     """The broadcast inputs on this rank's device (they arrive on rank 0's)."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, list | tuple):
-        return type(obj)(_to_device(x, device) for x in obj)
+        return type(obj)(to_device(x, device) for x in obj)
     if dataclasses.is_dataclass(obj):
-        return dataclasses.replace(obj, **{f.name: _to_device(getattr(obj, f.name), device)
+        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
                                            for f in dataclasses.fields(obj)})
     return obj
 
