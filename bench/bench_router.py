@@ -1,6 +1,7 @@
 """Data parallelism behind the router, and tensor parallelism (issue: scale-out).
 
-    python -m bench.bench_router [--requests-per-tenant 6] [--rate 4] [--skip-tp] [--json out.json]
+    python -m bench.bench_router [--requests-per-tenant 6] [--rate 4] [--worker-pool 6144] [--skip-overhead]
+        [--skip-tp] [--json out.json]
 
 1. Policies: two `radixflow serve` workers on the embedded SmolLM2 (one thread each, KV pool --worker-pool tokens),
    8 tenants each with its own ~1,000-token system prompt and a short question per request, Poisson arrivals at
@@ -196,12 +197,15 @@ def main() -> None:
     parser.add_argument("--requests-per-tenant", type=int, default=6)
     parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s")
     parser.add_argument("--worker-pool", type=int, default=6144, help="KV pool tokens per worker")
+    parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-tp", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="bench-router-"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"commit": commit, "policies": policies(args, logs), "overhead": overhead(logs)}
+    result = {"commit": commit, "worker_pool": args.worker_pool, "policies": policies(args, logs)}
+    if not args.skip_overhead:
+        result["overhead"] = overhead(logs)
     if not args.skip_tp:
         result["tensor_parallel"] = tensor_parallel(logs)
     if args.json:
