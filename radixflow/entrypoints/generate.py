@@ -44,19 +44,22 @@ class NormalizedInput:
     is_single: bool  # one prompt, one sample: the result is a dict, not a list
     stream: bool
     timeout: float | None = None  # seconds from now: past it, the engine ends the request (finish "abort")
+    priority: int = 0
 
     def build(self, tokenizer, eos_ids: frozenset[int], limits: RequestLimits) -> list[Req]:
         """Tokenize and check every prompt; one `Req` per sample, flat, prompt-major."""
         reqs = [req for p in self.prompts for req in _build(tokenizer, eos_ids, limits, p, self.logprob_options)]
-        if self.timeout is not None:
-            deadline = time.time() + self.timeout
-            for req in reqs:
-                req.deadline = deadline
+        deadline = time.time() + self.timeout if self.timeout is not None else None
+        for req in reqs:
+            req.deadline, req.priority = deadline, self.priority
         return reqs
 
     def shape(self, results: Sequence):
         """The flat per-request results in the caller's shape: one item, or the list."""
         return results[0] if self.is_single else list(results)
+
+
+MAX_PRIORITY = 2**31 - 1
 
 
 @dataclass
@@ -73,6 +76,7 @@ class GenerateInput:
     return_text_in_logprobs: bool = False
     stream: bool = False
     timeout: float | None = None  # seconds; the request ends with finish_reason abort ("timeout: ...") past it
+    priority: int | None = None  # with priority scheduling, lower first (SGLang's and vLLM's field name)
 
     def normalize(self, text_field: str = "text") -> NormalizedInput:
         """Validate the shapes and the sampling parameters; raises InvalidRequestError naming the field
@@ -90,7 +94,11 @@ class GenerateInput:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not math.isfinite(timeout) or timeout <= 0):
             raise InvalidRequestError("timeout", f"must be a number of seconds > 0, got {timeout!r}")
-        return NormalizedInput(items, logprob, is_single, bool(self.stream), timeout)
+        priority = 0 if self.priority is None else self.priority
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+            raise InvalidRequestError("priority", f"must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got "
+                                                  f"{self.priority!r}")
+        return NormalizedInput(items, logprob, is_single, bool(self.stream), timeout, priority)
 
 
 def logprob_options(return_logprob: bool, logprob_start_len: int, top_logprobs_num: int,

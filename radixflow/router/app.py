@@ -33,6 +33,7 @@ from radixflow.router.config import RouterConfig
 from radixflow.router.events import CacheEventFeed
 from radixflow.router.policy import CacheAware, Worker, make_policy
 from radixflow.router.tree import PrefixTree
+from radixflow.server.app import KEEP_ALIVE_S
 from radixflow.server.errors import APIError, error_response
 from radixflow.server.guard import Guard
 
@@ -160,8 +161,8 @@ class Router:
             streaming = True
             return StreamingResponse(self._relay(worker, upstream, first, chunks, path), status_code=200,
                                      headers=_response_headers(upstream))
-        except httpx.ConnectError as exc:
-            self._take_out(worker, f"connection refused: {exc}")
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._take_out(worker, f"no connection: {type(exc).__name__}: {exc}")
             return _NotStarted("connect")
         except httpx.TimeoutException as exc:
             raise APIError(504, f"worker {worker.url} did not answer within the request timeout "
@@ -246,7 +247,7 @@ class Router:
     # --- fleet management ---------------------------------------------------------------------------------
 
     async def add_worker(self, url: str) -> Worker:
-        url = _normalize(url)
+        url = _worker_url(url)
         if any(w.url == url for w in self.workers):
             raise APIError(400, f"url: worker {url} is already in the router", "url")
         deadline = time.monotonic() + self.config.worker_startup_timeout_secs
@@ -266,8 +267,8 @@ class Router:
         logger.info("worker %s added", url)
         return worker
 
-    def remove_worker(self, url: str) -> None:
-        url = _normalize(url)
+    def remove_worker(self, url: str) -> str:
+        url = _worker_url(url)
         found = [w for w in self.workers if w.url == url]
         if not found:
             raise APIError(404, f"url: no worker {url} in the router", "url", type_="not_found_error")
@@ -275,6 +276,7 @@ class Router:
         if self.events is not None:
             self.events.forget(found[0])
         logger.info("worker %s removed", url)
+        return url
 
     async def server_info(self) -> dict:
         """Every worker's /get_server_info, and the fleet's sums."""
@@ -333,8 +335,16 @@ def routing_text(path: str, body: dict) -> str:
 def _normalize(url: str) -> str:
     url = url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise APIError(400, f"url: {url!r} is not an http(s) URL", "url")
+        raise ValueError(f"url: {url!r} is not an http(s) URL")
     return url
+
+
+def _worker_url(url: str) -> str:
+    """`_normalize` for a URL from a request: a bad one is the client's 400."""
+    try:
+        return _normalize(url)
+    except ValueError as exc:
+        raise APIError(400, str(exc), "url") from exc
 
 
 def _response_headers(upstream: httpx.Response) -> dict[str, str]:
@@ -417,8 +427,7 @@ def create_router_app(router: Router, api_key: str | None = None,
 
     @app.post("/remove_worker")
     async def remove_worker(url: str):
-        router.remove_worker(url)
-        return {"success": True, "url": _normalize(url)}
+        return {"success": True, "url": router.remove_worker(url)}
 
     @app.post("/flush_cache")
     async def flush_cache():
@@ -447,4 +456,4 @@ def serve_router(worker_urls: list[str], config: RouterConfig, host: str, port: 
     print(f"[radixflow] router on http://{host}:{port} ({config.policy}) over {len(worker_urls)} worker(s)",
           flush=True)
     uvicorn.run(create_router_app(router, api_key, on_shutdown), host=host, port=port, log_level=log_level.lower(),
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)

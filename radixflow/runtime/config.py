@@ -63,8 +63,19 @@ class SchedulerConfig:
         "a continuing prefill chunk's tokens each cost 1 + (context before the chunk) / this many tokens of the "
         "step budget, so the late chunks of a long prompt shrink and every step costs about the same; 0 counts "
         "tokens only; default: derived from the model's shape", default=None)
-    schedule_policy: str = _help("waiting-queue order: lpm, dfs-weight, fcfs, lof, random", default="lpm")
-    starvation_timeout_s: float = _help("a request waiting longer than this is admitted first", default=10.0)
+    schedule_policy: str = _help(
+        "waiting-queue order: lpm, dfs-weight, fcfs, lof, random, ltr (shortest predicted output first: a ranker "
+        "learned over the model's input embeddings; --ltr-ranker-path), priority (a request's `priority`, then "
+        "fcfs)", default="lpm")
+    ltr_ranker_path: str | None = _help(
+        "ltr: the ranker's weights (python -m radixflow.tools.train_ranker); default: the one shipped for the "
+        "embedded SmolLM2. A missing or mismatched file falls back to fcfs with a warning", default=None)
+    enable_priority_scheduling: bool = _help(
+        "order waiting requests by their `priority` (lower value first) before the policy's own order, and "
+        "preempt a running request of lower priority when a waiting one finds no room", default=False)
+    starvation_timeout_s: float = _help("a request waiting longer than this is admitted first (whatever its "
+                                        "predicted length or priority) and is not preempted for priority",
+                                        default=10.0)
     new_token_ratio: float = _help("initial share of max_new_tokens reserved for running decodes", default=0.7)
     min_new_token_ratio: float = _help("floor of that share as it adapts", default=0.15)
     new_token_ratio_decay: float = _help("per-step decay of the reserved share", default=0.002)

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,7 @@ from radixflow.runtime.model.quant import int4_kernel_available
 from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.model_source import ModelSource, resolve_model
 from radixflow.runtime.scheduler.output import RequestOutput
+from radixflow.runtime.scheduler.ranker import EMBEDDED_RANKER, RankerLoadError, load_ranker
 from radixflow.runtime.scheduler.scheduler import Scheduler
 from radixflow.runtime.scheduler.speculative import SpeculativeStats
 from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
@@ -165,11 +167,35 @@ class EngineCore:
             config = dataclasses.replace(config, scheduler=dataclasses.replace(
                 config.scheduler, prefill_context_tokens=prefill_context_tokens(args, device)))
             self.config = config
-        self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits, self.grammar)
+        scorer = None
+        if config.scheduler.schedule_policy == "ltr":
+            scorer = self._length_scorer()
+            if scorer is None:
+                config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
+                                                                                   schedule_policy="fcfs"))
+                self.config = config
+        self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits, self.grammar,
+                                   scorer)
         self.runner = ModelRunner(self.loaded.model, kv, req_to_token, device, config.seed,
                                   config.scheduler.lazy_grammar_masks,
                                   forward=LeaderForward(self.loaded.model, self.tp) if self.tp else None)
         self._was_busy = False
+
+    def _length_scorer(self):
+        """`ltr`'s prompt scorer, or None (with a warning: the engine then runs fcfs) when there is no ranker for
+        this model."""
+        path = self.config.scheduler.ltr_ranker_path
+        if path is None and self.loaded.source.path != resolve_model(None).path:
+            logger.warning("schedule_policy ltr: no ranker ships for %s (give --ltr-ranker-path); using fcfs",
+                           self.loaded.source.path.name)
+            return None
+        embedding = self.loaded.model.embed_tokens.weight.detach()
+        try:
+            ranker = load_ranker(Path(path) if path else EMBEDDED_RANKER, embedding)
+        except RankerLoadError as exc:
+            logger.warning("schedule_policy ltr: %s; using fcfs", exc)
+            return None
+        return lambda ids: ranker.score(embedding, ids)
 
     def step(self) -> list[RequestOutput]:
         """One engine step. A failing forward aborts the requests of that batch, never the engine."""

@@ -69,6 +69,8 @@ class Req:
     stop_ids: frozenset[int] = frozenset()  # EOS ids (unless ignore_eos) plus stop_token_ids
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # wall-clock time (time.time(): both processes share the clock) to end it by
+    priority: int = 0  # with priority scheduling, lower values go first (vLLM's convention)
+    length_score: float = 0.0  # ltr: the ranker's score of the prompt (higher: a longer answer expected)
 
     status: ReqStatus = ReqStatus.WAITING
     num_computed: int = 0

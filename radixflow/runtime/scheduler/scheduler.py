@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from radixflow.errors import InvalidRequestError
@@ -29,7 +30,13 @@ from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.request import FinishReason, Req, ReqStatus
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
 from radixflow.runtime.scheduler.output import OutputProcessor, RequestOutput
-from radixflow.runtime.scheduler.policy import PolicyContext, get_policy, retraction_victim
+from radixflow.runtime.scheduler.policy import (
+    PolicyContext,
+    by_priority,
+    get_policy,
+    priority_victim,
+    retraction_victim,
+)
 from radixflow.runtime.scheduler.speculative import Drafter
 
 logger = logging.getLogger(__name__)
@@ -51,6 +58,7 @@ class SchedulerStats:
     cache_hit_tokens: int = 0
     prompt_tokens: int = 0
     num_retractions: int = 0
+    num_priority_preemptions: int = 0  # retractions to make room for a request of higher priority
     generated_tokens: int = 0
 
     @property
@@ -60,8 +68,14 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheManager, tokenizer, limits: RequestLimits,
-                 grammar: GrammarCompiler | None = None):
+                 grammar: GrammarCompiler | None = None,
+                 length_scorer: Callable[[Sequence[int]], float] | None = None):
+        """`length_scorer`: a prompt's predicted output-length score (ranker.py), which `ltr` orders by."""
         self.config = config
+        if config.schedule_policy == "ltr" and length_scorer is None:
+            raise ValueError("schedule_policy: ltr needs an output-length ranker (--ltr-ranker-path)")
+        self.length_scorer = length_scorer if config.schedule_policy == "ltr" else None
+        self.priority_scheduling = config.enable_priority_scheduling or config.schedule_policy == "priority"
         self.grammar = grammar
         self.cache = cache
         self.limits = limits
@@ -96,6 +110,8 @@ class Scheduler:
             # Compiled off this thread; the request waits in the queue until its grammar is ready.
             req.grammar_future = self.grammar.submit(constraint)
             req.grammar_deadline = time.monotonic() + self.config.grammar_compile_timeout_s
+        if self.length_scorer is not None:
+            req.length_score = self.length_scorer(req.prompt_ids)
         self.output.add(req)
         self.waiting.append(req)
 
@@ -239,13 +255,15 @@ class Scheduler:
             return
         ctx = PolicyContext(self.cache.match, self._rng)
         now = time.monotonic()
+        starved_before = now - self.config.starvation_timeout_s
         ready = [r for r in self.waiting if r.grammar_future is None]
-        starving = sorted((r for r in ready if now - r.arrival > self.config.starvation_timeout_s),
-                          key=lambda r: r.arrival)
-        rest = [r for r in ready if now - r.arrival <= self.config.starvation_timeout_s]
+        starving = sorted((r for r in ready if r.arrival < starved_before), key=lambda r: r.arrival)
+        rest = self.policy([r for r in ready if r.arrival >= starved_before], ctx)
+        if self.priority_scheduling:
+            rest = by_priority(rest)
         prefill_tokens = 0
-        for req in starving + self.policy(rest, ctx):
-            if len(self.running) >= self.config.max_running_requests or not self.cache.req_to_token.free_count():
+        for req in starving + rest:
+            if not self._has_slot() and not self._preempt_for(req, batch, starved_before):
                 break
             # Match again: admitting an earlier request may have evicted what the policy saw cached.
             match = self.cache.match(req)
@@ -258,12 +276,30 @@ class Scheduler:
             prefilling = [s.req for s in batch.reqs if not s.is_decode]
             if self._shares_uncached_prefix(req, len(match), prefilling):
                 continue
-            if not self._try_admit(req, match, num, extend, batch):
-                break
+            while not self._try_admit(req, match, num, extend, batch):
+                if not self._preempt_for(req, batch, starved_before):
+                    return
+                match = self.cache.match(req)  # the victim's KV went back to the tree: more may be cached now
+                extend = req.num_tokens - len(match)
+                num = min(extend, budget)
             prefill_tokens += num
             budget -= num
             if num < extend:
                 break  # this request is now the one in-flight chunked prefill
+
+    def _has_slot(self) -> bool:
+        return len(self.running) < self.config.max_running_requests and self.cache.req_to_token.free_count() > 0
+
+    def _preempt_for(self, req: Req, batch: ScheduledBatch, starved_before: float) -> bool:
+        """Priority scheduling: retract a running request of lower priority than `req` to make room for it."""
+        if not self.priority_scheduling:
+            return False
+        victim = priority_victim(self.running, req, starved_before)
+        if victim is None:
+            return False
+        self._retract(victim, batch, "to make room for a request of higher priority")
+        self.stats.num_priority_preemptions += 1
+        return True
 
     def _try_admit(self, req: Req, match, num: int, extend: int, batch: ScheduledBatch) -> bool:
         """Admit `req` with its first `num` tokens if memory allows; False leaves it waiting, untouched."""
@@ -308,7 +344,11 @@ class Scheduler:
         candidates = [r for r in self.running if r is not exclude]
         if not candidates:
             return False
-        victim = retraction_victim(candidates)
+        self._retract(retraction_victim(candidates), batch, "to free KV memory")
+        self.new_token_ratio = min(self.new_token_ratio + self.config.retract_new_token_ratio_step, 1.0)
+        return True
+
+    def _retract(self, victim: Req, batch: ScheduledBatch, why: str) -> None:
         batch.reqs = [s for s in batch.reqs if s.req is not victim]
         self.running.remove(victim)
         self.cache.release(victim)
@@ -317,9 +357,7 @@ class Scheduler:
         victim.num_retractions += 1
         self.stats.num_retractions += 1
         self.waiting.appendleft(victim)
-        self.new_token_ratio = min(self.new_token_ratio + self.config.retract_new_token_ratio_step, 1.0)
-        logger.info("retracted %s (%d tokens) to free KV memory", victim.rid, victim.num_tokens)
-        return True
+        logger.info("retracted %s (%d tokens) %s", victim.rid, victim.num_tokens, why)
 
     # -- process output --------------------------------------------------------------------------------------
     def process_output(self, batch: ScheduledBatch, outputs: list[ModelOutput]) -> list[RequestOutput]:

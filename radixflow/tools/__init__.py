@@ -1,0 +1,1 @@
+"""Command-line tools that are not the server: `python -m radixflow.tools.train_ranker`."""
