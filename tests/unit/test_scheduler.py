@@ -185,6 +185,7 @@ def workloads(draw):
         "enable_chunked_prefill": draw(st.booleans()),
         "prefill_context_tokens": draw(st.sampled_from([None, 0, 4, 1000])),
         "disable_radix_cache": draw(st.booleans()),
+        "length_scorer": lambda ids: float(sum(ids) % 7),  # ltr's stand-in ranker (the others ignore it)
     }
     # (shared base, tokens of it used, own tokens, max_new_tokens, step it arrives at)
     reqs = draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(1, 30), st.integers(1, 8),
