@@ -1,6 +1,7 @@
 """Learned shortest-job-first (issue: learning to rank), on the embedded SmolLM2 in-process.
 
-    python -m bench.bench_ltr [--requests 64] [--max-running 8] [--json out.json]
+    python -m bench.bench_ltr [--requests 64] [--max-running 8] [--repeats 2] [--starvation-timeout-s 10]
+        [--json out.json]
 
 The prompts are the ranker's held-out set (runtime/scheduler/rankers/*.heldout.json: prompts the shipped ranker
 was not trained on, with the model's own greedy output lengths, capped at 128). Reported:
@@ -9,7 +10,8 @@ was not trained on, with the model's own greedy output lengths, capped at 128). 
 2. A burst of --requests (half open-ended ShareGPT turns, half short-answer questions, interleaved, all arriving
    at once) on an engine with --max-running slots, greedy, the lengths' cap as max_new_tokens: mean and p99
    end-to-end latency under fcfs, ltr, and an oracle SJF (the same policy scored with the true lengths), and the
-   share of the oracle's gain over fcfs that ltr reaches.
+   share of the oracle's gain over fcfs that ltr reaches. Each policy runs --repeats times, the order alternating
+   between rounds (this machine's speed drifts by tens of percent within minutes); medians are reported.
 3. The ranker's cost per request against that request's prefill (cache flushed, one token generated).
 """
 
@@ -31,8 +33,9 @@ def heldout() -> list[dict]:
     return json.loads(EMBEDDED_RANKER.with_suffix(".heldout.json").read_text())
 
 
-def burst(policy: str, items: list[dict], max_running: int, max_new: int, oracle: dict | None = None) -> dict:
-    engine = Engine(schedule_policy=policy, max_running_requests=max_running)
+def burst(policy: str, items: list[dict], max_running: int, max_new: int, starvation_s: float,
+          oracle: dict | None = None) -> dict:
+    engine = Engine(schedule_policy=policy, max_running_requests=max_running, starvation_timeout_s=starvation_s)
     try:
         if oracle is not None:  # SJF with the true lengths: the best any predictor could do
             engine.core.scheduler.length_scorer = lambda ids: oracle[tuple(ids)]
@@ -63,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-running", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--starvation-timeout-s", type=float, default=10.0, help="the engine's guard (its default)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -108,12 +113,15 @@ def main() -> None:
                                                )): float(it["length"]) for it in mixed}
     finally:
         probe.shutdown()
-    runs = {}
-    for name, policy, table in (("fcfs", "fcfs", None), ("ltr", "ltr", None), ("oracle", "ltr", oracle)):
-        runs[name] = burst(policy, mixed, args.max_running, max_new, table)
-        r = runs[name]
-        print(f"{name:>6}: mean {r['mean_s']:.2f} s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, makespan "
-              f"{r['makespan_s']:.1f} s", flush=True)
+    plan = [("fcfs", "fcfs", None), ("ltr", "ltr", None), ("oracle", "ltr", oracle)]
+    samples: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
+    for repeat in range(args.repeats):  # this machine's speed drifts: alternate the order, take the median
+        for name, policy, table in plan if repeat % 2 == 0 else plan[::-1]:
+            samples[name].append(burst(policy, mixed, args.max_running, max_new, args.starvation_timeout_s, table))
+            r = samples[name][-1]
+            print(f"{name:>6}: mean {r['mean_s']:.2f} s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, makespan "
+                  f"{r['makespan_s']:.1f} s", flush=True)
+    runs = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in samples.items()}
     fcfs, ltr, oracle_run = runs["fcfs"], runs["ltr"], runs["oracle"]
     summary = {"ltr_vs_fcfs_mean": ltr["mean_s"] / fcfs["mean_s"],
                "oracle_vs_fcfs_mean": oracle_run["mean_s"] / fcfs["mean_s"],
@@ -123,7 +131,8 @@ def main() -> None:
           f" {100 * summary['share_of_oracle_gain']:.0f}% of the oracle's gain; p99 "
           f"{summary['ltr_vs_fcfs_p99']:.2f}x", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"commit": commit, "kendall_tau": taus, "cost": cost, "runs": runs,
+        args.json.write_text(json.dumps({"commit": commit, "starvation_timeout_s": args.starvation_timeout_s,
+                                         "kendall_tau": taus, "cost": cost, "runs": runs,
                                          "summary": summary}, indent=2))
 
 
