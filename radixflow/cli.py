@@ -12,9 +12,10 @@ import time
 
 from radixflow.engine import Engine
 from radixflow.errors import InvalidRequestError
-from radixflow.router.app import serve_router
+from radixflow.router.app import Router, serve_router
 from radixflow.router.config import RouterConfig
 from radixflow.router.launch import serve_data_parallel
+from radixflow.router.pd import PDRouter
 from radixflow.runtime.config import EngineConfig, ServerConfig, add_cli_args, from_cli_args
 from radixflow.server.app import serve
 
@@ -59,17 +60,28 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
-    if not args.worker_urls:
-        print("error: --worker-urls: give at least one worker URL (more can join through /add_worker)",
-              file=sys.stderr)
-        return 2
+    config = from_cli_args(RouterConfig, args)
     try:
-        serve_router(args.worker_urls, from_cli_args(RouterConfig, args), args.host, args.port, args.log_level,
-                     args.api_key)
+        if args.pd_disaggregation:
+            router = PDRouter([_prefill_arg(p) for p in args.prefill or []], args.decode or [], config)
+        elif not args.worker_urls:
+            print("error: --worker-urls: give at least one worker URL (more can join through /add_worker)",
+                  file=sys.stderr)
+            return 2
+        else:
+            router = Router(args.worker_urls, config)
+        serve_router(router, args.host, args.port, args.log_level, args.api_key)
     except ValueError as exc:  # a bad option value (policy, tree source, a worker URL): named, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _prefill_arg(values: list[str]) -> tuple[str, int | None]:
+    """`--prefill URL [BOOTSTRAP_PORT]`."""
+    if len(values) > 2 or (len(values) == 2 and not values[1].isdigit()):
+        raise ValueError(f"--prefill: give URL [BOOTSTRAP_PORT], got {' '.join(values)}")
+    return values[0], int(values[1]) if len(values) == 2 else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     rtr.add_argument("--api-key", default=None, help="require this key of clients (Bearer or x-api-key); the "
                      "client's key headers are passed on to the workers")
     rtr.add_argument("--log-level", default="info")
+    rtr.add_argument("--pd-disaggregation", action="store_true",
+                     help="route each request to a prefill server and a decode server (servers started with "
+                          "--disaggregation-mode prefill / decode)")
+    rtr.add_argument("--prefill", nargs="+", action="append", metavar=("URL", "BOOTSTRAP_PORT"),
+                     help="a prefill server and its --disaggregation-bootstrap-port (default 8998); repeatable")
+    rtr.add_argument("--decode", action="append", metavar="URL", help="a decode server; repeatable")
     add_cli_args(rtr, RouterConfig)
     rtr.set_defaults(func=_router)
     return parser

@@ -54,18 +54,21 @@ class Engine:
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
                  rid: str | list[str] | None = None, return_text_in_logprobs: bool = False,
-                 timeout: float | None = None, priority: int | None = None):
+                 timeout: float | None = None, priority: int | None = None, bootstrap_host: str | None = None,
+                 bootstrap_port: int | None = None, bootstrap_room: int | None = None):
         """Generate for one prompt (returns a dict) or a batch (a flat list of dicts, prompt by prompt).
 
         The shapes are `POST /generate`'s (radixflow/entrypoints/generate.py): a prompt with `n > 1` gives a list
         of its n results. With `stream=True` (a single prompt, n == 1) returns an iterator of incremental dicts.
         `timeout` (seconds): a request not finished by then ends with finish_reason abort ("timeout: ...").
-        `priority`: with priority scheduling, lower values are served first.
+        `priority`: with priority scheduling, lower values are served first. `bootstrap_*`: a disaggregated
+        engine's request (its prefill server's bootstrap address and the transfer's room; docs/disaggregation.md).
         """
         normalized = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
                                    return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                                    top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
-                                   stream=stream, timeout=timeout, priority=priority
+                                   stream=stream, timeout=timeout, priority=priority, bootstrap_host=bootstrap_host,
+                                   bootstrap_port=bootstrap_port, bootstrap_room=bootstrap_room
                                    ).normalize(text_field="prompt")
         reqs = normalized.build(self.tokenizer, self.core.loaded.eos_ids, self.limits)
         if normalized.stream:

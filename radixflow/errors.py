@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# How a disaggregated decode server's request ends when its KV never arrived (the prefill server died, refused or
+# stalled): the server answers 503 with this message, and the router retries the request on another pair.
+KV_TRANSFER_FAILED = "KV transfer failed"
+
 
 class InvalidRequestError(ValueError):
     """A request the engine refuses; `field` names the offending parameter (as the caller spelled it)."""

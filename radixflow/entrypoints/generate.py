@@ -14,6 +14,7 @@ Mismatched lengths are refused naming the field, never truncated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from radixflow.errors import InvalidRequestError
 from radixflow.runtime.limits import RequestLimits
-from radixflow.runtime.request import LogprobOptions, Req
+from radixflow.runtime.request import Bootstrap, LogprobOptions, Req
 from radixflow.runtime.sampling_params import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
@@ -45,13 +46,16 @@ class NormalizedInput:
     stream: bool
     timeout: float | None = None  # seconds from now: past it, the engine ends the request (finish "abort")
     priority: int = 0
+    bootstrap: Bootstrap | None = None  # disaggregated serving: the first request's; the k-th gets room + k
 
     def build(self, tokenizer, eos_ids: frozenset[int], limits: RequestLimits) -> list[Req]:
         """Tokenize and check every prompt; one `Req` per sample, flat, prompt-major."""
         reqs = [req for p in self.prompts for req in _build(tokenizer, eos_ids, limits, p, self.logprob_options)]
         deadline = time.time() + self.timeout if self.timeout is not None else None
-        for req in reqs:
+        for k, req in enumerate(reqs):
             req.deadline, req.priority = deadline, self.priority
+            if self.bootstrap is not None:
+                req.bootstrap = dataclasses.replace(self.bootstrap, room=(self.bootstrap.room + k) % MAX_ROOM)
         return reqs
 
     def shape(self, results: Sequence):
@@ -60,6 +64,7 @@ class NormalizedInput:
 
 
 MAX_PRIORITY = 2**31 - 1
+MAX_ROOM = 2**63  # bootstrap_room: a non-negative 64-bit signed integer, as SGLang's router draws it
 
 
 @dataclass
@@ -77,6 +82,11 @@ class GenerateInput:
     stream: bool = False
     timeout: float | None = None  # seconds; the request ends with finish_reason abort ("timeout: ...") past it
     priority: int | None = None  # with priority scheduling, lower first (SGLang's and vLLM's field name)
+    # Prefill/decode disaggregation (SGLang's fields; the router sets them): the prefill server's bootstrap
+    # address and the transfer's id. A batch's k-th request (prompt-major, samples included) uses room + k.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
     def normalize(self, text_field: str = "text") -> NormalizedInput:
         """Validate the shapes and the sampling parameters; raises InvalidRequestError naming the field
@@ -98,7 +108,22 @@ class GenerateInput:
         if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
             raise InvalidRequestError("priority", f"must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got "
                                                   f"{self.priority!r}")
-        return NormalizedInput(items, logprob, is_single, bool(self.stream), timeout, priority)
+        return NormalizedInput(items, logprob, is_single, bool(self.stream), timeout, priority, self._bootstrap())
+
+    def _bootstrap(self) -> Bootstrap | None:
+        given = (self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
+        if all(v is None for v in given):
+            return None
+        if not isinstance(self.bootstrap_host, str) or not self.bootstrap_host:
+            raise InvalidRequestError("bootstrap_host", "a disaggregated request names its prefill server's host "
+                                                        "(with bootstrap_port and bootstrap_room)")
+        port = self.bootstrap_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidRequestError("bootstrap_port", f"must be a port number in [1, 65535], got {port!r}")
+        room = self.bootstrap_room
+        if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < MAX_ROOM:
+            raise InvalidRequestError("bootstrap_room", f"must be an integer in [0, 2**63), got {room!r}")
+        return Bootstrap(self.bootstrap_host, port, room)
 
 
 def logprob_options(return_logprob: bool, logprob_start_len: int, top_logprobs_num: int,

@@ -103,6 +103,10 @@ class Router:
     def healthy(self) -> list[Worker]:
         return [w for w in self.workers if w.healthy]
 
+    def ready(self) -> bool:
+        """Whether the router can serve a request now (its /health)."""
+        return bool(self.healthy())
+
     # --- proxying -----------------------------------------------------------------------------------------
 
     async def route(self, request: Request, path: str) -> Response:
@@ -159,8 +163,11 @@ class Router:
             chunks = upstream.aiter_raw()
             first = await anext(chunks, b"")
             streaming = True
-            return StreamingResponse(self._relay(worker, upstream, first, chunks, path), status_code=200,
-                                     headers=_response_headers(upstream))
+            held = _HeldStream(worker, upstream, first)
+            response = StreamingResponse(self._relay(held, chunks, path), status_code=200,
+                                         headers=_response_headers(upstream))
+            response.held = held  # the PD router looks at the first event, and may drop the stream unsent
+            return response
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self._take_out(worker, f"no connection: {type(exc).__name__}: {exc}")
             return _NotStarted("connect")
@@ -177,9 +184,10 @@ class Router:
                 if upstream is not None:
                     await upstream.aclose()
 
-    async def _relay(self, worker: Worker, upstream: httpx.Response, first: bytes, chunks, path: str):
+    async def _relay(self, held: _HeldStream, chunks, path: str):
+        worker = held.worker
         try:
-            yield first
+            yield held.first
             async for chunk in chunks:
                 yield chunk
         except httpx.HTTPError as exc:
@@ -187,8 +195,7 @@ class Router:
             yield _error_event(path, f"worker {worker.url} failed while streaming the answer: "
                                      f"{type(exc).__name__}: {exc}")
         finally:
-            worker.load -= 1
-            await upstream.aclose()
+            await held.close()
 
     # --- worker health ------------------------------------------------------------------------------------
 
@@ -281,7 +288,8 @@ class Router:
     async def server_info(self) -> dict:
         """Every worker's /get_server_info, and the fleet's sums."""
         async def one(w: Worker) -> dict:
-            entry = {"url": w.url, "healthy": w.healthy, "in_flight": w.load, "tree_chars": w.tree.size}
+            entry = {"url": w.url, "role": w.role, "healthy": w.healthy, "in_flight": w.load,
+                     "tree_chars": w.tree.size}
             if w.healthy:
                 try:
                     r = await self.client.get(w.url + "/get_server_info", timeout=10)
@@ -301,6 +309,20 @@ class Router:
         return {"router": {"policy": self.policy.name, "tree_source": self.config.tree_source,
                            "num_workers": len(self.workers), "num_healthy": len(self.healthy())},
                 "stats": totals, "workers": workers}
+
+
+class _HeldStream:
+    """A worker's stream whose first chunk is read: the router relays it, or closes it unsent (`close`, once)."""
+
+    def __init__(self, worker: Worker, upstream: httpx.Response, first: bytes):
+        self.worker, self.upstream, self.first = worker, upstream, first
+        self._open = True
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.worker.load -= 1
+            await self.upstream.aclose()
 
 
 class _NotStarted:
@@ -407,8 +429,9 @@ def create_router_app(router: Router, api_key: str | None = None,
     @app.get("/health")
     async def health():
         healthy = router.healthy()
-        if not healthy:
-            return JSONResponse({"status": "error", "message": "no healthy worker"}, status_code=503)
+        if not router.ready():
+            message = "no healthy prefill/decode pair" if healthy else "no healthy worker"
+            return JSONResponse({"status": "error", "message": message}, status_code=503)
         return {"status": "ok", "healthy_workers": len(healthy), "workers": len(router.workers)}
 
     @app.get("/get_server_info")
@@ -418,7 +441,8 @@ def create_router_app(router: Router, api_key: str | None = None,
     @app.get("/list_workers")
     async def list_workers():
         return {"urls": [w.url for w in router.workers],
-                "workers": [{"url": w.url, "healthy": w.healthy, "in_flight": w.load} for w in router.workers]}
+                "workers": [{"url": w.url, "role": w.role, "healthy": w.healthy, "in_flight": w.load}
+                            for w in router.workers]}
 
     @app.post("/add_worker")
     async def add_worker(url: str):
@@ -449,11 +473,12 @@ def create_router_app(router: Router, api_key: str | None = None,
     return app
 
 
-def serve_router(worker_urls: list[str], config: RouterConfig, host: str, port: int, log_level: str = "info",
-                 api_key: str | None = None, on_shutdown: Callable[[], None] | None = None) -> None:
-    router = Router(worker_urls, config)
+def serve_router(router: Router, host: str, port: int, log_level: str = "info", api_key: str | None = None,
+                 on_shutdown: Callable[[], None] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
-    print(f"[radixflow] router on http://{host}:{port} ({config.policy}) over {len(worker_urls)} worker(s)",
+    roles = ", ".join(f"{sum(w.role == r for w in router.workers)} {r}" for r in dict.fromkeys(
+        w.role for w in router.workers))
+    print(f"[radixflow] router on http://{host}:{port} ({router.config.policy}) over {roles or 'no'} worker(s)",
           flush=True)
     uvicorn.run(create_router_app(router, api_key, on_shutdown), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from radixflow.router.app import serve_router
+from radixflow.router.app import Router, serve_router
 from radixflow.router.config import RouterConfig
 from radixflow.runtime.config import EngineConfig, ServerConfig, to_cli_args
 from radixflow.server.launch import ServerProcess
@@ -53,7 +53,7 @@ def serve_data_parallel(engine: EngineConfig, server: ServerConfig, router: Rout
     print(f"[radixflow] {server.dp_size} workers up ({', '.join(w.url for w in workers)}); logs in {logs}",
           flush=True)
     try:
-        serve_router([w.url for w in workers], router, server.host, server.port, server.log_level, server.api_key,
-                     on_shutdown=stop_workers)
+        serve_router(Router([w.url for w in workers], router), server.host, server.port, server.log_level,
+                     server.api_key, on_shutdown=stop_workers)
     finally:  # the router could not start (its port taken, say): the lifespan that stops the workers never ran
         stop_workers()

@@ -29,6 +29,8 @@ class Worker:
     failures: int = 0   # consecutive failed health checks (or a refused connection)
     successes: int = 0  # consecutive passed health checks while unhealthy
     tree: PrefixTree = field(default_factory=PrefixTree)
+    role: str = "worker"  # or, behind --pd-disaggregation, prefill / decode
+    bootstrap_port: int | None = None  # a prefill server's --disaggregation-bootstrap-port
 
 
 @dataclass

@@ -103,6 +103,24 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class DisaggregationConfig:
+    disaggregation_mode: str | None = _help(
+        "prefill/decode disaggregation: prefill (compute prompts and their first token, send the KV to the "
+        "request's decode server) or decode (receive prompts' KV, decode); requests come through radixflow "
+        "router --pd-disaggregation. Default: both phases here", default=None)
+    disaggregation_bootstrap_port: int = _help(
+        "prefill mode: the port decode servers connect to for KV transfers (a TCPStore and gloo groups)",
+        default=8998)
+    disaggregation_transfer_backend: str = _help(
+        "how KV moves between the servers: gloo (torch.distributed point-to-point over TCP; on a GPU staged "
+        "through host memory)", default="gloo")
+    disaggregation_transfer_timeout_s: float = _help(
+        "a transfer (the decode server's registration, the prefill server's first token, the KV itself) not done "
+        "within this many seconds fails its request with an error; a peer that dies fails them at once",
+        default=30.0)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = _help("address to listen on", default="127.0.0.1")
     port: int = _help("port to listen on", default=30000)
@@ -142,6 +160,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
     seed: int = 0
 
     @classmethod

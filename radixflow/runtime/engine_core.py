@@ -28,6 +28,7 @@ from radixflow.runtime.cache.prefix_cache import NoPrefixCache
 from radixflow.runtime.cache.radix_cache import RadixCache
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.constrained.grammar import GrammarCompiler
+from radixflow.runtime.disaggregation.transfer import TRANSFER_BACKENDS, KVReceiver, KVSender
 from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
 from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
@@ -174,12 +175,31 @@ class EngineCore:
                 config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
                                                                                    schedule_policy="fcfs"))
                 self.config = config
+        self.kv_sender, self.kv_receiver = self._kv_transfer(args, dtype)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.loaded.tokenizer, self.limits, self.grammar,
-                                   scorer)
+                                   scorer, self.kv_sender, self.kv_receiver)
         self.runner = ModelRunner(self.loaded.model, kv, req_to_token, device, config.seed,
                                   config.scheduler.lazy_grammar_masks,
                                   forward=LeaderForward(self.loaded.model, self.tp) if self.tp else None)
         self._was_busy = False
+
+    def _kv_transfer(self, args: ModelArgs, dtype: torch.dtype) -> tuple[KVSender | None, KVReceiver | None]:
+        """Prefill/decode disaggregation: the prefill side's sender (it listens on the bootstrap port) or the
+        decode side's receiver."""
+        dc = self.config.disaggregation
+        if dc.disaggregation_mode is None:
+            return None, None
+        if dc.disaggregation_mode not in ("prefill", "decode"):
+            raise ValueError(f"disaggregation_mode: {dc.disaggregation_mode!r} is not one of prefill, decode")
+        if dc.disaggregation_transfer_backend not in TRANSFER_BACKENDS:
+            raise ValueError(f"disaggregation_transfer_backend: {dc.disaggregation_transfer_backend!r} is not one "
+                             f"of {', '.join(TRANSFER_BACKENDS)}")
+        if self.tp is not None:
+            raise ValueError("disaggregation_mode: not supported with tp_size > 1 (each rank would send its shard)")
+        if dc.disaggregation_mode == "prefill":
+            return KVSender(dc.disaggregation_bootstrap_port, dc.disaggregation_transfer_timeout_s), None
+        return None, KVReceiver(args.num_layers, args.num_kv_heads, args.head_dim, dtype,
+                                dc.disaggregation_transfer_timeout_s)
 
     def _length_scorer(self):
         """`ltr`'s prompt scorer, or None (with a warning: the engine then runs fcfs) when there is no ranker for
@@ -223,7 +243,10 @@ class EngineCore:
         self.scheduler.check_integrity()
 
     def close(self) -> None:
-        """Stop the tensor-parallel followers (nothing to do without them)."""
+        """Stop the tensor-parallel followers and the KV transfer threads (those there are)."""
+        for transfer in (self.kv_sender, self.kv_receiver):
+            if transfer is not None:
+                transfer.close()
         if self.tp is not None:
             self.runner.forward.shutdown()
             for proc in self._followers:
@@ -244,6 +267,7 @@ class EngineCore:
         return {**s.__dict__, "cache_hit_rate": s.cache_hit_rate, "kv_free_tokens": self.cache.kv.free_count(),
                 "spec_verify_steps": spec.verify_steps, "spec_draft_tokens": spec.draft_tokens,
                 "spec_accepted_tokens": spec.accepted_tokens, "spec_accept_length": spec.accept_length,
+                **self._transfer_stats(),
                 "grammar_compiled": g.compiled, "grammar_cache_hits": g.cache_hits,
                 "grammar_compile_seconds": g.compile_seconds, "jump_forward_tokens": g.jump_forward_tokens,
                 "jump_forward_steps": g.jump_forward_steps,
@@ -251,6 +275,14 @@ class EngineCore:
                 "grammar_lazy_refusals": masker.lazy_refusals,
                 "cached_tokens_in_tree": prefix_cache.total_size(),
                 "kv_evictable_tokens": prefix_cache.evictable_size()}
+
+    def _transfer_stats(self) -> dict:
+        transfer = self.kv_sender or self.kv_receiver
+        if transfer is None:
+            return {}
+        t = transfer.stats
+        return {"kv_transfers": t.transfers, "kv_transfer_failures": t.failures, "kv_transfer_bytes": t.bytes,
+                "kv_transfer_seconds": t.seconds}
 
     def serve_forever(self, inbox: queue.Queue[InboxItem], emit: Callable[[list[RequestOutput]], None],
                       stop: threading.Event) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # type-only: both modules import this one
 class ReqStatus(enum.Enum):
     WAITING = "waiting"      # in the queue, holds no KV of its own
     RUNNING = "running"      # holds a request slot and KV; prefilling or decoding
+    RECEIVING = "receiving"  # disaggregated decode: holds a slot and KV for the prompt, which a prefill server sends
     FINISHED = "finished"
 
 
@@ -46,6 +47,17 @@ class FinishReason:
 class TokenLogprobs:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first; empty unless top_logprobs_num > 0
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Prefill/decode disaggregation: where the request's prefill server listens for its decode server
+    (`bootstrap_host`, `bootstrap_port`) and the transfer's id (`bootstrap_room`), as SGLang names them. The router
+    sends the same three to both servers."""
+
+    host: str
+    port: int
+    room: int
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Req:
     deadline: float | None = None  # wall-clock time (time.time(): both processes share the clock) to end it by
     priority: int = 0  # with priority scheduling, lower values go first (vLLM's convention)
     length_score: float = 0.0  # ltr: the ranker's score of the prompt (higher: a longer answer expected)
+    bootstrap: Bootstrap | None = None  # disaggregated serving: the KV transfer (None once the KV has arrived)
 
     status: ReqStatus = ReqStatus.WAITING
     num_computed: int = 0

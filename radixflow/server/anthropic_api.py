@@ -54,7 +54,8 @@ def add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
             sampling["ebnf"] = plan.grammar
         elif schema is not None:
             sampling["json_schema"] = schema
-        _, reqs = state.prepare(GenerateInput(text=prompt, sampling_params=sampling, timeout=body.timeout),
+        _, reqs = state.prepare(GenerateInput(text=prompt, sampling_params=sampling, timeout=body.timeout,
+                                              **body.bootstrap()),
                                 text_field="messages", renames=_NAMES)
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
         if body.stream:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from radixflow.server.protocol import DisaggregationFields
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -34,7 +36,7 @@ class CountTokensBody(_Body):
     tools: list[AnthropicTool] | None = None
 
 
-class MessagesBody(CountTokensBody):
+class MessagesBody(CountTokensBody, DisaggregationFields):
     """`POST /v1/messages`. A final `assistant` message is a prefill: the answer continues it."""
 
     max_tokens: int = Field(ge=1)

@@ -14,10 +14,10 @@ from fastapi.responses import StreamingResponse
 
 from radixflow.entrypoints.generate import GenerateInput, NormalizedInput
 from radixflow.entrypoints.result import ResultCollector
-from radixflow.errors import InvalidRequestError
+from radixflow.errors import KV_TRANSFER_FAILED, InvalidRequestError
 from radixflow.runtime.config import ServerConfig
 from radixflow.runtime.request import Req
-from radixflow.server.errors import APIError, SchedulerDiedError, bad_request
+from radixflow.server.errors import APIError, KVTransferFailedError, SchedulerDiedError, bad_request
 from radixflow.server.metrics import ServerMetrics
 from radixflow.server.tokenizer_manager import TokenizerManager
 
@@ -45,6 +45,11 @@ class ServerState:
             raise SchedulerDiedError(self.manager.dead_reason or "scheduler process is not running")
         if request.timeout is None and self.config.request_timeout_s is not None:
             request = dataclasses.replace(request, timeout=self.config.request_timeout_s)
+        mode = self.manager.config.disaggregation.disaggregation_mode
+        if mode is not None and request.bootstrap_room is None:
+            raise bad_request(f"this server runs --disaggregation-mode {mode}: it serves one phase of requests "
+                              "that radixflow router --pd-disaggregation sends (with bootstrap_host, "
+                              "bootstrap_port, bootstrap_room)", "bootstrap_room")
         try:
             normalized = request.normalize(text_field)
             reqs = normalized.build(self.manager.tokenizer, self.manager.eos_ids, self.manager.limits)
@@ -60,6 +65,9 @@ class ServerState:
         collector = ResultCollector(req, self.manager.tokenizer)
         last = None
         async for out in self.manager.submit(req):
+            reason = out.finish_reason
+            if reason and reason.type == "abort" and (reason.message or "").startswith(KV_TRANSFER_FAILED):
+                raise KVTransferFailedError(reason.message)  # nothing was generated: another pair may serve it
             collector.add(out)
             now = time.monotonic()
             if out.token_ids:

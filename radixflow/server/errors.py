@@ -27,6 +27,10 @@ class SchedulerDiedError(RuntimeError):
     """The scheduler process is gone: requests end with 503 until it is back."""
 
 
+class KVTransferFailedError(SchedulerDiedError):
+    """Disaggregated decode: the request's KV never came from its prefill server; 503, so the router retries."""
+
+
 class QueueFullError(RuntimeError):
     """The server has as much queued work as it is configured to take: 503 with Retry-After."""
 

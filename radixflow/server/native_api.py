@@ -52,6 +52,10 @@ def add_operations_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health_generate")
     async def health_generate():
+        if not state.manager.alive:
+            return await health()
+        if state.manager.config.disaggregation.disaggregation_mode is not None:
+            return {"status": "ok"}  # one phase cannot generate alone: the router checks the pair
         one_token = GenerateInput(input_ids=[state.manager.tokenizer.bos_token_id or 0, 42],
                                   sampling_params={"max_new_tokens": 1})
         _, reqs = state.prepare(one_token)
@@ -72,6 +76,7 @@ def add_operations_routes(app: FastAPI, state: ServerState) -> None:
         config = state.manager.config
         return {"version": "0.1.0", "uptime_s": time.time() - state.started, "stats": stats,
                 "model": config.model.__dict__, "cache": config.cache.__dict__, "scheduler": config.scheduler.__dict__,
+                "disaggregation": config.disaggregation.__dict__,
                 "max_total_num_tokens": state.manager.limits.pool_size}
 
     @app.get("/cache_events")

@@ -8,8 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from radixflow.server.protocol import DisaggregationFields
 
-class SamplingBody(BaseModel):
+
+class SamplingBody(DisaggregationFields):
     """The fields `/v1/completions` and `/v1/chat/completions` share."""
 
     model_config = ConfigDict(extra="ignore")

@@ -12,7 +12,20 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # as SGLang's server: fields it does not know are ignored
 
 
-class GenerateRequest(_Body):
+class DisaggregationFields(BaseModel):
+    """Prefill/decode disaggregation (SGLang's fields): `radixflow router --pd-disaggregation` sets them on the
+    request it sends to both servers of a pair. Any API's body takes them."""
+
+    bootstrap_host: str | None = Field(default=None, description="the prefill server's host")
+    bootstrap_port: int | None = Field(default=None, description="the prefill server's bootstrap port")
+    bootstrap_room: int | None = Field(default=None, description="the transfer's id, the same on both servers")
+
+    def bootstrap(self) -> dict[str, Any]:
+        return {"bootstrap_host": self.bootstrap_host, "bootstrap_port": self.bootstrap_port,
+                "bootstrap_room": self.bootstrap_room}
+
+
+class GenerateRequest(_Body, DisaggregationFields):
     """`POST /generate`. One prompt or a batch; the shapes are SGLang's (docs/api.md)."""
 
     text: str | list[str] | None = Field(default=None, description="a prompt, or a list of prompts (a batch)")

@@ -8,11 +8,17 @@
 prefill is in flight continues; then waiting requests are admitted in policy order under what remains of the
 step's token budget and of KV memory. Memory pressure first evicts unlocked cache entries, then retracts
 running requests (they keep their output and resume later, mostly from the cache).
+
+Disaggregated (`--disaggregation-mode`, runtime/disaggregation/transfer.py): a prefill server's requests end after
+their first token and hand their KV to a `KVSender`; a decode server's requests are admitted without compute
+(slots and KV for the prompt are allocated, then they wait, RECEIVING, for a `KVReceiver` to fill them) and join
+the running batch with the first token the prefill server sampled.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import random
@@ -22,10 +28,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from radixflow.errors import InvalidRequestError
+from radixflow.errors import KV_TRANSFER_FAILED, InvalidRequestError
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import SchedulerConfig
 from radixflow.runtime.constrained.grammar import GrammarCompiler, RequestGrammar
+from radixflow.runtime.disaggregation.transfer import FirstToken, KVReceiver, KVSender, gather_kv, scatter_kv
 from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.request import FinishReason, Req, ReqStatus
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
@@ -59,6 +66,7 @@ class SchedulerStats:
     prompt_tokens: int = 0
     num_retractions: int = 0
     num_priority_preemptions: int = 0  # retractions to make room for a request of higher priority
+    num_receiving: int = 0  # disaggregated decode: requests whose KV is on its way from a prefill server
     generated_tokens: int = 0
 
     @property
@@ -69,9 +77,12 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheManager, tokenizer, limits: RequestLimits,
                  grammar: GrammarCompiler | None = None,
-                 length_scorer: Callable[[Sequence[int]], float] | None = None):
-        """`length_scorer`: a prompt's predicted output-length score (ranker.py), which `ltr` orders by."""
+                 length_scorer: Callable[[Sequence[int]], float] | None = None,
+                 kv_sender: KVSender | None = None, kv_receiver: KVReceiver | None = None):
+        """`length_scorer`: a prompt's predicted output-length score (ranker.py), which `ltr` orders by.
+        `kv_sender` / `kv_receiver`: this is a disaggregated prefill / decode server (one of them at most)."""
         self.config = config
+        self.kv_sender, self.kv_receiver = kv_sender, kv_receiver
         if config.schedule_policy == "ltr" and length_scorer is None:
             raise ValueError("schedule_policy: ltr needs an output-length ranker (--ltr-ranker-path)")
         self.length_scorer = length_scorer if config.schedule_policy == "ltr" else None
@@ -94,6 +105,7 @@ class Scheduler:
         self.output = OutputProcessor(tokenizer, config.enable_jump_forward)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
+        self.receiving: list[Req] = []
         self.new_token_ratio = config.new_token_ratio
         self.stats = SchedulerStats(kv_total_tokens=cache.kv.size)
         self._outputs: list[RequestOutput] = []  # this step's deltas (and aborts between steps), in order
@@ -103,6 +115,14 @@ class Scheduler:
     def add_request(self, req: Req) -> None:
         """Queue a validated request. Raises InvalidRequestError for one that can never fit."""
         self.limits.check_fits(len(req.prompt_ids), req.params.max_new_tokens)
+        if (self.kv_sender or self.kv_receiver) and req.bootstrap is None:
+            raise InvalidRequestError("bootstrap_room", "this server serves one phase of disaggregated requests "
+                                                        "(--disaggregation-mode): send them through radixflow "
+                                                        "router --pd-disaggregation")
+        if self.kv_sender is not None:  # the prefill phase: up to the first token
+            params = req.params
+            req.params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, 1),
+                                             min_new_tokens=min(params.min_new_tokens, 1))
         constraint = req.params.constraint
         if constraint is not None:
             if self.grammar is None:
@@ -116,7 +136,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def abort(self, rid: str, message: str = "aborted by the client") -> None:
-        req = next((r for r in [*self.waiting, *self.running] if r.rid == rid), None)
+        req = next((r for r in [*self.waiting, *self.running, *self.receiving] if r.rid == rid), None)
         if req is not None:
             self._end(req, FinishReason("abort", message=message))
 
@@ -126,12 +146,12 @@ class Scheduler:
         self._outputs.append(RequestOutput(rid=rid, finished=True, finish_reason=reason))
 
     def abort_all(self, message: str) -> None:
-        for req in [*self.waiting, *self.running]:
+        for req in [*self.waiting, *self.running, *self.receiving]:
             self._end(req, FinishReason("abort", message=message))
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and not self.receiving
 
     def drain_outputs(self) -> list[RequestOutput]:
         """Outputs produced since the last call (a step's deltas, and aborts between steps)."""
@@ -142,8 +162,12 @@ class Scheduler:
         """The one way a queued request ends: out of its queue, KV released, its last output queued."""
         if req.status is ReqStatus.RUNNING:
             self.running.remove(req)
+        elif req.status is ReqStatus.RECEIVING:
+            self.receiving.remove(req)
         else:
             self.waiting.remove(req)
+        if self.kv_sender is not None and req.bootstrap is not None:
+            self._send_kv(req, reason)
         if req.slot is not None:
             self.cache.release(req)
         req.status = ReqStatus.FINISHED
@@ -157,9 +181,13 @@ class Scheduler:
         batch = ScheduledBatch()
         self._expire()
         self._poll_grammars()
+        if self.kv_receiver is not None:
+            self._finish_transfers()
         budget = self.config.chunked_prefill_size if self.config.enable_chunked_prefill else UNCHUNKED_BUDGET
         budget = self._schedule_decodes(batch, budget)
         budget = self._schedule_inflight(batch, budget)
+        if self.kv_receiver is not None:
+            self._admit_transfers()
         self._admit_waiting(batch, budget)
         self.refresh_stats()
         return batch
@@ -167,7 +195,8 @@ class Scheduler:
     def _expire(self) -> None:
         """Requests past their deadline (a `timeout`) end, waiting or running, and free their KV."""
         now = time.time()
-        for req in [r for r in (*self.waiting, *self.running) if r.deadline is not None and now > r.deadline]:
+        for req in [r for r in (*self.waiting, *self.running, *self.receiving)
+                    if r.deadline is not None and now > r.deadline]:
             self._end(req, FinishReason("abort", message="timeout: the request did not finish within its timeout"))
 
     def _poll_grammars(self) -> None:
@@ -256,7 +285,9 @@ class Scheduler:
         ctx = PolicyContext(self.cache.match, self._rng)
         now = time.monotonic()
         starved_before = now - self.config.starvation_timeout_s
-        ready = [r for r in self.waiting if r.grammar_future is None]
+        # A decode server's requests that still wait for their KV are admitted by `_admit_transfers`.
+        ready = [r for r in self.waiting
+                 if r.grammar_future is None and (self.kv_receiver is None or r.bootstrap is None)]
         starving = sorted((r for r in ready if r.arrival < starved_before), key=lambda r: r.arrival)
         rest = self.policy([r for r in ready if r.arrival >= starved_before], ctx)
         if self.priority_scheduling:
@@ -288,7 +319,8 @@ class Scheduler:
                 break  # this request is now the one in-flight chunked prefill
 
     def _has_slot(self) -> bool:
-        return len(self.running) < self.config.max_running_requests and self.cache.req_to_token.free_count() > 0
+        return (len(self.running) + len(self.receiving) < self.config.max_running_requests
+                and self.cache.req_to_token.free_count() > 0)
 
     def _preempt_for(self, req: Req, batch: ScheduledBatch, starved_before: float) -> bool:
         """Priority scheduling: retract a running request of lower priority than `req` to make room for it."""
@@ -326,7 +358,8 @@ class Scheduler:
         The room is estimated as remaining max_new_tokens x new_token_ratio; the ratio decays while memory is
         plentiful and jumps back up after a retraction (an estimate that adapts to how long outputs really are).
         """
-        reserve = sum(r.remaining_new_tokens for r in self.running if r is not req) * self.new_token_ratio
+        others = (r for r in (*self.running, *self.receiving) if r is not req)
+        reserve = sum(r.remaining_new_tokens for r in others) * self.new_token_ratio
         own = req.remaining_new_tokens * self.new_token_ratio if num == extend else 0
         return self.cache.available() >= num + reserve + own
 
@@ -358,6 +391,67 @@ class Scheduler:
         self.stats.num_retractions += 1
         self.waiting.appendleft(victim)
         logger.info("retracted %s (%d tokens) %s", victim.rid, victim.num_tokens, why)
+
+    # -- disaggregation -------------------------------------------------------------------------------------
+    def _send_kv(self, req: Req, reason: FinishReason) -> None:
+        """Prefill side, as a request ends: its first token and the prompt's KV go to the decode server (from
+        where that server's own cache ends, if it registered already)."""
+        boot, req.bootstrap = req.bootstrap, None
+        if reason.type == "abort":
+            self.kv_sender.send(boot, FirstToken(None, None, [], 0, error=reason.message), None, 0)
+            return
+        registered = self.kv_sender.registration(boot.room)
+        skip = registered["skip"] if registered else 0
+        indices = self.cache.req_to_token.table[req.slot, skip:len(req.prompt_ids)]
+        lp = req.output_logprobs[0] if req.output_logprobs else None
+        first = FirstToken(req.output_ids[0] if req.output_ids else None, lp, list(req.prompt_logprobs),
+                           req.cached_prompt_tokens)
+        self.kv_sender.send(boot, first, gather_kv(self.cache.kv, indices), skip)
+
+    def _admit_transfers(self) -> None:
+        """Decode side: give waiting requests slots and KV for their prompts (past what this server has cached),
+        in arrival order while memory allows, and ask the prefill server for the rest."""
+        for req in [r for r in self.waiting if r.bootstrap is not None and r.grammar_future is None]:
+            if not self._has_slot():
+                return
+            match = self.cache.match(req)
+            extend = req.num_tokens - len(match)
+            self.cache.admit(req, match)
+            if not self._memory_allows(req, extend, extend) or not self.cache.alloc(req, req.num_computed, extend):
+                self.cache.release(req)
+                req.num_computed = 0
+                return  # first come, first served: later requests wait behind this one
+            self.waiting.remove(req)
+            req.status = ReqStatus.RECEIVING
+            self.receiving.append(req)
+            self.kv_receiver.expect(req, req.bootstrap, req.num_computed, extend)
+
+    def _finish_transfers(self) -> None:
+        """Decode side: requests whose KV arrived start decoding from the prefill server's first token."""
+        for done in self.kv_receiver.poll():
+            req = done.token
+            if req.status is not ReqStatus.RECEIVING:
+                continue  # ended while its KV was on the way (its slots were freed then)
+            if done.error is not None:
+                self._end(req, FinishReason("abort", message=f"{KV_TRANSFER_FAILED}: {done.error}"))
+                continue
+            prompt_len = len(req.prompt_ids)
+            scatter_kv(self.cache.kv, self.cache.req_to_token.table[req.slot, done.skip:prompt_len], done.kv)
+            self.receiving.remove(req)
+            req.status, req.bootstrap, req.num_computed = ReqStatus.RUNNING, None, prompt_len
+            self.running.append(req)
+            req.cached_prompt_tokens = done.first.cached_tokens
+            self.stats.cache_hit_tokens += req.cached_prompt_tokens
+            self.stats.prompt_tokens += prompt_len
+            req.prompt_logprobs.extend(done.first.prompt_logprobs)
+            self.cache.share_computed_prefix(req)  # the next turn of this conversation finds it here
+            token = done.first.token if done.first.token is not None else 0  # max_new_tokens 0: ends unsampled
+            delta, reason = self.output.advance(req, [token], done.first.logprob, req.unsent_prompt_logprobs())
+            self.stats.generated_tokens += len(delta.token_ids)
+            if reason is None:
+                self._outputs.append(delta)
+            else:
+                self._end(req, reason, delta)
 
     # -- process output --------------------------------------------------------------------------------------
     def process_output(self, batch: ScheduledBatch, outputs: list[ModelOutput]) -> list[RequestOutput]:
@@ -392,11 +486,12 @@ class Scheduler:
     def refresh_stats(self) -> SchedulerStats:
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
+        self.stats.num_receiving = len(self.receiving)
         self.stats.kv_used_tokens = self.cache.used()
         return self.stats
 
     def check_integrity(self) -> None:
-        self.cache.check_integrity(self.running)
+        self.cache.check_integrity([*self.running, *self.receiving])
 
     def flush_cache(self) -> bool:
         """Drop all cached KV. Refused (False) while requests run: their KV is in the tree."""

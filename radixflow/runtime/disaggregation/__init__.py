@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation (Splitwise, DistServe): `--disaggregation-mode prefill|decode` (transfer.py)."""
