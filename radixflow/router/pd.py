@@ -101,13 +101,16 @@ class PDRouter(Router):
                 await _drop(decode_task)
                 return failure
         answer = await decode_task
-        if isinstance(answer, _NotStarted):
-            await _drop(prefill_task)
-            return _PairFailed(decode, answer.cause, answer.refusal)
-        if _transfer_failed(answer):
+        if _transfer_failed(answer):  # the prefill side's fault: another prefill server may do it
             await _drop(prefill_task)
             await _close(answer)
             return _PairFailed(prefill, "kv_transfer", None)
+        if isinstance(answer, _NotStarted):
+            await _drop(prefill_task)
+            return _PairFailed(decode, answer.cause, answer.refusal)
+        if answer.status_code != 200:  # refused by the decode server (a 4xx): the prefill is not needed
+            await _drop(prefill_task)
+            return answer
         prefill_task.add_done_callback(_discard)  # its one token is not needed; it ends on its own
         return answer
 
@@ -131,13 +134,14 @@ def _prefill_failure(prefill: Worker, answer: Response | _NotStarted) -> _PairFa
     return answer
 
 
-def _transfer_failed(answer: Response) -> bool:
-    """The decode server's KV never came: its 503, or a stream whose first event is that error."""
+def _transfer_failed(answer: Response | _NotStarted) -> bool:
+    """The decode server's KV never came: its 503 (which `_send` hands back as a refusal), or a stream whose first
+    event is that error."""
     marker = KV_TRANSFER_FAILED.encode()
+    if isinstance(answer, _NotStarted):
+        return answer.refusal is not None and marker in answer.refusal.body
     held = getattr(answer, "held", None)
-    if held is not None:
-        return b"error" in held.first and marker in held.first
-    return answer.status_code == 503 and marker in answer.body
+    return held is not None and b"error" in held.first and marker in held.first
 
 
 async def _drop(task: asyncio.Task) -> None:

@@ -296,12 +296,14 @@ async def _stream_completion(state: ServerState, reqs: list[Req], body: Completi
 async def _stream_chat(state: ServerState, reqs: list[Req], body: ChatBody, plan: ChatPlan, rid: str):
     created = int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
-    for i in range(len(reqs)):
-        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None}]})
     readers = [ChatReader(plan) for _ in reqs]
     metas: dict[int, dict] = {}
+    opened: set[int] = set()
     async for i, collector, out in _merged(state, reqs):
+        if i not in opened:  # at its first output, so a request that fails before it fails the stream's first event
+            opened.add(i)
+            yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]})
         # The full meta (cumulative logprob lists) is built once, at the end: per token it would be O(n) each.
         meta = collector.meta() if out.finished else None
         read = readers[i].feed(out.text)

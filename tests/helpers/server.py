@@ -111,7 +111,7 @@ def wait_idle(client: httpx.Client, timeout_s: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         stats = client.get("/get_server_info").json()["stats"]
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats.get("num_receiving", 0) == 0:
             return stats
         assert time.monotonic() < deadline, f"server still busy after {timeout_s}s: {stats}"
         time.sleep(0.05)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 TRANSFER_BACKENDS = ("gloo",)
 MAX_CONCURRENT_TRANSFERS = 64  # worker threads per side; each mostly sleeps in a blocking wait
+# Fault injection for the test suite: `exit_in_kv_send` ends the prefill server's scheduler process in the middle of
+# a transfer (the first token is out, the KV is not), as a crash would.
+FAULT_ENV = "RADIXFLOW_FAULT_INJECT"
 
 
 class KVTransferError(RuntimeError):
@@ -166,6 +170,8 @@ class KVSender:
             data = kv[:, :, reg["skip"] - skip:].contiguous()  # the decode side may hold more than we knew
             group, lock = self._pair(reg["pair"])
             self.store.set(_meta_key(room), first.dumps())
+            if os.environ.get(FAULT_ENV) == "exit_in_kv_send":
+                os._exit(70)
             start = time.monotonic()
             with lock:
                 group.send([data], 1, reg["tag"]).wait(self.timeout)

@@ -1,0 +1,247 @@
+"""Prefill/decode disaggregation end to end: `radixflow serve --disaggregation-mode prefill|decode` processes on the
+tiny model, `radixflow router --pd-disaggregation` in front, the KV moving between the servers over gloo; compared
+with a colocated server on the same weights. Faults are real: a prefill scheduler that exits mid-transfer, a
+decode server whose pool cannot hold everything at once, a prefill server that is not there."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from radixflow.server.launch import ServerProcess, free_port
+from tests.helpers.server import TINY_ARGS, WatchedServer, assert_no_kv_leak, sse_events
+
+FAST_HEALTH = ("--health-check-interval-secs", "0.5", "--health-failure-threshold", "1",
+               "--health-success-threshold", "1")
+GREEDY = {"temperature": 0, "ignore_eos": True}
+PROMPTS = ["The capital of France is", "word " * 150 + "and then", "Once upon a time, a robot",
+           "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, " * 12]
+
+
+def _server(tmp_path_factory, name: str, model: str, *flags: str, env: dict | None = None) -> WatchedServer:
+    server = WatchedServer(["--model-path", model, *TINY_ARGS, *flags], tmp_path_factory.mktemp(name))
+    if env:
+        server.env.update(env)
+    return server
+
+
+def _prefill_flags(port: int) -> tuple[str, ...]:
+    # A small step budget: the 150-token prompts are prefilled in chunks on the prefill side.
+    return ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(port),
+            "--chunked-prefill-size", "48")
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model_dir, tmp_path_factory):
+    """A colocated server, two prefill servers (the first exits in the middle of its first transfer when told
+    to), one decode server, and the router over them."""
+    model = str(tiny_model_dir)
+    ports = [free_port(), free_port()]
+    servers = {
+        "colocated": _server(tmp_path_factory, "colocated", model),
+        "prefill": _server(tmp_path_factory, "prefill", model, *_prefill_flags(ports[0])),
+        "prefill2": _server(tmp_path_factory, "prefill2", model, *_prefill_flags(ports[1])),
+        "decode": _server(tmp_path_factory, "decode", model, "--disaggregation-mode", "decode",
+                          "--disaggregation-transfer-timeout-s", "10"),
+    }
+    for s in servers.values():
+        s.launch()
+    router = None
+    try:
+        for s in servers.values():
+            s.wait_ready()
+        router = ServerProcess(["--pd-disaggregation", "--prefill", servers["prefill"].url, str(ports[0]),
+                                "--decode", servers["decode"].url, *FAST_HEALTH], command="router"
+                               ).start().wait_ready(60)
+        yield servers, router, ports
+    finally:
+        if router is not None:
+            router.stop()
+        for s in servers.values():
+            s.terminate()
+        for s in servers.values():
+            s.wait_stopped()
+
+
+def _generate(url: str, text: str, **params) -> dict:
+    body = {"text": text, "sampling_params": {"max_new_tokens": 24, **GREEDY, **params}}
+    r = httpx.post(f"{url}/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_greedy_outputs_equal_colocated_serving(fleet):
+    servers, router, _ = fleet
+    for prompt in PROMPTS:
+        want = _generate(servers["colocated"].url, prompt)
+        got = _generate(router.url, prompt)
+        assert got["output_ids"] == want["output_ids"], prompt
+        assert got["text"] == want["text"]
+        assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
+    # Sampled on the prefill side, then continued on the decode side: a constrained request keeps its grammar.
+    regex = {"regex": r"(yes|no), because [a-z ]+\.", "ignore_eos": False}
+    want, got = (_generate(s, PROMPTS[0], **regex) for s in (servers["colocated"].url, router.url))
+    assert got["text"] == want["text"] and got["output_ids"] == want["output_ids"]
+    for name in ("prefill", "decode"):
+        assert_no_kv_leak(httpx.Client(base_url=servers[name].url))
+
+
+def test_streams_and_the_openai_sdk_see_what_colocated_serving_gives(fleet):
+    servers, router, _ = fleet
+    body = {"text": PROMPTS[2], "stream": True, "sampling_params": {"max_new_tokens": 12, **GREEDY}}
+    texts = []
+    for url in (servers["colocated"].url, router.url):
+        with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            events = [e for e in sse_events(r.iter_lines()) if e != "[DONE]"]
+        texts.append(events[-1]["text"])
+        assert len(events) >= 2  # streamed token by token, not in one piece
+    assert texts[0] == texts[1]
+    model = httpx.get(f"{router.url}/v1/models").json()["data"][0]["id"]
+    answers = []
+    for url in (servers["colocated"].url, router.url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi there"}],
+                                                max_tokens=10, temperature=0, stream=True)
+        answers.append("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    assert answers[0] == answers[1] and answers[1]
+
+
+def test_the_next_turn_finds_its_history_cached_on_both_sides(fleet):
+    servers, router, _ = fleet
+    decode = httpx.Client(base_url=servers["decode"].url)
+    sent = lambda: decode.get("/get_server_info").json()["stats"]["kv_transfer_bytes"]  # noqa: E731
+    history = "User: tell me about rivers and seas and what lives in them.\nAssistant:"
+    before = sent()
+    first = _generate(router.url, history)
+    per_token = (sent() - before) / first["meta_info"]["prompt_tokens"]  # nothing of it was on the decode side
+    turn = history + first["text"] + "\nUser: and lakes?\nAssistant:"
+    before = sent()
+    second = _generate(router.url, turn)
+    assert second["output_ids"] == _generate(servers["colocated"].url, turn)["output_ids"]
+    assert second["meta_info"]["cached_tokens"] > 0  # the prefill server had the first turn's prompt
+    # The decode server held the first turn's prompt and its 24-token answer: neither came over again.
+    new_tokens = (sent() - before) / per_token
+    assert new_tokens <= second["meta_info"]["prompt_tokens"] - first["meta_info"]["prompt_tokens"] - 16
+
+
+def test_bad_input_is_a_clear_error_and_both_servers_keep_serving(fleet):
+    servers, router, _ = fleet
+    r = httpx.post(f"{router.url}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 10**6}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_new_tokens"
+    r = httpx.post(f"{router.url}/generate", content=b"[1, 2]")
+    assert r.status_code == 400
+    r = httpx.post(f"{servers['decode'].url}/generate", json={"text": "hi"})  # not through the router
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bootstrap_room"
+    r = httpx.post(f"{servers['decode'].url}/generate",
+                   json={"text": "hi", "bootstrap_host": "127.0.0.1", "bootstrap_port": 0, "bootstrap_room": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bootstrap_port"
+    assert _generate(router.url, PROMPTS[0])["output_ids"]
+
+
+def test_a_missing_prefill_server_fails_the_decode_side_cleanly(fleet):
+    servers, _, _ = fleet
+    body = {"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 4},
+            "bootstrap_host": "127.0.0.1", "bootstrap_port": free_port(), "bootstrap_room": 7}
+    r = httpx.post(f"{servers['decode'].url}/generate", json=body, timeout=60)
+    assert r.status_code == 503 and "KV transfer failed" in r.json()["error"]["message"]
+    assert_no_kv_leak(httpx.Client(base_url=servers["decode"].url))
+
+
+def test_decode_pool_pressure_queues_requests_and_loses_none(tiny_model_dir, tmp_path_factory):
+    """A decode pool that holds about two of the requests at once: the rest wait for room (a transfer never lands
+    without it), all finish with the colocated outputs, and neither side leaks."""
+    model = str(tiny_model_dir)
+    port = free_port()
+    servers = [_server(tmp_path_factory, "p", model, *_prefill_flags(port)),
+               _server(tmp_path_factory, "d", model, "--disaggregation-mode", "decode", "--max-total-tokens", "420"),
+               _server(tmp_path_factory, "c", model)]
+    for s in servers:
+        s.launch()
+    router = None
+    try:
+        for s in servers:
+            s.wait_ready()
+        router = ServerProcess(["--pd-disaggregation", "--prefill", servers[0].url, str(port), "--decode",
+                                servers[1].url], command="router").start().wait_ready(60)
+        prompts = [f"Story {i}: " + "the river runs on " * 12 for i in range(6)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda p: _generate(router.url, p, max_new_tokens=32), prompts))
+        want = [_generate(servers[2].url, p, max_new_tokens=32) for p in prompts]
+        assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
+        too_long = httpx.post(f"{router.url}/generate", json={"text": "x " * 400, "sampling_params": {
+            "max_new_tokens": 100}}, timeout=60)
+        assert too_long.status_code == 400 and "KV pool" in too_long.json()["error"]["message"]
+        for s in servers[:2]:
+            assert_no_kv_leak(httpx.Client(base_url=s.url))
+        assert _generate(router.url, prompts[0])["output_ids"]
+    finally:
+        if router is not None:
+            router.stop()
+        for s in servers:
+            s.terminate()
+        for s in servers:
+            s.wait_stopped()
+
+
+def test_a_prefill_scheduler_that_dies_mid_transfer_costs_a_retry_not_the_request(tiny_model_dir,
+                                                                                    tmp_path_factory):
+    model = str(tiny_model_dir)
+    ports = [free_port(), free_port()]
+    crashing = _server(tmp_path_factory, "crash", model, *_prefill_flags(ports[0]),
+                       env={"RADIXFLOW_FAULT_INJECT": "exit_in_kv_send"})
+    servers = [crashing, _server(tmp_path_factory, "p2", model, *_prefill_flags(ports[1])),
+               _server(tmp_path_factory, "d", model, "--disaggregation-mode", "decode"),
+               _server(tmp_path_factory, "c", model)]
+    for s in servers:
+        s.launch()
+    router = None
+    try:
+        for s in servers:
+            s.wait_ready()
+        # Both prefill servers idle and their trees empty: the tie goes to the first, the crashing one.
+        router = ServerProcess(["--pd-disaggregation", "--prefill", crashing.url, str(ports[0]), "--prefill",
+                                servers[1].url, str(ports[1]), "--decode", servers[2].url, *FAST_HEALTH],
+                               command="router").start().wait_ready(60)
+        want = _generate(servers[3].url, PROMPTS[1])
+        got = _generate(router.url, PROMPTS[1])
+        assert got["output_ids"] == want["output_ids"]
+        metrics = httpx.get(f"{router.url}/metrics").text
+        retried = [line for line in metrics.splitlines() if line.startswith("radixflow_router_retries_total")]
+        assert any(crashing.url in line and not line.endswith(" 0.0") for line in retried), retried
+        assert_no_kv_leak(httpx.Client(base_url=servers[2].url))
+        assert _generate(router.url, PROMPTS[0])["output_ids"] == _generate(servers[3].url, PROMPTS[0])["output_ids"]
+        health = httpx.get(f"{router.url}/list_workers").json()
+        assert {w["role"] for w in health["workers"]} == {"prefill", "decode"}
+    finally:
+        if router is not None:
+            router.stop()
+        for s in servers:
+            s.terminate()
+        for s in servers:
+            s.wait_stopped()
+
+
+def test_router_health_needs_a_prefill_and_a_decode_server(tiny_model_dir, tmp_path_factory):
+    decode = _server(tmp_path_factory, "lone-d", str(tiny_model_dir), "--disaggregation-mode", "decode").launch()
+    try:
+        decode.wait_ready()
+        dead = f"http://127.0.0.1:{free_port()}"
+        with ServerProcess(["--pd-disaggregation", "--prefill", dead, "--decode", decode.url, *FAST_HEALTH],
+                           command="router").start().wait_ready(60) as router:
+            for _ in range(40):  # the first health round takes the dead prefill server out
+                r = httpx.get(f"{router.url}/health")
+                if r.status_code == 503:
+                    break
+                time.sleep(0.25)
+            assert r.status_code == 503 and "pair" in r.json()["message"]
+            r = httpx.post(f"{router.url}/generate", json={"text": "hi"}, timeout=30)
+            assert r.status_code == 503 and json.loads(r.text)["error"]["code"] == "unavailable"
+    finally:
+        decode.terminate()
+        decode.wait_stopped()
