@@ -199,7 +199,7 @@ class EngineCore:
         if dc.disaggregation_mode == "prefill":
             return KVSender(dc.disaggregation_bootstrap_port, dc.disaggregation_transfer_timeout_s), None
         return None, KVReceiver(args.num_layers, args.num_kv_heads, args.head_dim, dtype,
-                                dc.disaggregation_transfer_timeout_s)
+                                dc.disaggregation_transfer_timeout_s, self.config.scheduler.max_running_requests)
 
     def _length_scorer(self):
         """`ltr`'s prompt scorer, or None (with a warning: the engine then runs fcfs) when there is no ranker for

@@ -28,6 +28,11 @@ class ServerMetrics:
             ("spec_accept_length", "speculative decoding: tokens per verify step (1 = no draft accepted)"),
             ("spec_accepted_tokens", "speculative decoding: draft tokens accepted so far"),
             ("spec_draft_tokens", "speculative decoding: draft tokens verified so far"),
+            ("num_receiving_reqs", "disaggregated decode: requests waiting for their KV from a prefill server"),
+            ("kv_transfers", "disaggregation: KV transfers done so far"),
+            ("kv_transfer_failures", "disaggregation: KV transfers failed so far"),
+            ("kv_transfer_bytes", "disaggregation: KV bytes sent or received so far"),
+            ("kv_transfer_seconds", "disaggregation: seconds spent moving KV so far"),
         )}
 
     def observe_finished(self, meta: dict) -> None:
@@ -41,7 +46,9 @@ class ServerMetrics:
         mapping = {"num_running_reqs": "num_running", "num_waiting_reqs": "num_waiting",
                    "kv_used_tokens": "kv_used_tokens", "kv_total_tokens": "kv_total_tokens",
                    "cache_hit_rate": "cache_hit_rate", "spec_accept_length": "spec_accept_length",
-                   "spec_accepted_tokens": "spec_accepted_tokens", "spec_draft_tokens": "spec_draft_tokens"}
+                   "spec_accepted_tokens": "spec_accepted_tokens", "spec_draft_tokens": "spec_draft_tokens",
+                   "num_receiving_reqs": "num_receiving", **{k: k for k in (
+                       "kv_transfers", "kv_transfer_failures", "kv_transfer_bytes", "kv_transfer_seconds")}}
         for gauge, key in mapping.items():
             self.gauges[gauge].set(stats.get(key, 0))
         return generate_latest(self.registry)

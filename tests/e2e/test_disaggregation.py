@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import time
 
 import pytest
 
@@ -96,21 +97,50 @@ def test_batches_and_n_samples_map_to_consecutive_rooms(engines):
         engine.check_integrity()
 
 
-def test_a_transfer_that_never_comes_fails_its_request_and_frees_the_slots(engines):
+def _room() -> dict:
+    return {"bootstrap_host": "127.0.0.1", "bootstrap_room": random.getrandbits(63)}
+
+
+def test_a_decode_request_waits_for_a_slow_prefill_as_long_as_its_own_deadline(engines):
+    """The prefill server may queue a prompt for longer than the transfer timeout (5 s here): the decode side
+    waits for it without a limit of its own. What ends the wait is the request's deadline (or an abort)."""
     _, prefill, decode, port = engines
-    before = decode.stats()
-    boot = {"bootstrap_host": "127.0.0.1", "bootstrap_port": port, "bootstrap_room": random.getrandbits(63)}
-    answer = decode.generate("nobody prefills this prompt", GREEDY, **boot)  # no prefill request for this room
-    assert answer["meta_info"]["finish_reason"]["type"] == "abort"
-    assert KV_TRANSFER_FAILED in answer["meta_info"]["finish_reason"]["message"]
-    after = decode.stats()
-    assert after["kv_transfer_failures"] == before["kv_transfer_failures"] + 1
-    assert after["num_receiving"] == 0
+    boot = {**_room(), "bootstrap_port": port}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(decode.generate, "a prompt prefilled late", GREEDY, **boot)
+        concurrent.futures.wait([answer], timeout=6.5)  # longer than the transfer timeout
+        assert not answer.done()
+        first = prefill.generate("a prompt prefilled late", GREEDY, **boot)
+        assert answer.result(timeout=30)["output_ids"][:1] == first["output_ids"]
+    nobody = decode.generate("nobody prefills this prompt", GREEDY, timeout=1.5, **boot | _room())
+    assert nobody["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "timeout" in nobody["meta_info"]["finish_reason"]["message"]
+    stats = decode.stats()
+    assert stats["num_receiving"] == 0
+    assert stats["kv_free_tokens"] + stats["kv_evictable_tokens"] == stats["kv_total_tokens"]
     decode.check_integrity()
-    assert after["kv_free_tokens"] + after["kv_evictable_tokens"] == after["kv_total_tokens"]
-    # and the pair still works
-    _, ok = disaggregated(prefill, decode, port, "The capital of France is", GREEDY)
-    assert ok["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_a_prefill_whose_decode_server_never_registers_tells_a_late_one_so(engines):
+    """The prefill side holds the KV for the transfer timeout at most; a decode request for that room that comes
+    later fails at once with the reason instead of waiting for a transfer that will not come."""
+    _, prefill, decode, port = engines
+    boot = {**_room(), "bootstrap_port": port}
+    failures = prefill.stats()["kv_transfer_failures"]
+    assert prefill.generate("only the prefill side has it", GREEDY, **boot)["meta_info"]["finish_reason"]["type"] \
+        == "length"
+    deadline = time.monotonic() + 15
+    while prefill.stats()["kv_transfer_failures"] == failures and time.monotonic() < deadline:
+        time.sleep(0.2)  # the 5 s registration timeout runs out
+    assert prefill.stats()["kv_transfer_failures"] == failures + 1
+    start = time.monotonic()
+    late = decode.generate("only the prefill side has it", GREEDY, **boot)
+    assert time.monotonic() - start < 3
+    assert late["meta_info"]["finish_reason"]["type"] == "abort"
+    message = late["meta_info"]["finish_reason"]["message"]
+    assert KV_TRANSFER_FAILED in message and "did not register" in message
+    decode.check_integrity()
+    prefill.check_integrity()
 
 
 def test_an_abort_while_receiving_frees_the_slots_and_the_prefill_side_goes_on(engines):
@@ -129,10 +159,13 @@ def test_an_abort_while_receiving_frees_the_slots_and_the_prefill_side_goes_on(e
     assert stats["num_receiving"] == 0
     assert stats["kv_free_tokens"] + stats["kv_evictable_tokens"] == stats["kv_total_tokens"]
     decode.check_integrity()
-    # The decode side had registered the room: a prefill that comes late still delivers, into a buffer the
-    # decode side drops (the router aborts both halves together; this is the race where one half is late).
+    # The decode side marked its registration cancelled: a prefill that comes late sends nothing (the router
+    # aborts both halves together; this is the race where one half is late).
+    sent = prefill.stats()["kv_transfers"]
     late = prefill.generate("an abandoned prompt", GREEDY, **boot)
     assert late["meta_info"]["finish_reason"]["type"] == "length"
+    time.sleep(0.5)  # the send runs on the sender's thread
+    assert prefill.stats()["kv_transfers"] == sent
     prefill.check_integrity()
     assert decode.stats()["kv_free_tokens"] == stats["kv_free_tokens"]
     _, ok = disaggregated(prefill, decode, port, "The capital of France is", GREEDY)

@@ -128,6 +128,9 @@ def test_the_next_turn_finds_its_history_cached_on_both_sides(fleet):
     # The decode server held the first turn's prompt and its 24-token answer: neither came over again.
     new_tokens = (sent() - before) / per_token
     assert new_tokens <= second["meta_info"]["prompt_tokens"] - first["meta_info"]["prompt_tokens"] - 16
+    metrics = {line.split()[0]: float(line.split()[1]) for line in decode.get("/metrics").text.splitlines()
+               if line.startswith("radixflow_kv_transfer")}
+    assert metrics["radixflow_kv_transfer_bytes"] == sent() and metrics["radixflow_kv_transfers"] >= 2
 
 
 def test_bad_input_is_a_clear_error_and_both_servers_keep_serving(fleet):

@@ -9,16 +9,28 @@ and reused; a group whose transfer failed is dropped, and the next request joins
 One request (`bootstrap_room`: the router draws it and sends it to both servers with the request):
 
     decode   allocate pool slots for the prompt positions past its own cached prefix (a transfer never lands
-             without room), post the receive with a fresh tag, then  store[room/<room>] = {pair, tag, skip}
+             without room), then  store[room/<room>] = {pair, tag, skip}  with a fresh tag
     prefill  prefill the prompt and sample the first token; copy the prompt's KV (from `skip`) out of the pool
              (the request then ends as usual: its KV stays in the prefill server's radix tree); wait for
-             room/<room>; store[room/<room>/meta] = the first token and its logprobs; send the KV with the tag
-    decode   the receive completes -> the KV is written into the allocated slots -> the request decodes
+             room/<room> and claim it (compare-and-set to "taken"); store[room/<room>/meta] = the first token
+             and its logprobs; send the KV with the tag
+    decode   see the meta, post the receive (gloo holds a send until its receive is posted) -> the KV is written
+             into the allocated slots -> the request decodes
+
+Timeouts (`--disaggregation-transfer-timeout-s`) bound what should be quick: the prefill side's wait for the
+decode side's registration once the prefill is done (it holds the KV in host memory meanwhile; on timeout it
+sends an error as the meta, so a decode server that registers late is not left waiting) and the send / receive of
+the KV itself. The decode side's wait for the meta is not bounded by it: that is the prompt queueing and computing
+on the prefill server, which takes as long as the load there makes it. It ends when the meta comes, when the
+prefill server's store goes away (the server died or restarted), or when the request ends (`cancel`: an abort,
+its deadline, the client gone). A cancelled room is marked "cancelled" with the same compare-and-set, so exactly
+one of the two happens: the prefill side sees the mark and drops its KV, or it had claimed the room and the
+decode side still receives the KV (into a buffer it then drops), which keeps the pair's gloo traffic in step.
 
 Blocking calls (store waits, gloo sends and receives) run on worker threads; the scheduler hands work over and
 picks up results between steps, and never waits. A peer that dies fails its pending transfers at once (gloo sees
-the connection close); one that stalls fails them at the transfer timeout. On a GPU the KV is staged through host
-memory (gloo moves CPU tensors); an NCCL or RDMA engine would implement the same two classes.
+the connection close). On a GPU the KV is staged through host memory (gloo moves CPU tensors); an NCCL or RDMA
+engine would implement the same two classes.
 """
 
 from __future__ import annotations
@@ -43,7 +55,8 @@ from radixflow.runtime.request import Bootstrap, TokenLogprobs
 logger = logging.getLogger(__name__)
 
 TRANSFER_BACKENDS = ("gloo",)
-MAX_CONCURRENT_TRANSFERS = 64  # worker threads per side; each mostly sleeps in a blocking wait
+MAX_CONCURRENT_SENDS = 64  # prefill side's worker threads; each mostly sleeps in a blocking wait
+TAKEN, CANCELLED = "taken", "cancelled"  # what a room's registration becomes once one side has decided
 # Fault injection for the test suite: `exit_in_kv_send` ends the prefill server's scheduler process in the middle of
 # a transfer (the first token is out, the KV is not), as a crash would.
 FAULT_ENV = "RADIXFLOW_FAULT_INJECT"
@@ -104,15 +117,21 @@ def scatter_kv(kv: KVPool, indices: torch.Tensor, data: torch.Tensor) -> None:
             buf[idx] = data[s, layer]
 
 
-def _wait_key(store: dist.Store, key: str, timeout_s: float) -> bytes:
-    """The value of `key` once it is set. Polls (`check` is one round trip), backing off to 5 ms: a timed-out
-    `store.wait` logs a warning from C++ each time."""
-    deadline, pause = time.monotonic() + timeout_s, 0.0005
+def _wait_key(store: dist.Store, key: str, timeout_s: float = float("inf"),
+              cancelled: threading.Event | None = None) -> bytes | None:
+    """The value of `key` once it is set (None if `cancelled` is set first). Polls (`check` is one round trip; a
+    timed-out `store.wait` would log a warning from C++ each time), backing off to 5 ms, and to 50 ms after a
+    second of waiting: a request that waits that long is queued behind other prompts, and hundreds of them polling
+    every 5 ms would cost the store real CPU."""
+    start, pause = time.monotonic(), 0.0005
     while not store.check([key]):
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        if waited > timeout_s:
             raise KVTransferError(f"{key} not set within {timeout_s:.0f} s")
+        if cancelled is not None and cancelled.is_set():
+            return None
         time.sleep(pause)
-        pause = min(pause * 2, 0.005)
+        pause = min(pause * 2, 0.005 if waited < 1.0 else 0.05)
     return store.get(key)
 
 
@@ -140,14 +159,17 @@ class KVSender:
         self._pair_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_TRANSFERS, thread_name_prefix="kv-send")
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_SENDS, thread_name_prefix="kv-send")
         self._accepter = threading.Thread(target=self._accept, name="kv-accept", daemon=True)
         self._accepter.start()
 
     def registration(self, room: int) -> dict | None:
         """The decode side's registration of `room` if it is there already (a store round trip)."""
         key = _room_key(room)
-        return json.loads(self.store.get(key)) if self.store.check([key]) else None
+        if not self.store.check([key]):
+            return None
+        raw = self.store.get(key)
+        return None if raw in (TAKEN.encode(), CANCELLED.encode()) else json.loads(raw)
 
     def send(self, boot: Bootstrap, first: FirstToken, kv: torch.Tensor | None, skip: int) -> None:
         """Hand over one finished prefill: `kv` holds the prompt's KV from position `skip` (None after a failure:
@@ -155,15 +177,22 @@ class KVSender:
         self._pool.submit(self._send, boot.room, first, kv, skip)
 
     def _send(self, room: int, first: FirstToken, kv: torch.Tensor | None, skip: int) -> None:
+        key = _room_key(room)
         try:
-            reg = json.loads(_wait_key(self.store, _room_key(room), self.timeout_s))
-            self.store.delete_key(_room_key(room))
-        except Exception:  # noqa: BLE001 - the decode side never registered: it gave up, or was never there
+            raw = _wait_key(self.store, key, self.timeout_s)
+        except Exception:  # noqa: BLE001 - the decode side never registered: it is full, gone, or was never there
             self.stats.failures += 1
             logger.warning("room %d: no decode server registered within %.0f s; its KV is dropped", room,
                            self.timeout_s)
+            error = f"the decode server did not register within {self.timeout_s:.0f} s of the prefill"
+            self.store.set(_meta_key(room), FirstToken(None, None, [], 0, error=error).dumps())
             return
+        if self.store.compare_set(key, raw.decode(), TAKEN) != TAKEN.encode():  # the decode side cancelled it
+            self.store.delete_key(key)
+            return
+        reg = {}
         try:
+            reg = json.loads(raw)
             if first.error is not None or kv is None:
                 self.store.set(_meta_key(room), first.dumps())
                 return
@@ -240,7 +269,10 @@ class Received:
 class KVReceiver:
     """The decode side: joins prefill servers and receives each request's KV into a host buffer."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, timeout_s: float):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, timeout_s: float,
+                 max_pending: int = 64):
+        """`max_pending`: requests that may wait for their KV at once (the scheduler's slots); each waits on a
+        thread of its own."""
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.dtype = dtype
         self.timeout = timedelta(seconds=timeout_s)
@@ -248,13 +280,25 @@ class KVReceiver:
         self.stats = TransferStats()
         self.done: queue.SimpleQueue[Received] = queue.SimpleQueue()
         self._peers: dict[tuple[str, int], _Peer] = {}
+        # id(handle) -> (handle, event set when the request ended meanwhile); holding the handle keeps its id unique
+        self._cancel: dict[int, tuple[object, threading.Event]] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_TRANSFERS, thread_name_prefix="kv-recv")
+        self._pool = ThreadPoolExecutor(max_pending + 8, thread_name_prefix="kv-recv")  # + cancelled ones draining
 
     def expect(self, handle: object, boot: Bootstrap, skip: int, num: int) -> None:
         """Receive KV for prompt positions [skip, skip + num) of room `boot.room` from the prefill server at
         `boot.host:boot.port`; the outcome arrives on `done` as a `Received` carrying `handle`."""
-        self._pool.submit(self._receive, handle, boot, skip, num)
+        cancelled = threading.Event()
+        with self._lock:
+            self._cancel[id(handle)] = (handle, cancelled)
+        self._pool.submit(self._receive, handle, boot, skip, num, cancelled)
+
+    def cancel(self, handle: object) -> None:
+        """The request ended before its KV came: stop waiting (nothing of it arrives on `done`)."""
+        with self._lock:
+            _, cancelled = self._cancel.pop(id(handle), (None, None))
+        if cancelled is not None:
+            cancelled.set()
 
     def poll(self) -> list[Received]:
         out = []
@@ -264,32 +308,47 @@ class KVReceiver:
             except queue.Empty:
                 return out
 
-    def _receive(self, handle: object, boot: Bootstrap, skip: int, num: int) -> None:
+    def _receive(self, handle: object, boot: Bootstrap, skip: int, num: int, cancelled: threading.Event) -> None:
         peer = None
         try:
+            if cancelled.is_set():
+                return
             peer = self._peer(boot.host, boot.port)
+            tag = peer.next_tag()
+            reg = json.dumps({"pair": peer.pair, "tag": tag, "skip": skip})
+            peer.store.set(_room_key(boot.room), reg)
+            raw = _wait_key(peer.store, _meta_key(boot.room), cancelled=cancelled)
+            if raw is None:  # cancelled: unless the prefill side has claimed the room already, that is all
+                if peer.store.compare_set(_room_key(boot.room), reg, CANCELLED) == CANCELLED.encode():
+                    return
+                raw = _wait_key(peer.store, _meta_key(boot.room), self.timeout_s)  # it is sending: take it
+            first = FirstToken.loads(raw)
+            peer.store.delete_key(_meta_key(boot.room))
+            peer.store.delete_key(_room_key(boot.room))
+            if first.error is not None:
+                self._deliver(cancelled, Received(handle, skip, None, None, f"the prefill server failed it: "
+                                                                         f"{first.error}"))
+                return
             layers, heads, dim = self.shape
             buf = torch.empty((2, layers, num, heads, dim), dtype=self.dtype)
-            tag = peer.next_tag()
-            work = peer.group.recv([buf], 0, tag) if num else None
-            peer.store.set(_room_key(boot.room), json.dumps({"pair": peer.pair, "tag": tag, "skip": skip}))
-            first = FirstToken.loads(_wait_key(peer.store, _meta_key(boot.room), self.timeout_s))
-            peer.store.delete_key(_meta_key(boot.room))
-            if first.error is not None:
-                self.done.put(Received(handle, skip, None, None, f"the prefill server failed it: {first.error}"))
-                return
             start = time.monotonic()
-            if work is not None:
-                work.wait(self.timeout)
+            if num:
+                peer.group.recv([buf], 0, tag).wait(self.timeout)
             self.stats.record(buf.numel() * buf.element_size(), time.monotonic() - start)
-            self.done.put(Received(handle, skip, buf, first))
+            self._deliver(cancelled, Received(handle, skip, buf, first))
         except Exception as exc:  # noqa: BLE001 - every failure ends this request only, with what happened
             self.stats.failures += 1
             if peer is not None:
                 self._forget(peer)
             where = f"{boot.host}:{boot.port}"
-            self.done.put(Received(handle, skip, None, None, f"KV transfer from the prefill server at {where} "
-                                                             f"failed: {exc}"))
+            self._deliver(cancelled, Received(handle, skip, None, None, f"KV transfer from the prefill server at "
+                                                                     f"{where} failed: {exc}"))
+
+    def _deliver(self, cancelled: threading.Event, received: Received) -> None:
+        with self._lock:
+            if self._cancel.get(id(received.token), (None, None))[1] is cancelled:
+                del self._cancel[id(received.token)]
+        self.done.put(received)
 
     def _peer(self, host: str, port: int) -> _Peer:
         with self._lock:

@@ -164,6 +164,7 @@ class Scheduler:
             self.running.remove(req)
         elif req.status is ReqStatus.RECEIVING:
             self.receiving.remove(req)
+            self.kv_receiver.cancel(req)
         else:
             self.waiting.remove(req)
         if self.kv_sender is not None and req.bootstrap is not None:
