@@ -214,6 +214,8 @@ def main() -> None:
             for fleet in fleets if i % 2 == 0 else fleets[::-1]:
                 print(f"{fleet.name}: {len(requests)} requests at {rate:g} req/s ...", file=sys.stderr, flush=True)
                 results[fleet.name][f"{rate:g}"] = out = run(fleet, requests, rate)
+                print(f"  goodput {out['goodput_rps']:.3f} req/s, attainment {out['attainment']:.0%}, TTFT p50 "
+                      f"{out['ttft_s']['p50']:.2f} s, TPOT p99 {out['tpot_ms']['p99']:.0f} ms", file=sys.stderr)
                 if out["failed"]:
                     print(f"  {out['failed']} failed, e.g. {out['errors'][0]}", file=sys.stderr)
         for fleet in fleets:
