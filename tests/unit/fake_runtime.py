@@ -126,7 +126,8 @@ class Rig:
     """A scheduler with a real cache manager over a tiny KV pool, driven by a fake runner."""
 
     def __init__(self, pool_size: int = 2048, max_context: int | None = None, disable_radix_cache: bool = False,
-                 script: dict[str, list[int]] | None = None, length_scorer=None, **scheduler_options) -> None:
+                 script: dict[str, list[int]] | None = None, length_scorer=None, kv_sender=None,
+                 **scheduler_options) -> None:
         self.config = SchedulerConfig(**scheduler_options)
         self.max_context = max_context or pool_size
         kv = KVPool(pool_size, num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float32, device=CPU)
@@ -135,7 +136,7 @@ class Rig:
         self.cache = CacheManager(kv, req_to_token, prefix_cache)
         self.scheduler = Scheduler(self.config, self.cache, FakeTokenizer(),
                                    RequestLimits(self.max_context, pool_size, vocab_size=100_000),
-                                   length_scorer=length_scorer)
+                                   length_scorer=length_scorer, kv_sender=kv_sender)
         self.runner = FakeRunner(script)
         self.t0 = time.monotonic()
         self.reqs: dict[str, Req] = {}
@@ -148,12 +149,12 @@ class Rig:
 
     # -- driving -----------------------------------------------------------------------------------------------
     def add(self, rid: str, prompt: Iterable[int], max_new_tokens: int = 4, arrival: float | None = None,
-            priority: int = 0, **kwargs) -> Req:
+            priority: int = 0, bootstrap=None, **kwargs) -> Req:
         """Queue a request. `arrival` is in seconds relative to when the rig was built (negative: it has been
         waiting that long); by default requests arrive 1 ms apart in the order they are added."""
         offset = arrival if arrival is not None else len(self.reqs) * 1e-3
         req = make_req(rid, prompt, max_new_tokens, arrival=self.t0 + offset, **kwargs)
-        req.priority = priority
+        req.priority, req.bootstrap = priority, bootstrap
         self.scheduler.add_request(req)
         self.reqs[rid] = req
         return req

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from radixflow.runtime.request import FinishReason, ReqStatus
+from radixflow.runtime.request import Bootstrap, FinishReason, ReqStatus
 from radixflow.runtime.scheduler.policy import POLICIES
 from radixflow.runtime.scheduler.scheduler import SHARED_PREFIX_DEFER_TOKENS
 from tests.unit.fake_runtime import Rig, expected_tokens, tokens
@@ -244,6 +244,47 @@ def test_chunked_prefill_splits_a_long_prompt_while_decodes_keep_going():
     assert rig.reqs["long"].num_output == 1  # nothing was sampled before the last chunk
     rig.run()
     assert rig.tokens["long"] == expected_tokens("long", 2) and rig.tokens["d"] == expected_tokens("d", 20)
+
+
+class RecordingSender:
+    """A prefill server's KV sender that records what would go to the decode server."""
+
+    def __init__(self):
+        self.sent: list[tuple[int, int | None, int]] = []  # room, first token, KV positions
+
+    def registration(self, room: int) -> None:
+        return None
+
+    def send(self, boot, first, kv, skip) -> None:
+        self.sent.append((boot.room, first.token, 0 if kv is None else kv.shape[2]))
+
+
+def test_a_prefill_server_lets_a_short_prompt_share_the_steps_of_a_long_one():
+    """Shortest remaining prefill first on a prefill server: a short prompt arriving during a long chunked prefill
+    is admitted at once into half the step's budget; the long prompt keeps the other half and still finishes."""
+    sender = RecordingSender()
+    rig = Rig(chunked_prefill_size=64, kv_sender=sender)
+    rig.add("long", tokens(100, 400), max_new_tokens=8, bootstrap=Bootstrap("h", 1, 1))
+    rig.step()
+    rig.step()
+    rig.add("short", tokens(1000, 20), max_new_tokens=8, bootstrap=Bootstrap("h", 1, 2))
+    rig.add("medium", tokens(2000, 300), max_new_tokens=8, bootstrap=Bootstrap("h", 1, 3))
+    step = rig.step()
+    assert [(c.rid, c.num_new) for c in step.chunks] == [("short", 20), ("long", 44)]
+    rig.run()
+    # Every request stops after its first token (the prefill phase), and its whole prompt's KV is sent.
+    assert {rid: len(t) for rid, t in rig.tokens.items()} == {"long": 1, "short": 1, "medium": 1}
+    assert sorted(sender.sent) == [(1, expected_tokens("long", 1)[0], 400), (2, expected_tokens("short", 1)[0], 20),
+                                   (3, expected_tokens("medium", 1)[0], 300)]
+    assert rig.admission_step["medium"] > rig.admission_step["short"]  # longer than what "long" had left
+
+
+def test_a_colocated_server_finishes_the_in_flight_chunk_first():
+    rig = Rig(chunked_prefill_size=64)
+    rig.add("long", tokens(100, 400), max_new_tokens=2)
+    rig.step()
+    rig.add("short", tokens(1000, 20), max_new_tokens=2)
+    assert [c.rid for c in rig.step().chunks] == ["long"]
 
 
 def test_continuing_chunks_shrink_as_their_context_grows():

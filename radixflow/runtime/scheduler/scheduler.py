@@ -186,6 +186,8 @@ class Scheduler:
             self._finish_transfers()
         budget = self.config.chunked_prefill_size if self.config.enable_chunked_prefill else UNCHUNKED_BUDGET
         budget = self._schedule_decodes(batch, budget)
+        if self.kv_sender is not None:
+            budget = self._admit_shorter_prompts(batch, budget)
         budget = self._schedule_inflight(batch, budget)
         if self.kv_receiver is not None:
             self._admit_transfers()
@@ -266,6 +268,20 @@ class Scheduler:
             budget -= cost
         return budget
 
+    def _admit_shorter_prompts(self, batch: ScheduledBatch, budget: int) -> int:
+        """Prefill server: waiting prompts shorter than what an in-flight chunked prefill has left go first, in up
+        to half the step's budget. A prefill server runs no decodes, so its one latency figure is time to first
+        token, and shortest-remaining-first is what minimises its mean: a chat turn that arrives while a
+        4,000-token prompt is being prefilled shares the next step with it instead of waiting out the whole prompt.
+        The long prompt keeps at least half of every step, so it is slowed, never starved. (A colocated server
+        keeps Sarathi's order, in-flight chunks first, which bounds how many prompts hold partial KV at once.)"""
+        inflight = [r.num_pending for r in self.running if r.num_pending > 1]
+        if not inflight or not self.waiting:
+            return budget
+        share = budget // 2
+        left = self._admit_waiting(batch, share, shorter_than=min(inflight))
+        return budget - (share - left)
+
     def _continuing_chunk(self, req: Req, budget: int) -> tuple[int, int]:
         """Tokens of the next chunk of a running request with several pending tokens (a prompt prefilled in
         chunks, or text jump-forward appended), and the budget they use. Each token also attends to the context
@@ -280,9 +296,11 @@ class Scheduler:
         num = min(req.num_pending, max(1, int(budget / per_token)))  # some progress every step, however long
         return num, min(budget, math.ceil(num * per_token))
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, shorter_than: int | None = None) -> int:
+        """Admit waiting requests in policy order within `budget` tokens (only those with fewer than
+        `shorter_than` tokens to prefill, if given); returns the budget left."""
         if not self.waiting:
-            return
+            return budget
         ctx = PolicyContext(self.cache.match, self._rng)
         now = time.monotonic()
         starved_before = now - self.config.starvation_timeout_s
@@ -300,17 +318,21 @@ class Scheduler:
             # Match again: admitting an earlier request may have evicted what the policy saw cached.
             match = self.cache.match(req)
             extend = req.num_tokens - len(match)
+            if shorter_than is not None and extend >= shorter_than:
+                continue
             num = min(extend, budget)
             # Without chunking a prompt is prefilled whole; a step still takes at most one context of prefill.
             if num <= 0 or (prefill_tokens and prefill_tokens + num > self.limits.max_context):
                 break
             # Compared with every prefill of this step, the in-flight chunk included: its tokens are not cached yet.
             prefilling = [s.req for s in batch.reqs if not s.is_decode]
+            if shorter_than is not None:  # the in-flight chunks come after these in this step
+                prefilling += [r for r in self.running if r.num_pending > 1]
             if self._shares_uncached_prefix(req, len(match), prefilling):
                 continue
             while not self._try_admit(req, match, num, extend, batch):
                 if not self._preempt_for(req, batch, starved_before):
-                    return
+                    return budget
                 match = self.cache.match(req)  # the victim's KV went back to the tree: more may be cached now
                 extend = req.num_tokens - len(match)
                 num = min(extend, budget)
@@ -318,6 +340,7 @@ class Scheduler:
             budget -= num
             if num < extend:
                 break  # this request is now the one in-flight chunked prefill
+        return budget
 
     def _has_slot(self) -> bool:
         return (len(self.running) + len(self.receiving) < self.config.max_running_requests
