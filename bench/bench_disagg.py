@@ -203,6 +203,7 @@ def main() -> None:
     from radixflow.runtime.tokenizer import load_tokenizer
 
     requests = workload(args.requests, args.long_fraction, len(load_tokenizer(resolve_model(None))))
+    env = {**environment(), "threads": "1 per server"}  # the commit the servers start from
     logs = Path(tempfile.mkdtemp(prefix="bench-disagg-"))
     fleets = []
     try:
@@ -225,7 +226,6 @@ def main() -> None:
         for fleet in fleets:
             fleet.stop()
     n_long = sum(len(r.prompt_ids) >= LONG[0] for r in requests)
-    env = {**environment(), "threads": "1 per server"}
     print(f"{len(requests)} requests ({n_long} long), SLO TTFT <= {TTFT_SLO_S:g} s, TPOT <= {TPOT_SLO_S * 1e3:g} ms; "
           f"{env}")
     report(results, rates)
