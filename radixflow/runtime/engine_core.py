@@ -226,7 +226,7 @@ class EngineCore:
             self.scheduler.abort_all(f"internal scheduler error: {exc}")
             return self.scheduler.drain_outputs()
         if not batch:
-            self.scheduler.wait_for_grammars(timeout=0.01)  # nothing runnable: do not spin while grammars compile
+            self.scheduler.wait_for_work(timeout=0.01)  # nothing runnable: grammars compiling or KV on the way
             return self.scheduler.drain_outputs()
         try:
             output = self.runner.run(batch)

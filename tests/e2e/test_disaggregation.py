@@ -108,8 +108,11 @@ def test_a_decode_request_waits_for_a_slow_prefill_as_long_as_its_own_deadline(e
     boot = {**_room(), "bootstrap_port": port}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(decode.generate, "a prompt prefilled late", GREEDY, **boot)
+        cpu = time.process_time()
         concurrent.futures.wait([answer], timeout=6.5)  # longer than the transfer timeout
         assert not answer.done()
+        # Nothing to run but KV on the way: the decode engine sleeps instead of spinning a core (which it did).
+        assert time.process_time() - cpu < 1.5
         first = prefill.generate("a prompt prefilled late", GREEDY, **boot)
         assert answer.result(timeout=30)["output_ids"][:1] == first["output_ids"]
     nobody = decode.generate("nobody prefills this prompt", GREEDY, timeout=1.5, **boot | _room())

@@ -279,6 +279,7 @@ class KVReceiver:
         self.timeout_s = timeout_s
         self.stats = TransferStats()
         self.done: queue.SimpleQueue[Received] = queue.SimpleQueue()
+        self._arrived = threading.Event()  # set with each `done` entry, cleared by `poll`
         self._peers: dict[tuple[str, int], _Peer] = {}
         # id(handle) -> (handle, event set when the request ended meanwhile); holding the handle keeps its id unique
         self._cancel: dict[int, tuple[object, threading.Event]] = {}
@@ -300,7 +301,12 @@ class KVReceiver:
         if cancelled is not None:
             cancelled.set()
 
+    def wait(self, timeout: float) -> None:
+        """Sleep until a transfer ends (or `timeout`): a decode server with nothing to run but KV on the way."""
+        self._arrived.wait(timeout)
+
     def poll(self) -> list[Received]:
+        self._arrived.clear()
         out = []
         while True:
             try:
@@ -349,6 +355,7 @@ class KVReceiver:
             if self._cancel.get(id(received.token), (None, None))[1] is cancelled:
                 del self._cancel[id(received.token)]
         self.done.put(received)
+        self._arrived.set()
 
     def _peer(self, host: str, port: int) -> _Peer:
         with self._lock:

@@ -220,11 +220,14 @@ class Scheduler:
                 self._end(req, FinishReason("abort", message=f"{kind}: grammar compilation exceeded "
                                                              f"{self.config.grammar_compile_timeout_s} s"))
 
-    def wait_for_grammars(self, timeout: float) -> None:
-        """Called when a step had nothing to run: sleep until a pending grammar compiles (or `timeout`)."""
+    def wait_for_work(self, timeout: float) -> None:
+        """Called when a step had nothing to run: sleep until a pending grammar compiles or a KV transfer arrives
+        (or `timeout`), instead of spinning a core the model's threads need."""
         pending = [r.grammar_future for r in self.waiting if r.grammar_future is not None]
         if pending:
             concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        elif self.receiving:
+            self.kv_receiver.wait(timeout)
 
     def _schedule_decodes(self, batch: ScheduledBatch, budget: int) -> int:
         decoding = [r for r in self.running if r.num_pending == 1]
