@@ -157,6 +157,7 @@ def plot(results: dict, rates: list[float], path: Path) -> None:
         ax2.plot(rates, [x["tpot_ms"]["p99"] for x in runs], style, label=name)
     ax1.set(xlabel="request rate (req/s)", ylabel="goodput (req/s within SLO)",
             title=f"Goodput, TTFT <= {TTFT_SLO_S:g} s and TPOT <= {TPOT_SLO_S * 1e3:g} ms")
+    ax1.set_ylim(bottom=0)
     ax2.set(xlabel="request rate (req/s)", ylabel="p99 TPOT (ms)", yscale="log", title="p99 time per output token")
     ax2.axhline(TPOT_SLO_S * 1e3, color="grey", linestyle=":", label="TPOT SLO")
     for ax in (ax1, ax2):
@@ -196,8 +197,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per run")
     parser.add_argument("--long-fraction", type=float, default=0.25)
     parser.add_argument("--png", type=Path, default=REPO / "bench" / "figures" / "disagg_goodput.png")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="report and draw a saved --json; run nothing")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        print(saved["env"])
+        report(saved["results"], saved["rates"])
+        plot(saved["results"], saved["rates"], args.png)
+        print(f"\nfigure: {args.png}")
+        return
     rates = [float(r) for r in args.rates.split(",")]
     from radixflow.runtime.model_source import resolve_model
     from radixflow.runtime.tokenizer import load_tokenizer
