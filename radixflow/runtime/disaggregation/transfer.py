@@ -295,7 +295,8 @@ class KVReceiver:
         self._pool.submit(self._receive, handle, boot, skip, num, cancelled)
 
     def cancel(self, handle: object) -> None:
-        """The request ended before its KV came: stop waiting (nothing of it arrives on `done`)."""
+        """The request ended before its KV came: stop waiting. A transfer the prefill side had already claimed
+        still completes (keeping the pair's gloo traffic in step) and arrives on `done` for the ended request."""
         with self._lock:
             _, cancelled = self._cancel.pop(id(handle), (None, None))
         if cancelled is not None:
