@@ -182,7 +182,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system")
     parser.add_argument("--parallel", type=int, default=32, help="programs in flight on systems that batch")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "figures" / "suite")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSONL",
+                        help="print the table and draw the charts of saved results.jsonl files (the later file's "
+                             "rows replace the earlier's for the same workload and system) into --out; run nothing")
     args = parser.parse_args(argv)
+    if args.replot:
+        merged = {}
+        for path in args.replot:
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                merged[row["workload"], row["system"]] = row
+        rows = sorted(merged.values(), key=lambda r: [w.name for w in WORKLOADS].index(r["workload"]))
+        report(rows, list(dict.fromkeys(r["system"] for r in rows)), args.out, "saved results")
+        return
     workloads = WORKLOADS
     if args.only:
         unknown = [w for w in args.only.split(",") if w not in BY_NAME]
@@ -220,12 +232,18 @@ def main(argv: list[str] | None = None) -> None:
         for system in systems:
             system.close()
     print(f"{env['command']} at {env['commit']}, {env['machine']}, {env['versions']}\n")
-    print(table(rows, [s.name for s in systems]))
+    report(rows, [s.name for s in systems], args.out,
+           f"{'quick' if args.quick else 'full'} suite, {env['commit']}, {args.threads} threads")
+    print(f"results: {args.out / 'results.jsonl'}")
+
+
+def report(rows: list[dict], systems: list[str], out_dir: Path, title: str) -> None:
+    print(table(rows, systems))
     print()
     print("\n".join(verdicts(rows)))
-    plot(rows, [s.name for s in systems], args.out,
-         f"{'quick' if args.quick else 'full'} suite, {env['commit']}, {args.threads} threads")
-    print(f"\nresults: {args.out / 'results.jsonl'}; charts: {args.out / 'throughput.png'}, {args.out / 'latency.png'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(rows, systems, out_dir, title)
+    print(f"\ncharts: {out_dir / 'throughput.png'}, {out_dir / 'latency.png'}")
 
 
 if __name__ == "__main__":

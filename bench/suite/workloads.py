@@ -302,21 +302,18 @@ def retrieve(question: str, k: int = 3) -> list[str]:
 
 
 @sgl.function
-def rag(s, question):
+def rag(s, town):
+    question = f"What is {town} best known for?"
     context = "\n".join(f"- {doc}" for doc in retrieve(question))
-    s += ("Answer the question in a few words, using only the documents below.\n\n"
-          f"Documents:\n{context}\n\nQuestion: {question}\nAnswer:")
-    s += sgl.gen("answer", max_tokens=16, stop="\n", temperature=0)
+    s += ("Answer the question using only the documents below.\n\n"
+          f"Documents:\n{context}\n\nQuestion: {question}\nAnswer: {town} is best known for its")
+    s += sgl.gen("answer", max_tokens=8, stop=["\n", "."], temperature=0)
 
 
 def _rag_make(n, seed):
     towns = data.corpus(400)
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        t = rng.choice(towns)
-        out.append(({"question": f"What is {t.name} best known for?"}, t.product))
-    return out
+    return [({"town": t.name}, t.product) for t in (rng.choice(towns) for _ in range(n))]
 
 
 WORKLOADS = [

@@ -34,6 +34,13 @@ def test_every_workload_runs_and_writes_results(tiny_model_dir, tmp_path, capsys
         assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "| mmlu | radixflow |" in out and "mmlu: radixflow" in out  # the table and the verdicts
+    main(["--replot", str(tmp_path / "results.jsonl"), "--out", str(tmp_path / "again")])
+    assert table_lines(capsys.readouterr().out) == table_lines(out)  # the same table from the saved rows
+    assert (tmp_path / "again" / "throughput.png").exists()
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ")]
 
 
 def _answers(workload, backend, items):
