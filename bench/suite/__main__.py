@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
                 row = json.loads(line)
                 merged[row["workload"], row["system"]] = row
         rows = sorted(merged.values(), key=lambda r: [w.name for w in WORKLOADS].index(r["workload"]))
-        report(rows, list(dict.fromkeys(r["system"] for r in rows)), args.out, "saved results")
+        size = "quick" if "--quick" in rows[0]["command"] else "full"
+        report(rows, list(dict.fromkeys(r["system"] for r in rows)), args.out,
+               f"{size} suite, {rows[0]['commit']} (saved results), {rows[0]['machine']['cpu']}")
         return
     workloads = WORKLOADS
     if args.only:
