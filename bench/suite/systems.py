@@ -229,7 +229,12 @@ def make_system(name: str, model: str | None, threads: int, parallel: int) -> Sy
     if name == "llama.cpp":
         return System(name, LlamaCppBackend(model, threads), 1, notes=["regex not applied"])
     if name.startswith("openai:"):
+        import openai
+
         url = name.split(":", 1)[1]
-        backend = sgl.OpenAI("default", is_chat_model=False, base_url=url, api_key="none")
+        served = openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id  # vLLM wants its exact name
+        # Completion mode, the roles rendered with the model's own template (the server serves the same model).
+        backend = sgl.OpenAI(served, is_chat_model=False, base_url=url, api_key="none",
+                             chat_template=_template(load_tokenizer(resolve_model(model))))
         return System(name, backend, parallel)
     raise ValueError(f"--baselines: unknown system {name!r}; choose from {', '.join(BASELINES)} or openai:URL")
