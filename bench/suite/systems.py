@@ -148,6 +148,12 @@ class LlamaCppBackend(RuntimeBackend):
     def cache_prefix(self, text: str) -> None:
         """Its prompt reuse needs no warming call."""
 
+    def flush_cache(self) -> bool:
+        """Forget the previous prompt, so a run does not start from the warm-up's prefix."""
+        with self._lock:
+            self.llm.reset()
+        return True
+
     def _generate(self, prompts, params, logprob):
         with self._lock:
             return [self._one(p, q, logprob) for p, q in zip(prompts, params, strict=True)]
@@ -196,8 +202,7 @@ class System:
     notes: list[str] = field(default_factory=list)
 
     def flush(self) -> None:
-        if self.engine is not None:
-            self.engine.flush_cache()
+        self.backend.flush_cache()
 
     def counters(self) -> tuple[int, int] | None:
         if self.engine is None:
