@@ -71,29 +71,18 @@ def _input_logprobs(logits: torch.Tensor, ids: list[int], start: int, tokenizer)
     return out
 
 
-class TransformersBackend(RuntimeBackend):
-    """HF transformers, one call at a time (a lock serialises forked branches)."""
+class _OneAtATime(RuntimeBackend):
+    """A baseline that serves each call alone (a lock serialises forked branches): tokenise as radixflow does,
+    score the prompt when logprobs are asked for, generate unless `max_new_tokens` is 0. Subclasses give the
+    prompt's logits (`_logits`) and a generation (`_complete`)."""
 
-    def __init__(self, model_path: str | None):
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        source = resolve_model(model_path)
-        self.tokenizer = load_tokenizer(source)
-        path = source.path
-        if path.is_file():  # a GGUF file: transformers dequantizes it to fp32
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                           dtype=torch.float32)
-        else:
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        self.model.eval()
-        self.chat_template = _template(self.tokenizer)
-        self.eos = self.tokenizer.eos_token_id
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.chat_template = _template(tokenizer)
         self._lock = threading.Lock()
 
     def cache_prefix(self, text: str) -> None:
-        """No cache to warm."""
+        """No radix cache to warm."""
 
     def _generate(self, prompts, params, logprob):
         with self._lock, torch.inference_mode():
@@ -105,12 +94,45 @@ class TransformersBackend(RuntimeBackend):
         new = 128 if new is None else new
         input_lps = None
         if logprob.get("return_logprob"):
-            logits = self.model(torch.tensor([ids])).logits[0]
             start = logprob.get("logprob_start_len", -1)
-            input_lps = _input_logprobs(logits, ids, len(ids) - 1 if start is None or start < 0 else start,
+            input_lps = _input_logprobs(self._logits(ids), ids, len(ids) - 1 if start is None or start < 0 else start,
                                         self.tokenizer)
         if new == 0:
             return _result("", len(ids), 0, {"type": "length", "matched": None}, input_lps)
+        text, completion, finish = self._complete(ids, new, params)
+        return _result(text, len(ids), completion, finish, input_lps)
+
+    def _logits(self, ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _complete(self, ids: list[int], new: int, params: dict) -> tuple[str, int, dict]:
+        """(text with stop strings cut, generated token count, finish reason)."""
+        raise NotImplementedError
+
+
+class TransformersBackend(_OneAtATime):
+    """HF transformers: `generate`, one call at a time."""
+
+    def __init__(self, model_path: str | None):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        source = resolve_model(model_path)
+        super().__init__(load_tokenizer(source))
+        path = source.path
+        if path.is_file():  # a GGUF file: transformers dequantizes it to fp32
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                           dtype=torch.float32)
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        self.model.eval()
+        self.eos = self.tokenizer.eos_token_id
+
+    def _logits(self, ids):
+        return self.model(torch.tensor([ids])).logits[0]
+
+    def _complete(self, ids, new, params):
         stops = _stops(params)
         x = torch.tensor([ids])
         out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
@@ -124,10 +146,10 @@ class TransformersBackend(RuntimeBackend):
         text, stop = _cut(self.tokenizer.decode(out, skip_special_tokens=True), stops)
         if stop is not None:
             finish = {"type": "stop", "matched": stop}
-        return _result(text, len(ids), len(out), finish, input_lps)
+        return text, len(out), finish
 
 
-class LlamaCppBackend(RuntimeBackend):
+class LlamaCppBackend(_OneAtATime):
     """llama.cpp through llama-cpp-python on the same GGUF file, one call at a time."""
 
     def __init__(self, model_path: str | None, threads: int, n_ctx: int = 8192):
@@ -136,17 +158,12 @@ class LlamaCppBackend(RuntimeBackend):
         source = resolve_model(model_path)
         if not source.path.is_file():
             raise ValueError("llama.cpp needs a GGUF file")
-        self.tokenizer = load_tokenizer(source)
+        super().__init__(load_tokenizer(source))
         kwargs = dict(model_path=str(source.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                       verbose=False)
         self.llm = Llama(**kwargs)
         self._scorer_args = kwargs
         self._scorer = None  # made on the first select: keeping every position's logits slows plain generation
-        self.chat_template = _template(self.tokenizer)
-        self._lock = threading.Lock()
-
-    def cache_prefix(self, text: str) -> None:
-        """Its prompt reuse needs no warming call."""
 
     def flush_cache(self) -> bool:
         """Forget the previous prompt, so a run does not start from the warm-up's prefix."""
@@ -154,19 +171,16 @@ class LlamaCppBackend(RuntimeBackend):
             self.llm.reset()
         return True
 
-    def _generate(self, prompts, params, logprob):
-        with self._lock:
-            return [self._one(p, q, logprob) for p, q in zip(prompts, params, strict=True)]
+    def _logits(self, ids):
+        from llama_cpp import Llama
 
-    def _one(self, prompt, params: dict, logprob: dict) -> dict:
-        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=True)
-        new = params.get("max_new_tokens")
-        new = 128 if new is None else new
-        input_lps = None
-        if logprob.get("return_logprob"):
-            input_lps = self._score(ids, logprob.get("logprob_start_len", -1))
-        if new == 0:
-            return _result("", len(ids), 0, {"type": "length", "matched": None}, input_lps)
+        if self._scorer is None:
+            self._scorer = Llama(**self._scorer_args, logits_all=True)
+        self._scorer.reset()
+        self._scorer.eval(ids)
+        return torch.from_numpy(self._scorer.scores[:len(ids)].copy())
+
+    def _complete(self, ids, new, params):
         grammar = None
         if params.get("json_schema"):
             from llama_cpp import LlamaGrammar
@@ -178,17 +192,7 @@ class LlamaCppBackend(RuntimeBackend):
                                          if params.get("ignore_eos") else None)
         choice = out["choices"][0]
         finish = {"type": "stop" if choice["finish_reason"] == "stop" else "length", "matched": None}
-        return _result(choice["text"], len(ids), out["usage"]["completion_tokens"], finish, input_lps)
-
-    def _score(self, ids: list[int], start: int | None) -> list[tuple]:
-        from llama_cpp import Llama
-
-        if self._scorer is None:
-            self._scorer = Llama(**self._scorer_args, logits_all=True)
-        self._scorer.reset()
-        self._scorer.eval(ids)
-        logits = torch.from_numpy(self._scorer.scores[:len(ids)].copy())
-        return _input_logprobs(logits, ids, len(ids) - 1 if start is None or start < 0 else start, self.tokenizer)
+        return choice["text"], out["usage"]["completion_tokens"], finish
 
 
 @dataclass

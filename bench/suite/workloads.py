@@ -53,11 +53,12 @@ def mmlu(s, subject, question):
 
 def _mmlu_make(n, seed):
     rng = random.Random(seed)
-    subjects = list(data.mmlu_subjects())
+    subjects = data.mmlu_subjects()
+    names = list(subjects)
     out = []
     for i in range(n):
-        subject = subjects[i % len(subjects)]
-        item = data.mmlu_subjects()[subject](rng)
+        subject = names[i % len(names)]
+        item = subjects[subject](rng)
         out.append(({"subject": subject, "question": _mc_block(item)}, data.letters(4)[item.answer]))
     return out
 
