@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -55,7 +56,8 @@ class Engine:
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
                  rid: str | list[str] | None = None, return_text_in_logprobs: bool = False,
                  timeout: float | None = None, priority: int | None = None, bootstrap_host: str | None = None,
-                 bootstrap_port: int | None = None, bootstrap_room: int | None = None):
+                 bootstrap_port: int | None = None, bootstrap_room: int | None = None,
+                 session_id: str | None = None):
         """Generate for one prompt (returns a dict) or a batch (a flat list of dicts, prompt by prompt).
 
         The shapes are `POST /generate`'s (radixflow/entrypoints/generate.py): a prompt with `n > 1` gives a list
@@ -63,13 +65,14 @@ class Engine:
         `timeout` (seconds): a request not finished by then ends with finish_reason abort ("timeout: ...").
         `priority`: with priority scheduling, lower values are served first. `bootstrap_*`: a disaggregated
         engine's request (its prefill server's bootstrap address and the transfer's room; docs/disaggregation.md).
+        `session_id`: the cache retains the request's KV for that session (`open_session`; docs/hicache.md).
         """
         normalized = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
                                    return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                                    top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
                                    stream=stream, timeout=timeout, priority=priority, bootstrap_host=bootstrap_host,
-                                   bootstrap_port=bootstrap_port, bootstrap_room=bootstrap_room
-                                   ).normalize(text_field="prompt")
+                                   bootstrap_port=bootstrap_port, bootstrap_room=bootstrap_room,
+                                   session_id=session_id).normalize(text_field="prompt")
         reqs = normalized.build(self.tokenizer, self.core.loaded.eos_ids, self.limits)
         if normalized.stream:
             return self._stream(reqs[0])
@@ -104,6 +107,17 @@ class Engine:
     def flush_cache(self) -> bool:
         """Drop the prefix cache; returns False (and does nothing) while requests are running."""
         return self._call(self.core.scheduler.flush_cache)
+
+    def open_session(self, session_id: str | None = None, ttl_s: float | None = None) -> str:
+        """Open a session (or set an open one's TTL) and return its id (a new one if none is given). Requests that
+        carry it (`session_id=`) have their KV retained until `close_session` or `ttl_s` seconds of idleness."""
+        session_id = session_id or f"session-{uuid.uuid4().hex}"
+        self._call(lambda: self.core.cache.open_session(session_id, ttl_s))
+        return session_id
+
+    def close_session(self, session_id: str) -> bool:
+        """Release a session's retained prefix; False if it was not open."""
+        return self._call(lambda: self.core.cache.close_session(session_id))
 
     def check_integrity(self) -> None:
         """Raise if any KV index leaked or is owned twice (runs on the engine thread)."""

@@ -47,13 +47,14 @@ class NormalizedInput:
     timeout: float | None = None  # seconds from now: past it, the engine ends the request (finish "abort")
     priority: int = 0
     bootstrap: Bootstrap | None = None  # disaggregated serving: the first request's; the k-th gets room + k
+    session_id: str | None = None
 
     def build(self, tokenizer, eos_ids: frozenset[int], limits: RequestLimits) -> list[Req]:
         """Tokenize and check every prompt; one `Req` per sample, flat, prompt-major."""
         reqs = [req for p in self.prompts for req in _build(tokenizer, eos_ids, limits, p, self.logprob_options)]
         deadline = time.time() + self.timeout if self.timeout is not None else None
         for k, req in enumerate(reqs):
-            req.deadline, req.priority = deadline, self.priority
+            req.deadline, req.priority, req.session_id = deadline, self.priority, self.session_id
             if self.bootstrap is not None:
                 req.bootstrap = dataclasses.replace(self.bootstrap, room=(self.bootstrap.room + k) % MAX_ROOM)
         return reqs
@@ -64,6 +65,7 @@ class NormalizedInput:
 
 
 MAX_PRIORITY = 2**31 - 1
+MAX_SESSION_ID = 256  # characters
 MAX_ROOM = 2**63  # bootstrap_room: a non-negative 64-bit signed integer, as SGLang's router draws it
 
 
@@ -87,6 +89,9 @@ class GenerateInput:
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    # The cache retains this request's KV for the session until it is closed or idle past its TTL (radixflow's
+    # field; an id that is not open opens it).
+    session_id: str | None = None
 
     def normalize(self, text_field: str = "text") -> NormalizedInput:
         """Validate the shapes and the sampling parameters; raises InvalidRequestError naming the field
@@ -108,7 +113,8 @@ class GenerateInput:
         if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
             raise InvalidRequestError("priority", f"must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got "
                                                   f"{self.priority!r}")
-        return NormalizedInput(items, logprob, is_single, bool(self.stream), timeout, priority, self._bootstrap())
+        return NormalizedInput(items, logprob, is_single, bool(self.stream), timeout, priority, self._bootstrap(),
+                               check_session_id(self.session_id))
 
     def _bootstrap(self) -> Bootstrap | None:
         given = (self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
@@ -124,6 +130,13 @@ class GenerateInput:
         if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < MAX_ROOM:
             raise InvalidRequestError("bootstrap_room", f"must be an integer in [0, 2**63), got {room!r}")
         return Bootstrap(self.bootstrap_host, port, room)
+
+
+def check_session_id(session_id) -> str | None:
+    if session_id is not None and (not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID):
+        raise InvalidRequestError("session_id", f"must be a non-empty string of at most {MAX_SESSION_ID} "
+                                                f"characters, got {session_id!r}")
+    return session_id
 
 
 def logprob_options(return_logprob: bool, logprob_start_len: int, top_logprobs_num: int,

@@ -52,6 +52,27 @@ class CacheConfig:
     enable_cache_events: bool = _help(
         "log the radix cache's inserted and evicted prefixes (the last 1,024) for a router building its view of "
         "this server's cache from them (GET /cache_events; radixflow router --tree-source events)", default=False)
+    enable_hierarchical_cache: bool = _help(
+        "keep KV evicted from the device pool in a host-memory pool (L2) and, with --hicache-storage-backend, in "
+        "storage (L3); a match brings it back instead of computing it again", default=False)
+    hicache_ratio: float = _help("host pool size as a multiple of the device pool's", default=2.0)
+    hicache_size: float = _help("host pool size in GiB; overrides --hicache-ratio when > 0", default=0.0)
+    hicache_write_policy: str = _help(
+        "when KV is copied to the host pool: write_through (as it enters the cache), write_through_selective "
+        "(once it has been matched twice; cold entries are dropped, not demoted), write_back (when it is "
+        "evicted from the device pool)", default="write_through")
+    hicache_storage_backend: str | None = _help(
+        "storage tier (L3) for the hierarchical cache: file (a directory; survives restarts) or redis (a Redis "
+        "server several servers can share); pages of --page-size tokens keyed by a hash chain of the tokens",
+        default=None)
+    hicache_storage_backend_extra_config: str | None = _help(
+        "JSON options of the storage backend: file takes dir (default ~/.cache/radixflow/hicache); redis takes "
+        "url (default redis://127.0.0.1:6379/0), prefix, ttl_s", default=None)
+    page_size: int = _help("tokens per page of the storage tier (the device and host pools are token-granular)",
+                           default=64)
+    session_ttl_s: float = _help(
+        "a session (a request's session_id) whose last request finished this many seconds ago is closed and its "
+        "retained prefix released; POST /open_session may set its own", default=600.0)
 
 
 @dataclass(frozen=True)

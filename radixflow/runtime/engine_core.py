@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import logging
 import os
 import queue
@@ -22,10 +23,12 @@ import torch
 
 from radixflow.errors import InvalidRequestError
 from radixflow.runtime.cache.events import CacheEventLog
+from radixflow.runtime.cache.hiradix_cache import HiRadixCache
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.manager import CacheManager
-from radixflow.runtime.cache.prefix_cache import NoPrefixCache
+from radixflow.runtime.cache.prefix_cache import NoPrefixCache, PrefixCache
 from radixflow.runtime.cache.radix_cache import RadixCache
+from radixflow.runtime.cache.storage import KVPageStore, make_backend
 from radixflow.runtime.config import EngineConfig
 from radixflow.runtime.constrained.grammar import GrammarCompiler
 from radixflow.runtime.disaggregation.transfer import TRANSFER_BACKENDS, KVReceiver, KVSender
@@ -158,9 +161,8 @@ class EngineCore:
         self.max_context = min(config.model.context_length or args.max_position, args.max_position)
         kv = KVPool(pool_size, args.num_layers, args.num_kv_heads, args.head_dim, dtype, device)
         req_to_token = ReqToTokenPool(config.scheduler.max_running_requests, self.max_context + 1, device)
-        events = CacheEventLog(1024) if config.cache.enable_cache_events else None
-        prefix_cache = NoPrefixCache() if config.cache.disable_radix_cache else RadixCache(kv.free, events)
-        self.cache = CacheManager(kv, req_to_token, prefix_cache)
+        self.cache = CacheManager(kv, req_to_token, self._prefix_cache(kv, args, dtype),
+                                  config.cache.session_ttl_s)
         self.limits = RequestLimits(self.max_context, pool_size, args.vocab_size)
         self.grammar = GrammarCompiler(self.loaded.tokenizer, args.vocab_size, _primary_eos(self.loaded),
                                       config.scheduler.grammar_cache_size)
@@ -182,6 +184,44 @@ class EngineCore:
                                   config.scheduler.lazy_grammar_masks,
                                   forward=LeaderForward(self.loaded.model, self.tp) if self.tp else None)
         self._was_busy = False
+
+    def _prefix_cache(self, kv: KVPool, args: ModelArgs, dtype: torch.dtype) -> PrefixCache:
+        cc = self.config.cache
+        events = CacheEventLog(1024) if cc.enable_cache_events else None
+        if cc.disable_radix_cache:
+            if cc.enable_hierarchical_cache:
+                raise ValueError("enable_hierarchical_cache: needs the radix cache (drop --disable-radix-cache)")
+            return NoPrefixCache()
+        if not cc.enable_hierarchical_cache:
+            if cc.hicache_storage_backend is not None:
+                raise ValueError("hicache_storage_backend: needs --enable-hierarchical-cache")
+            return RadixCache(kv.free, events)
+        per_token = KVPool.bytes_per_token(args.num_layers, args.num_kv_heads, args.head_dim, dtype)
+        if cc.hicache_size > 0:
+            host_tokens = int(cc.hicache_size * 2**30 / per_token)
+        else:
+            host_tokens = int(kv.size * cc.hicache_ratio)
+        if host_tokens < 1:
+            raise ValueError(f"hicache_ratio / hicache_size: the host pool would hold {host_tokens} tokens")
+        on_gpu = kv.k[0].device.type == "cuda"
+        host = KVPool(host_tokens, args.num_layers, args.num_kv_heads, args.head_dim, dtype, torch.device("cpu"),
+                      pin_memory=on_gpu)
+        storage = None
+        if cc.hicache_storage_backend is not None:
+            backend = make_backend(cc.hicache_storage_backend, cc.hicache_storage_backend_extra_config)
+            shape = (2, args.num_layers, cc.page_size, args.num_kv_heads, args.head_dim)
+            storage = KVPageStore(backend, cc.page_size, self._kv_identity(args, dtype), shape, dtype)
+        return HiRadixCache(kv, host, cc.hicache_write_policy, storage, events)
+
+    def _kv_identity(self, args: ModelArgs, dtype: torch.dtype) -> str:
+        """What KV pages depend on: the weights (a digest of the token embeddings, which tell models apart), the
+        way the linear layers run, the KV layout and this rank's shard under tensor parallelism."""
+        mc = self.config.model
+        embedding = self.loaded.model.embed_tokens.weight.detach().to("cpu", torch.float32).contiguous()
+        weights = hashlib.sha256(embedding.view(torch.uint8).numpy().tobytes()).hexdigest()
+        rank = f"{self.tp.rank}/{self.tp.size}" if self.tp is not None else "0/1"
+        return (f"radixflow-kv-1|{weights}|{mc.weight_format}|{mc.quantization}|{args.num_layers}x"
+                f"{args.num_kv_heads}x{args.head_dim}|{dtype}|{self.config.cache.page_size}|tp{rank}")
 
     def _kv_transfer(self, args: ModelArgs, dtype: torch.dtype) -> tuple[KVSender | None, KVReceiver | None]:
         """Prefill/decode disaggregation: the prefill side's sender (it listens on the bootstrap port) or the
@@ -247,6 +287,9 @@ class EngineCore:
         for transfer in (self.kv_sender, self.kv_receiver):
             if transfer is not None:
                 transfer.close()
+        storage = getattr(self.cache.prefix_cache, "storage", None)
+        if storage is not None:
+            storage.close()
         if self.tp is not None:
             self.runner.forward.shutdown()
             for proc in self._followers:
@@ -274,7 +317,10 @@ class EngineCore:
                 "grammar_mask_us_per_row": 1e6 * masker.mask_seconds / max(masker.mask_rows, 1),
                 "grammar_lazy_refusals": masker.lazy_refusals,
                 "cached_tokens_in_tree": prefix_cache.total_size(),
-                "kv_evictable_tokens": prefix_cache.evictable_size()}
+                "kv_evictable_tokens": prefix_cache.evictable_size(),
+                "sessions_open": len(self.cache.sessions),
+                "session_retained_tokens": sum(prefix_cache.session_sizes().values()),
+                **prefix_cache.tier_stats()}
 
     def _transfer_stats(self) -> dict:
         transfer = self.kv_sender or self.kv_receiver

@@ -82,6 +82,7 @@ class Req:
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # wall-clock time (time.time(): both processes share the clock) to end it by
     priority: int = 0  # with priority scheduling, lower values go first (vLLM's convention)
+    session_id: str | None = None  # the cache retains this request's KV for its session (cache/manager.py)
     length_score: float = 0.0  # ltr: the ranker's score of the prompt (higher: a longer answer expected)
     bootstrap: Bootstrap | None = None  # disaggregated serving: the KV transfer (None once the KV has arrived)
 

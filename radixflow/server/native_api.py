@@ -17,7 +17,13 @@ from radixflow.entrypoints.generate import GenerateInput
 from radixflow.runtime.request import Req
 from radixflow.server.common import ServerState, event_stream, sse
 from radixflow.server.errors import APIError
-from radixflow.server.protocol import AbortRequestBody, FlushCacheRequest, GenerateRequest
+from radixflow.server.protocol import (
+    AbortRequestBody,
+    CloseSessionBody,
+    FlushCacheRequest,
+    GenerateRequest,
+    OpenSessionBody,
+)
 
 
 def add_native_routes(app: FastAPI, state: ServerState) -> None:
@@ -39,6 +45,19 @@ def add_native_routes(app: FastAPI, state: ServerState) -> None:
         ok = await state.manager.control("flush_cache")
         if not ok:
             return JSONResponse({"success": False, "message": "requests are running; flush refused"}, status_code=409)
+        return {"success": True}
+
+    @app.post("/open_session")
+    async def open_session(body: OpenSessionBody | None = None):
+        body = body or OpenSessionBody()
+        return {"session_id": await state.manager.control("open_session", session_id=body.session_id,
+                                                          ttl_s=body.ttl_s)}
+
+    @app.post("/close_session")
+    async def close_session(body: CloseSessionBody):
+        if not await state.manager.control("close_session", session_id=body.session_id):
+            raise APIError(404, f"session_id: no open session {body.session_id!r} (closed already, expired, or "
+                                "never opened)", param="session_id")
         return {"success": True}
 
 

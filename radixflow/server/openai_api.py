@@ -95,8 +95,8 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         _, reqs = state.prepare(GenerateInput(
             **_completion_prompts(body.prompt), sampling_params={**_sampling(body, max_tokens), "n": body.n},
             return_logprob=body.logprobs is not None, logprob_start_len=0 if echo_logprobs else -1,
-            top_logprobs_num=body.logprobs or 0, timeout=body.timeout, priority=body.priority, **body.bootstrap()),
-            text_field="prompt", renames=_COMPLETION_NAMES)
+            top_logprobs_num=body.logprobs or 0, timeout=body.timeout, priority=body.priority,
+            session_id=body.session_id, **body.bootstrap()), text_field="prompt", renames=_COMPLETION_NAMES)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return event_stream(_stream_completion(state, reqs, body, rid))
@@ -125,7 +125,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         _, reqs = state.prepare(GenerateInput(
             text=prompt, sampling_params={**sampling, "n": body.n}, return_logprob=body.logprobs,
             top_logprobs_num=body.top_logprobs or 0 if body.logprobs else 0, timeout=body.timeout,
-            priority=body.priority, **body.bootstrap()), text_field="prompt",
+            priority=body.priority, session_id=body.session_id, **body.bootstrap()), text_field="prompt",
             renames={**_COMPLETION_NAMES, "max_new_tokens": max_name})
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:

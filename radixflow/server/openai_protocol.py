@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from radixflow.server.protocol import DisaggregationFields
+from radixflow.server.protocol import SESSION_ID_HELP, DisaggregationFields
 
 
 class SamplingBody(DisaggregationFields):
@@ -38,6 +38,7 @@ class SamplingBody(DisaggregationFields):
                                                                   "(finish_reason abort)")
     priority: int | None = Field(default=None, ge=-(2**31 - 1), le=2**31 - 1,
                                  description="with priority scheduling, lower values are served first (vLLM's field)")
+    session_id: str | None = Field(default=None, min_length=1, max_length=256, description=SESSION_ID_HELP)
     # Structured output: OpenAI's response_format, plus SGLang's regex / ebnf extensions.
     response_format: dict | None = None
     regex: str | None = None

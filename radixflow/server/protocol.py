@@ -25,6 +25,10 @@ class DisaggregationFields(BaseModel):
                 "bootstrap_room": self.bootstrap_room}
 
 
+SESSION_ID_HELP = ("the cache retains this request's KV for the session until POST /close_session or its TTL; an "
+                   "id that is not open opens it")
+
+
 class GenerateRequest(_Body, DisaggregationFields):
     """`POST /generate`. One prompt or a batch; the shapes are SGLang's (docs/api.md)."""
 
@@ -46,6 +50,21 @@ class GenerateRequest(_Body, DisaggregationFields):
                                                                   "(finish_reason abort, 'timeout: ...')")
     priority: int | None = Field(default=None, ge=-(2**31 - 1), le=2**31 - 1,
                                  description="with priority scheduling, lower values are served first")
+    session_id: str | None = Field(default=None, min_length=1, max_length=256, description=SESSION_ID_HELP)
+
+
+class OpenSessionBody(_Body):
+    """`POST /open_session`: open a session (or set an open one's TTL); without an id, a new one is made."""
+
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    ttl_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600,
+                                description="seconds of idleness after which the session closes")
+
+
+class CloseSessionBody(_Body):
+    """`POST /close_session`: release the session's retained prefix (it stays cached as any other entry)."""
+
+    session_id: str = Field(min_length=1, max_length=256)
 
 
 class AbortRequestBody(_Body):

@@ -12,20 +12,38 @@ releases them.
 
 Invariant (checked by `check_integrity`, run by tests and whenever the scheduler is idle):
     free + private (held by running requests) + evictable + protected == pool size
+
+Sessions: a request may carry a `session_id`. When it finishes, the cache retains what it computed for that
+session (`PrefixCache.pin_session`: evicted after everything else; demoted to the host tier first where there is
+one) until the session is closed or idle for longer than its TTL. An id that is not open opens a session with the
+default TTL (a session is a hint, as vLLM's session RFCs have it: a request is never refused for its id);
+`close_session` of an id that is not open says so.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.cache.prefix_cache import MatchResult, PrefixCache
 from radixflow.runtime.request import Req
 
 
+@dataclass
+class Session:
+    ttl_s: float
+    expires: float  # time.monotonic() past which it is closed (pushed back by each of its requests)
+
+
 class CacheManager:
-    def __init__(self, kv: KVPool, req_to_token: ReqToTokenPool, prefix_cache: PrefixCache):
+    def __init__(self, kv: KVPool, req_to_token: ReqToTokenPool, prefix_cache: PrefixCache,
+                 session_ttl_s: float = 600.0):
         self.kv = kv
         self.req_to_token = req_to_token
         self.prefix_cache = prefix_cache
+        self.session_ttl_s = session_ttl_s
+        self.sessions: dict[str, Session] = {}
 
     # -- figures ---------------------------------------------------------------------------------------------
     def available(self) -> int:
@@ -36,14 +54,17 @@ class CacheManager:
         return self.kv.size - self.kv.free_count()
 
     # -- request lifecycle -----------------------------------------------------------------------------------
-    def match(self, req: Req) -> MatchResult:
+    def match(self, req: Req, load: bool = False) -> MatchResult:
         """Longest cached prefix of the request's known tokens, leaving at least one token to compute (the
         model must see the last token to produce logits) and recomputing prompt positions whose logprobs the
-        request still needs."""
+        request still needs. `load`: the request is being admitted, so what slower tiers hold comes back to the
+        device pool (ordering the queue only looks)."""
         tokens = req.all_ids(0, req.num_tokens - 1)
         first = req.logprob_options.prompt_start
         if first is not None and max(first, 1) + len(req.prompt_logprobs) < len(req.prompt_ids):
             tokens = tokens[:max(first - 1, 0)]
+        if load:
+            return self.prefix_cache.match_and_load(tokens)
         return self.prefix_cache.match_prefix(tokens)
 
     def admit(self, req: Req, match: MatchResult) -> None:
@@ -87,6 +108,9 @@ class CacheManager:
         self.kv.free(table[req.slot, req.num_computed:req.num_allocated])
         held = self._offer_computed(req)
         self.kv.free(table[req.slot, max(len(held), req.num_in_tree):req.num_computed])
+        if req.session_id is not None and req.num_computed:
+            self.open_session(req.session_id, touch_only=True)
+            self.prefix_cache.pin_session(req.session_id, held.last_node)
         self.prefix_cache.unlock(req.tree_node)
         self.req_to_token.free(req.slot)
         req.slot, req.tree_node, req.num_in_tree, req.num_allocated = None, None, 0, 0
@@ -109,4 +133,30 @@ class CacheManager:
 
     def flush(self) -> None:
         """Drop the whole cache. Only valid when no request holds KV (the scheduler checks)."""
-        self.prefix_cache.evict(self.prefix_cache.total_size())
+        self.prefix_cache.flush()
+
+    # -- sessions --------------------------------------------------------------------------------------------
+    def open_session(self, session_id: str, ttl_s: float | None = None, touch_only: bool = False) -> None:
+        """Open `session_id` (or push back its expiry if it is open; `ttl_s` then replaces its TTL unless
+        `touch_only`)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            session = self.sessions[session_id] = Session(self.session_ttl_s if ttl_s is None else ttl_s, 0.0)
+        elif ttl_s is not None and not touch_only:
+            session.ttl_s = ttl_s
+        session.expires = time.monotonic() + session.ttl_s
+
+    def close_session(self, session_id: str) -> bool:
+        """Release the session's retained prefix (it stays cached as any other entry); False if it is not open."""
+        if self.sessions.pop(session_id, None) is None:
+            return False
+        self.prefix_cache.pin_session(session_id, None)
+        return True
+
+    def expire_sessions(self, now: float | None = None) -> list[str]:
+        """Close the sessions idle past their TTL; returns their ids."""
+        now = time.monotonic() if now is None else now
+        expired = [sid for sid, s in self.sessions.items() if s.expires <= now]
+        for sid in expired:
+            self.close_session(sid)
+        return expired

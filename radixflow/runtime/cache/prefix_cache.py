@@ -27,6 +27,10 @@ class MatchResult:
 
     kv_indices: list[int]  # KV indices of the matched tokens, in order (owned by the cache)
     last_node: Any  # the cache's handle for the end of the match; `lock` / `unlock` take it
+    # Hierarchical cache: how many of the matched tokens this match brought back from the host tier (L2) and from
+    # storage (L3); the rest were in the device pool already.
+    from_host: int = 0
+    from_storage: int = 0
 
     def __len__(self) -> int:
         return len(self.kv_indices)
@@ -38,6 +42,11 @@ class PrefixCache(ABC):
     @abstractmethod
     def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
         """The longest cached prefix of `tokens`. The indices are safe to use only while the node is locked."""
+
+    def match_and_load(self, tokens: Sequence[int]) -> MatchResult:
+        """As `match_prefix`, for a request being admitted: a cache with slower tiers also brings what they hold
+        of `tokens` back into the device pool (evicting other unlocked entries for room)."""
+        return self.match_prefix(tokens)
 
     def continuation(self, node, tokens: Sequence[int], max_tokens: int) -> list[int]:
         """Up to `max_tokens` tokens the cache holds right after the path that runs from `node` (a match's
@@ -73,6 +82,22 @@ class PrefixCache(ABC):
 
     def total_size(self) -> int:
         return self.evictable_size() + self.protected_size()
+
+    def flush(self) -> None:
+        """Drop every unlocked entry, in every tier (no request may hold KV)."""
+        self.evict(self.total_size())
+
+    def pin_session(self, session_id: str, node) -> None:
+        """Retain the prefix ending at `node` for session `session_id` (replacing its earlier one; None: release
+        it). A cache that keeps nothing keeps no sessions either."""
+        return None
+
+    def session_sizes(self) -> dict[str, int]:
+        return {}
+
+    def tier_stats(self) -> dict:
+        """Sizes and traffic of the slower tiers (hierarchical cache), for metrics."""
+        return {}
 
     @abstractmethod
     def check_integrity(self, num_free_kv: int, pool_size: int) -> None:

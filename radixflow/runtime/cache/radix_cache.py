@@ -27,16 +27,23 @@ class TreeNode:
 
     `key` and `value` have equal length and are non-empty except at the root. `children` are keyed
     by their first token. `lock_ref` counts the users of this node (and, through them, of its
-    path); `last_access` is a logical clock value for LRU eviction.
+    path); `session_ref` counts the open sessions whose last turn ends at or below it (their prefixes are
+    evicted last); `last_access` is a logical clock value for LRU eviction.
+
+    The hierarchical cache (hiradix_cache.py) adds a second home for the KV: `host_value`, the node's
+    indices in the host pool (L2), or None; `value` is then None while the KV lives only there.
     """
 
     key: list[int] = field(default_factory=list)
-    value: list[int] = field(default_factory=list)
+    value: list[int] | None = field(default_factory=list)
+    host_value: list[int] | None = None
     # Excluded from repr: parent/children links would make it recurse through the whole tree.
     parent: TreeNode | None = field(default=None, repr=False)
     children: dict[int, TreeNode] = field(default_factory=dict, repr=False)
     lock_ref: int = 0
+    session_ref: int = 0
     last_access: int = 0
+    hit_count: int = 0  # matches that went through this node (write_through_selective backs up hot nodes)
 
 
 class RadixCache(PrefixCache):
@@ -56,6 +63,7 @@ class RadixCache(PrefixCache):
     def reset(self) -> None:
         """Drop every cached entry without freeing it (the caller resets the pool as well)."""
         self.root = TreeNode()
+        self._sessions: dict[str, TreeNode] = {}  # open session -> the end of its last finished turn
         if self.events is not None:
             self.events.record("clear", ())
         self._evictable = 0
@@ -138,13 +146,17 @@ class RadixCache(PrefixCache):
         parent = node.parent
         upper = TreeNode(
             key=node.key[:at],
-            value=node.value[:at],
+            value=_head(node.value, at),
+            host_value=_head(node.host_value, at),
             parent=parent,
             lock_ref=node.lock_ref,
+            session_ref=node.session_ref,
             last_access=node.last_access,
+            hit_count=node.hit_count,
         )
         parent.children[upper.key[0]] = upper
-        node.key, node.value, node.parent = node.key[at:], node.value[at:], upper
+        node.key, node.value, node.host_value = node.key[at:], _tail(node.value, at), _tail(node.host_value, at)
+        node.parent = upper
         upper.children[node.key[0]] = node
         return upper
 
@@ -169,6 +181,40 @@ class RadixCache(PrefixCache):
                 self._evictable += len(n.key)
                 self._protected -= len(n.key)
 
+    # ---- sessions ----
+
+    def pin_session(self, session_id: str, node: TreeNode | None) -> None:
+        """Make `node` the end of session `session_id`'s retained prefix (replacing its earlier one; None: none).
+        Soft protection: eviction takes every other entry before a session's (hiradix_cache.py: it is demoted to
+        the host tier before anything else is dropped)."""
+        old = self._sessions.pop(session_id, None)
+        if node is not None and node is not self.root:
+            for n in self._path_to_root(node):
+                n.session_ref += 1
+            self._sessions[session_id] = node
+        if old is not None:
+            for n in self._path_to_root(old):
+                n.session_ref -= 1
+
+    def session_sizes(self) -> dict[str, int]:
+        """Open sessions with a retained prefix, and its length in tokens."""
+        return {sid: sum(len(n.key) for n in self._path_to_root(node)) for sid, node in self._sessions.items()}
+
+    def _drop_leaf_pins(self, leaf: TreeNode) -> None:
+        """`leaf` leaves the tree: the sessions that ended there now end at its parent (which already counts them)."""
+        if leaf.session_ref == 0:
+            return
+        for sid, node in list(self._sessions.items()):
+            if node is leaf:
+                if leaf.parent is self.root:
+                    del self._sessions[sid]
+                else:
+                    self._sessions[sid] = leaf.parent
+
+    def _eviction_key(self, node: TreeNode) -> tuple[bool, int]:
+        """Sessions' prefixes last, then least recently used first."""
+        return node.session_ref > 0, node.last_access
+
     def _path_to_root(self, node: TreeNode) -> list[TreeNode]:
         """Nodes from `node` up to the root (root excluded), checking `node` is still in this tree."""
         path = []
@@ -190,22 +236,26 @@ class RadixCache(PrefixCache):
         becomes a candidate in turn. May free more than asked, or less if too little is unlocked.
         """
         tiebreak = itertools.count()
-        heap = [(n.last_access, next(tiebreak), n) for n in self._nodes() if self._is_evictable_leaf(n)]
+        heap = [(self._eviction_key(n), next(tiebreak), n) for n in self._nodes() if self._is_evictable_leaf(n)]
         heapq.heapify(heap)
         freed: list[int] = []
         while len(freed) < num_tokens and heap:
             _, _, leaf = heapq.heappop(heap)
-            if self.events is not None:
-                self.events.record("evict", self._path_tokens(leaf))
-            parent = leaf.parent
-            del parent.children[leaf.key[0]]
+            self._remove_leaf(leaf)
             self._evictable -= len(leaf.key)
             freed.extend(leaf.value)
-            if self._is_evictable_leaf(parent):
-                heapq.heappush(heap, (parent.last_access, next(tiebreak), parent))
+            if self._is_evictable_leaf(leaf.parent):
+                heapq.heappush(heap, (self._eviction_key(leaf.parent), next(tiebreak), leaf.parent))
         if freed:
             self._free_kv(freed)
         return len(freed)
+
+    def _remove_leaf(self, leaf: TreeNode) -> None:
+        """Unlink a childless node (its `parent` link is kept, for the caller); its KV is the caller's to free."""
+        if self.events is not None:
+            self.events.record("evict", self._path_tokens(leaf))
+        del leaf.parent.children[leaf.key[0]]
+        self._drop_leaf_pins(leaf)
 
     def _path_tokens(self, node: TreeNode) -> list[int]:
         parts = []
@@ -247,6 +297,7 @@ class RadixCache(PrefixCache):
         duplicates = sorted(i for i, n in Counter(indices).items() if n > 1)
         if duplicates:
             raise CacheIntegrityError(f"KV indices stored more than once in the tree: {duplicates}")
+        self._check_session_refs()
         if (evictable, protected) != (self._evictable, self._protected):
             raise CacheIntegrityError(
                 f"size counters (evictable={self._evictable}, protected={self._protected}) differ "
@@ -257,6 +308,16 @@ class RadixCache(PrefixCache):
                 f"KV leak or double count: free {num_free_kv} + evictable {evictable} + "
                 f"protected {protected} = {num_free_kv + evictable + protected} != pool size {pool_size}"
             )
+
+    def _check_session_refs(self) -> None:
+        expected: Counter[int] = Counter()
+        for node in self._sessions.values():
+            for n in self._path_to_root(node):  # raises if a session points at a node no longer in the tree
+                expected[id(n)] += 1
+        for n in self._nodes():
+            if n.session_ref != expected[id(n)]:
+                raise CacheIntegrityError(f"{n} counts {n.session_ref} sessions, but {expected[id(n)]} end at or "
+                                          f"below it")
 
     def _edges(self) -> Iterator[tuple[TreeNode, int, TreeNode]]:
         """Every (parent, dict key, child) link, depth first; fails instead of looping on a cycle."""
@@ -283,7 +344,8 @@ class RadixCache(PrefixCache):
         while stack:
             node, depth = stack.pop()
             lines.append(
-                f"{'  ' * depth}{node.key} -> {node.value} ref={node.lock_ref} t={node.last_access}"
+                f"{'  ' * depth}{node.key} -> {node.value} host={node.host_value} ref={node.lock_ref} "
+                f"sessions={node.session_ref} t={node.last_access}"
             )
             stack.extend((child, depth + 1) for child in node.children.values())
         return "\n".join(lines)
@@ -298,12 +360,21 @@ def _shared_prefix_len(key: list[int], tokens: Sequence[int], start: int) -> int
     return limit
 
 
+def _head(values: list[int] | None, at: int) -> list[int] | None:
+    return None if values is None else values[:at]
+
+
+def _tail(values: list[int] | None, at: int) -> list[int] | None:
+    return None if values is None else values[at:]
+
+
 def _check_edge(parent: TreeNode, first: int, child: TreeNode, parent_is_root: bool) -> None:
     """Structural checks on one parent-child link."""
     if not child.key:
         raise CacheIntegrityError(f"non-root node with an empty key under {parent}")
-    if len(child.key) != len(child.value):
-        raise CacheIntegrityError(f"{child} has {len(child.key)} tokens but {len(child.value)} KV indices")
+    for tier, values in (("KV", child.value), ("host KV", child.host_value)):
+        if values is not None and len(child.key) != len(values):
+            raise CacheIntegrityError(f"{child} has {len(child.key)} tokens but {len(values)} {tier} indices")
     if first != child.key[0] or child.parent is not parent:
         raise CacheIntegrityError(f"{child} is linked under key {first} of {parent} inconsistently")
     if child.lock_ref < 0:

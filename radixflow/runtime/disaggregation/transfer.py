@@ -49,7 +49,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from radixflow.runtime.cache.kv_pool import KVPool
 from radixflow.runtime.request import Bootstrap, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -99,22 +98,6 @@ class FirstToken:
         d = json.loads(raw)
         lp = lambda x: None if x is None else TokenLogprobs(x[0], tuple((int(i), v) for i, v in x[1]))  # noqa: E731
         return cls(d["token"], lp(d["logprob"]), [lp(x) for x in d["prompt_logprobs"]], d["cached"], d["error"])
-
-
-def gather_kv(kv: KVPool, indices: torch.Tensor) -> torch.Tensor:
-    """The K and V of pool `indices` as one contiguous host tensor [2, layers, n, kv_heads, head_dim]."""
-    idx = indices.to(kv.k[0].device)
-    out = torch.stack([torch.stack([layer[idx] for layer in side]) for side in (kv.k, kv.v)])
-    return out.cpu()
-
-
-def scatter_kv(kv: KVPool, indices: torch.Tensor, data: torch.Tensor) -> None:
-    """Write `data` (as `gather_kv` makes it) into pool `indices`."""
-    idx = indices.to(kv.k[0].device)
-    data = data.to(kv.k[0].device, kv.k[0].dtype)
-    for s, side in enumerate((kv.k, kv.v)):
-        for layer, buf in enumerate(side):
-            buf[idx] = data[s, layer]
 
 
 def _wait_key(store: dist.Store, key: str, timeout_s: float = float("inf"),

@@ -32,7 +32,7 @@ from radixflow.errors import KV_TRANSFER_FAILED, InvalidRequestError
 from radixflow.runtime.cache.manager import CacheManager
 from radixflow.runtime.config import SchedulerConfig
 from radixflow.runtime.constrained.grammar import GrammarCompiler, RequestGrammar
-from radixflow.runtime.disaggregation.transfer import FirstToken, KVReceiver, KVSender, gather_kv, scatter_kv
+from radixflow.runtime.disaggregation.transfer import FirstToken, KVReceiver, KVSender
 from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.request import FinishReason, Req, ReqStatus
 from radixflow.runtime.scheduler.batch import ModelOutput, ScheduledBatch, ScheduledReq
@@ -63,6 +63,8 @@ class SchedulerStats:
     kv_used_tokens: int = 0
     kv_total_tokens: int = 0
     cache_hit_tokens: int = 0
+    cache_hit_host_tokens: int = 0  # of those, brought back from the host tier (hierarchical cache)
+    cache_hit_storage_tokens: int = 0  # ... and from storage
     prompt_tokens: int = 0
     num_retractions: int = 0
     num_priority_preemptions: int = 0  # retractions to make room for a request of higher priority
@@ -196,7 +198,9 @@ class Scheduler:
         return batch
 
     def _expire(self) -> None:
-        """Requests past their deadline (a `timeout`) end, waiting or running, and free their KV."""
+        """Requests past their deadline (a `timeout`) end, waiting or running, and free their KV; sessions idle past
+        their TTL close."""
+        self.cache.expire_sessions()
         now = time.time()
         for req in [r for r in (*self.waiting, *self.running, *self.receiving)
                     if r.deadline is not None and now > r.deadline]:
@@ -318,8 +322,9 @@ class Scheduler:
         for req in starving + rest:
             if not self._has_slot() and not self._preempt_for(req, batch, starved_before):
                 break
-            # Match again: admitting an earlier request may have evicted what the policy saw cached.
-            match = self.cache.match(req)
+            # Match again: admitting an earlier request may have evicted what the policy saw cached. This match
+            # also brings back what slower cache tiers hold.
+            match = self.cache.match(req, load=True)
             extend = req.num_tokens - len(match)
             if shorter_than is not None and extend >= shorter_than:
                 continue
@@ -336,7 +341,7 @@ class Scheduler:
             while not self._try_admit(req, match, num, extend, batch):
                 if not self._preempt_for(req, batch, starved_before):
                     return budget
-                match = self.cache.match(req)  # the victim's KV went back to the tree: more may be cached now
+                match = self.cache.match(req, load=True)  # the victim's KV went back to the tree: more may be cached
                 extend = req.num_tokens - len(match)
                 num = min(extend, budget)
             prefill_tokens += num
@@ -373,6 +378,8 @@ class Scheduler:
         if req.num_retractions == 0:
             req.cached_prompt_tokens = req.num_computed
             self.stats.cache_hit_tokens += req.cached_prompt_tokens
+            self.stats.cache_hit_host_tokens += match.from_host
+            self.stats.cache_hit_storage_tokens += match.from_storage
             self.stats.prompt_tokens += len(req.prompt_ids)
         req.status = ReqStatus.RUNNING
         self.running.append(req)
@@ -433,7 +440,7 @@ class Scheduler:
         lp = req.output_logprobs[0] if req.output_logprobs else None
         first = FirstToken(req.output_ids[0] if req.output_ids else None, lp, list(req.prompt_logprobs),
                            req.cached_prompt_tokens)
-        self.kv_sender.send(boot, first, gather_kv(self.cache.kv, indices), skip)
+        self.kv_sender.send(boot, first, self.cache.kv.gather(indices).cpu(), skip)
 
     def _admit_transfers(self) -> None:
         """Decode side: give waiting requests slots and KV for their prompts (past what this server has cached),
@@ -463,7 +470,7 @@ class Scheduler:
                 self._end(req, FinishReason("abort", message=f"{KV_TRANSFER_FAILED}: {done.error}"))
                 continue
             prompt_len = len(req.prompt_ids)
-            scatter_kv(self.cache.kv, self.cache.req_to_token.table[req.slot, done.skip:prompt_len], done.kv)
+            self.cache.kv.scatter(self.cache.req_to_token.table[req.slot, done.skip:prompt_len], done.kv)
             self.receiving.remove(req)
             req.status, req.bootstrap, req.num_computed = ReqStatus.RUNNING, None, prompt_len
             self.running.append(req)
