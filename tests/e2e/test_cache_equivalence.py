@@ -39,6 +39,12 @@ CONFIGS = {
     "small-chunks": dict(chunked_prefill_size=32, max_total_tokens=16384),
     "tiny-pool": dict(max_total_tokens=300, chunked_prefill_size=64, schedule_policy="fcfs"),
     "dfs-weight": dict(schedule_policy="dfs-weight", max_total_tokens=16384),
+    # The hierarchical cache with a device pool too small for the workload: prefixes are demoted to the host
+    # pool and loaded back (the test checks they were).
+    "hicache-tiny-pool": dict(max_total_tokens=300, chunked_prefill_size=64, schedule_policy="fcfs",
+                              enable_hierarchical_cache=True, hicache_ratio=8.0),
+    "hicache-write-back": dict(max_total_tokens=300, chunked_prefill_size=64, schedule_policy="fcfs",
+                               enable_hierarchical_cache=True, hicache_ratio=8.0, hicache_write_policy="write_back"),
 }
 
 
@@ -56,6 +62,8 @@ def test_tiny_outputs_identical(tiny_model_dir, tiny_reference, name):
         assert stats["cache_hit_tokens"] == 0 and ref_stats["cache_hit_tokens"] > 0
     if name == "tiny-pool":
         assert stats["num_retractions"] > 0  # the pool really was too small to run everything at once
+    if name.startswith("hicache"):
+        assert stats["hicache_host_load_tokens"] > 0 and stats["cache_hit_host_tokens"] > 0, stats
 
 
 def test_shared_prefix_attention_keeps_outputs(tiny_model_dir, tiny_reference, monkeypatch):

@@ -240,13 +240,14 @@ class HiCacheMachine(RuleBasedStateMachine):
 
         self.dir = tempfile.TemporaryDirectory()
         self.device = pool(24)
-        self.cache = HiRadixCache(self.device, pool(16), "write_back", storage=store(self.dir.name))
+        self.cache = HiRadixCache(self.device, pool(10), "write_back", storage=store(self.dir.name))
         self.sessions: set[str] = set()
 
     @rule(tokens=st.lists(st.integers(1, 4), min_size=1, max_size=14),
           policy=st.sampled_from(["write_through", "write_back", "write_through_selective"]))
     def request(self, tokens, policy):
         self.cache.write_policy = policy
+        self.cache.storage.flush()  # earlier requests' pages are written (the writer thread is asynchronous)
         serve(self.cache, self.device, tokens)
 
     @rule(tokens=st.lists(st.integers(1, 4), min_size=1, max_size=14))
@@ -287,5 +288,5 @@ class HiCacheMachine(RuleBasedStateMachine):
         self.dir.cleanup()
 
 
-HiCacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+HiCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
 test_hicache_state_machine = HiCacheMachine.TestCase
