@@ -115,8 +115,12 @@ class Engine:
         self._call(lambda: self.core.cache.open_session(session_id, ttl_s))
         return session_id
 
-    def close_session(self, session_id: str) -> bool:
-        """Release a session's retained prefix; False if it was not open."""
+    def close_session(self, session_id: str, wait: bool = True) -> bool | None:
+        """Release a session's retained prefix; False if it was not open. `wait=False` queues the close for the
+        engine's next turn and returns None at once (a program ending does not wait for a step)."""
+        if not wait:
+            self._inbox.put(Call(lambda: self.core.cache.close_session(session_id)))
+            return None
         return self._call(lambda: self.core.cache.close_session(session_id))
 
     def check_integrity(self) -> None:

@@ -60,19 +60,28 @@ class BaseBackend:
     def shutdown(self) -> None:
         pass
 
+    # Sessions (a radixflow runtime's cache retains a session's KV until it is closed): a backend without them
+    # takes no session_id and has nothing to close.
+    supports_sessions = False
+
+    def close_session(self, session_id: str) -> None:
+        pass
+
 
 class RuntimeBackend(BaseBackend):
     """A backend over radixflow's native generate semantics (in-process Engine or HTTP /generate)."""
 
-    def _generate(self, prompts: list[str], params: list[dict], logprob: dict) -> list[dict]:
+    def _generate(self, prompts: list[str], params: list[dict], logprob: dict,
+                  session_id: str | None = None) -> list[dict]:
         raise NotImplementedError
 
     def cache_prefix(self, text: str) -> None:
         if text:
             self._generate([text], [{"max_new_tokens": 0}], {})
 
-    def generate(self, text, params, logprob):
-        results = self._generate([text], [params], logprob)
+    def generate(self, text, params, logprob, session_id: str | None = None):
+        # A session id only reaches backends that declare `supports_sessions` (their `_generate` takes it).
+        results = self._generate([text], [params], logprob, **({"session_id": session_id} if session_id else {}))
         if params.get("n", 1) > 1:
             return [r["text"] for r in results], [r["meta_info"] for r in results]
         return results[0]["text"], results[0]["meta_info"]

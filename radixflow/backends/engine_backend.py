@@ -22,15 +22,20 @@ class EngineBackend(RuntimeBackend):
     def get_model_name(self) -> str:
         return str(self.engine.core.loaded.source.path)
 
-    def _generate(self, prompts, params, logprob):
-        source = "input_ids" if isinstance(prompts[0], list) else "prompt"
-        return self.engine.generate(**{source: prompts}, sampling_params=params, **logprob)
+    supports_sessions = True
 
-    def generate_stream(self, text, params, logprob):
+    def _generate(self, prompts, params, logprob, session_id=None):
+        source = "input_ids" if isinstance(prompts[0], list) else "prompt"
+        return self.engine.generate(**{source: prompts}, sampling_params=params, session_id=session_id, **logprob)
+
+    def generate_stream(self, text, params, logprob, session_id=None):
         meta = None
-        for chunk in self.engine.generate(text, params, stream=True, **logprob):
+        for chunk in self.engine.generate(text, params, stream=True, session_id=session_id, **logprob):
             meta = chunk["meta_info"] if chunk["finished"] else None
             yield chunk["text"], meta
+
+    def close_session(self, session_id: str) -> None:
+        self.engine.close_session(session_id, wait=False)
 
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()

@@ -22,6 +22,12 @@ class RuntimeEndpoint(RuntimeBackend):
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
                                    verify=True if verify is None else verify)
         self.model_info = self._get("/get_model_info")
+        # Sessions are radixflow's (an SGLang server would refuse the field): known by the figures it reports.
+        try:
+            stats = self._get("/get_server_info").get("stats")
+        except httpx.HTTPError:  # a server or router without it
+            stats = None
+        self.supports_sessions = isinstance(stats, dict) and "sessions_open" in stats
         template = self.model_info.get("chat_template")
         if chat_template_name is not None:
             self.chat_template = get_chat_template(chat_template_name)
@@ -40,16 +46,21 @@ class RuntimeEndpoint(RuntimeBackend):
         return response.json()
 
 
-    def _generate(self, prompts, params, logprob):
+    def _generate(self, prompts, params, logprob, session_id=None):
         source = "input_ids" if isinstance(prompts[0], list) else "text"
-        response = self.client.post("/generate", json={source: prompts, "sampling_params": params, **logprob})
+        body = {source: prompts, "sampling_params": params, **logprob}
+        if session_id is not None:
+            body["session_id"] = session_id
+        response = self.client.post("/generate", json=body)
         if response.status_code != 200:
             raise RuntimeError(f"server answered {response.status_code}: {response.text}")
         return response.json()
 
-    def generate_stream(self, text, params, logprob):
+    def generate_stream(self, text, params, logprob, session_id=None):
         seen = ""
         body = {"text": text, "sampling_params": params, "stream": True, **logprob}
+        if session_id is not None:
+            body["session_id"] = session_id
         with self.client.stream("POST", "/generate", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"server answered {response.status_code}: {response.read().decode()}")
@@ -60,6 +71,11 @@ class RuntimeEndpoint(RuntimeBackend):
                 delta, seen = chunk["text"][len(seen):], chunk["text"]  # the native stream is cumulative
                 finished = chunk["meta_info"].get("finish_reason") is not None
                 yield delta, chunk["meta_info"] if finished else None
+
+    def close_session(self, session_id: str) -> None:
+        # 404 (never opened: the program made no gen call; or expired) is as good as closed. An SGLang server has no
+        # such endpoint: nothing to release there either.
+        self.client.post("/close_session", json={"session_id": session_id})
 
     def flush_cache(self) -> bool:
         return self.client.post("/flush_cache").status_code == 200

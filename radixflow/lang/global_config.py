@@ -15,6 +15,10 @@ class GlobalConfig:
     # Before a `run_batch` of more than one program, trace the program and send its argument-independent prefix
     # to the backend once, so every program finds it cached.
     enable_precache_with_tracing: bool = True
+    # On a radixflow runtime (an Engine or a server), each program state's gen calls carry a session id, so the
+    # cache retains the state's KV while the program runs (it is evicted last), and the session is closed when
+    # the state ends (radixflow's setting; docs/hicache.md).
+    enable_program_sessions: bool = True
     # False: generated text keeps special tokens (every gen's `skip_special_tokens` default).
     skip_special_tokens_in_output: bool = True
     # Kept so SGLang programs that set them keep working; radixflow has no switch behind them (docs/api.md):

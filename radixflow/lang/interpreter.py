@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import base64
 import copy
+import logging
 import mimetypes
 import queue
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from radixflow.lang.global_config import global_config
 from radixflow.lang.ir import (
     Concat,
     Gen,
@@ -42,6 +45,8 @@ from radixflow.lang.speculative import ChatTurn, Speculation, Term
 from radixflow.parsers.reasoning import split_reasoning
 
 # What a speculative call asks for besides the text: the token texts, so a gen's token limit can be applied to it.
+logger = logging.getLogger(__name__)
+
 _SPEC_LOGPROB = {"return_logprob": True, "top_logprobs_num": 0, "return_text_in_logprobs": True}
 # Sampling fields a speculated gen may have: anything else (constraints, logprobs, n) runs without speculation.
 _SPECULABLE = {"max_new_tokens", "min_new_tokens", "stop", "temperature", "top_p", "top_k", "min_p",
@@ -84,6 +89,10 @@ class StreamExecutor:
         self._role: tuple[str, int] | None = None
         self._scopes: dict[str, int] = {}
         self._queue: queue.Queue = queue.Queue()
+        # A radixflow runtime retains this state's KV for its session while the program runs; closed at the end.
+        self.session_id = (f"program-{uuid.uuid4().hex}" if getattr(backend, "supports_sessions", False)
+                           and global_config.enable_program_sessions else None)
+        self._session_used = False
         self._handlers: dict[type, Callable[[Any], None]] = {
             Text: self._text, Concat: self._concat, Gen: self._gen, Select: self._select, RoleBegin: self._role_begin,
             RoleEnd: self._role_end, VarScopeBegin: self._scope_begin, VarScopeEnd: self._scope_end,
@@ -186,8 +195,21 @@ class StreamExecutor:
             self._notify()
 
     def _finish(self) -> None:
+        if self._session_used:
+            self._session_used = False
+            try:
+                self.backend.close_session(self.session_id)
+            except Exception:  # noqa: BLE001 - the program's result stands; the session expires by its TTL
+                logger.warning("closing session %s failed", self.session_id, exc_info=True)
         self.finished = True
         self._notify()
+
+    def _session(self) -> dict:
+        """The session keyword of a gen call (none for a backend without sessions)."""
+        if self.session_id is None:
+            return {}
+        self._session_used = True
+        return {"session_id": self.session_id}
 
     def _notify(self) -> None:
         with self.progress:
@@ -242,19 +264,19 @@ class StreamExecutor:
             # As SGLang: the variable is the list of the n samples, the text continues with the first.
             if self.stream:
                 raise ProgramError(f"gen({node.name!r}, n={params['n']}) cannot stream: run it without stream=True")
-            outs, metas = self.backend.generate(self._prompt(), params, logprob)
+            outs, metas = self.backend.generate(self._prompt(), params, logprob, **self._session())
             self._append(outs[0], node.name)
             self._set(node.name, list(outs), metas)
         elif self.stream:
             out = ""
-            for delta, final in self.backend.generate_stream(self._prompt(), params, logprob):
+            for delta, final in self.backend.generate_stream(self._prompt(), params, logprob, **self._session()):
                 out += delta
                 if final is not None and node.name is not None:
                     self.meta_info[node.name] = final
                 self._append(delta, node.name)
             self._set(node.name, out, self.meta_info.get(node.name))
         else:
-            out, meta = self.backend.generate(self._prompt(), params, logprob)
+            out, meta = self.backend.generate(self._prompt(), params, logprob, **self._session())
             self._append(out, node.name)
             self._set(node.name, out, meta)
 

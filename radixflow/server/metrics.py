@@ -33,6 +33,7 @@ class ServerMetrics:
             ("kv_transfer_failures", "disaggregation: KV transfers failed so far"),
             ("kv_transfer_bytes", "disaggregation: KV bytes sent or received so far"),
             ("kv_transfer_seconds", "disaggregation: seconds spent moving KV so far"),
+            *_TIER_GAUGES.items(),
         )}
 
     def observe_finished(self, meta: dict) -> None:
@@ -48,7 +49,30 @@ class ServerMetrics:
                    "cache_hit_rate": "cache_hit_rate", "spec_accept_length": "spec_accept_length",
                    "spec_accepted_tokens": "spec_accepted_tokens", "spec_draft_tokens": "spec_draft_tokens",
                    "num_receiving_reqs": "num_receiving", **{k: k for k in (
-                       "kv_transfers", "kv_transfer_failures", "kv_transfer_bytes", "kv_transfer_seconds")}}
+                       "kv_transfers", "kv_transfer_failures", "kv_transfer_bytes", "kv_transfer_seconds",
+                       *_TIER_GAUGES)}}
         for gauge, key in mapping.items():
             self.gauges[gauge].set(stats.get(key, 0))
         return generate_latest(self.registry)
+
+
+# The hierarchical cache and sessions, by tier (0 where that tier is not configured).
+_TIER_GAUGES = {
+    "cache_hit_tokens": "prompt tokens served from the cache (every tier)",
+    "cache_hit_host_tokens": "prompt tokens served from the cache's host tier (L2)",
+    "cache_hit_storage_tokens": "prompt tokens served from the cache's storage tier (L3)",
+    "hicache_host_tokens": "tokens with a copy in the host tier",
+    "hicache_host_only_tokens": "tokens only in the host tier (evicted from the device pool)",
+    "hicache_host_write_bytes": "bytes copied into the host tier so far",
+    "hicache_host_write_seconds": "seconds spent copying into the host tier so far",
+    "hicache_host_load_bytes": "bytes loaded from the host tier so far",
+    "hicache_host_load_seconds": "seconds spent loading from the host tier so far",
+    "hicache_storage_pages_written": "pages written to storage so far",
+    "hicache_storage_write_bytes": "bytes written to storage so far",
+    "hicache_storage_pages_loaded": "pages loaded from storage so far",
+    "hicache_storage_load_bytes": "bytes loaded from storage so far",
+    "hicache_storage_load_seconds": "seconds spent loading from storage so far",
+    "hicache_storage_corrupt_pages": "storage pages refused (checksum, size or model mismatch)",
+    "sessions_open": "open sessions",
+    "session_retained_tokens": "tokens the open sessions retain",
+}

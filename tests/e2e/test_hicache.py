@@ -118,3 +118,33 @@ def test_bad_hicache_options_are_refused_naming_the_flag(tiny_model_dir, tmp_pat
             Engine(model_path=str(tiny_model_dir), enable_hierarchical_cache=True, **options)
     with pytest.raises(ValueError, match="hicache_storage_backend: needs --enable-hierarchical-cache"):
         Engine(model_path=str(tiny_model_dir), hicache_storage_backend="file")
+
+
+def test_a_program_state_holds_a_session_while_it_runs(tiny_engine):
+    import radixflow as sgl
+
+    seen = {}
+
+    @sgl.function
+    def program(s):
+        s += "A program with a session. " * 8
+        s += sgl.gen("first", max_tokens=4, temperature=0.0)
+        assert s["first"] is not None  # waits for the gen
+        seen["during"] = tiny_engine.stats()["sessions_open"]
+        forks = s.fork(2)
+        for i, f in enumerate(forks):
+            f += f" Branch {i}:" + sgl.gen("branch", max_tokens=3, temperature=0.0)
+        assert all(f["branch"] is not None for f in forks)
+        seen["forked"] = tiny_engine.stats()["sessions_open"]
+        forks.join()
+
+    before = tiny_engine.stats()["sessions_open"]
+    state = program.run(backend=tiny_engine)
+    assert state["first"] is not None
+    assert seen["during"] == before + 1  # this state's session retains its KV while it runs
+    assert seen["forked"] == before + 3  # each fork is a state with its own session
+    deadline = time.monotonic() + 10  # the states' workers close their sessions as they wind down, asynchronously
+    while tiny_engine.stats()["sessions_open"] != before:
+        assert time.monotonic() < deadline, "the program's sessions were not closed when it ended"
+        time.sleep(0.02)
+    tiny_engine.check_integrity()

@@ -81,6 +81,10 @@ def test_the_second_server_hits_the_first_servers_prefix(two_servers):
     assert stats["cache_hit_storage_tokens"] == out["meta_info"]["cached_tokens"]
     info = second.get("/get_server_info").json()
     assert info["cache"]["hicache_storage_backend"] == "redis"
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in second.get("/metrics").text.splitlines()
+               if line.startswith("radixflow_")}
+    assert metrics["radixflow_cache_hit_storage_tokens"] == out["meta_info"]["cached_tokens"]
+    assert metrics["radixflow_hicache_storage_pages_loaded"] == (prompt_len - 1) // 16
     assert_no_kv_leak(second)
 
 
@@ -108,3 +112,27 @@ def test_sessions_over_http_and_the_openai_sdk(two_servers):
         r = http.post("/generate", json={"text": "hi", "sampling_params": PARAMS, "session_id": bad})
         assert r.status_code == 400 and "session_id" in r.text, r.text
     assert_no_kv_leak(http)
+
+
+def test_a_program_on_the_http_backend_opens_and_closes_its_session(two_servers):
+    import radixflow as sgl
+
+    server = two_servers[1]
+    http = httpx.Client(base_url=server.url, timeout=60)
+    backend = sgl.RuntimeEndpoint(server.url)
+    assert backend.supports_sessions
+    seen = {}
+
+    @sgl.function
+    def program(s):
+        s += "An agent step. " * 10 + sgl.gen("a", max_tokens=3, temperature=0.0)
+        assert s["a"] is not None
+        seen["during"] = http.get("/get_server_info").json()["stats"]["sessions_open"]
+
+    before = wait_idle(http)["sessions_open"]
+    program.run(backend=backend)
+    assert seen["during"] == before + 1
+    deadline = time.monotonic() + 10
+    while wait_idle(http)["sessions_open"] != before:
+        assert time.monotonic() < deadline, "the program's session was not closed when it ended"
+        time.sleep(0.05)
