@@ -110,9 +110,10 @@ class HiRadixCache(RadixCache):
             match = self._load_from_storage(tokens, match)
         return match
 
-    def insert(self, tokens: Sequence[int], kv_indices: Sequence[int]) -> MatchResult:
+    def insert(self, tokens: Sequence[int], kv_indices: Sequence[int], from_storage: bool = False) -> MatchResult:
         """As RadixCache.insert; where the tree holds a token only in L2, the caller's fresh L1 index takes its
-        place in L1 (no copy needed). New nodes are copied to L2 under write_through and written to storage."""
+        place in L1 (no copy needed). New nodes are copied to L2 under write_through and written to storage, unless
+        they were just read `from_storage` (they get a host copy if they are demoted later)."""
         if len(tokens) != len(kv_indices):
             raise ValueError(
                 f"insert got {len(tokens)} tokens but {len(kv_indices)} KV indices; they must match"
@@ -135,9 +136,9 @@ class HiRadixCache(RadixCache):
             node, held = leaf, held + leaf.value
             if self.events is not None:
                 self.events.record("insert", tokens)
-            if self.write_policy == "write_through":
+            if self.write_policy == "write_through" and not from_storage:
                 self._backup(leaf)
-        if self.storage is not None:
+        if self.storage is not None and not from_storage:
             self.storage.save(self.device, tokens, held, start=cached)
         return MatchResult(kv_indices=held, last_node=node)
 
@@ -196,7 +197,7 @@ class HiRadixCache(RadixCache):
             return match
         self.device.scatter(indices, data)
         mine = match.kv_indices + indices.tolist()
-        held = self.insert(tokens[:end], mine)
+        held = self.insert(tokens[:end], mine, from_storage=True)
         self.device.free([m for m, kept in zip(mine[len(match):], held.kv_indices[len(match):]) if m != kept])
         return MatchResult(held.kv_indices, held.last_node, match.from_host, end - len(match))
 
