@@ -136,3 +136,25 @@ def test_a_program_on_the_http_backend_opens_and_closes_its_session(two_servers)
     while wait_idle(http)["sessions_open"] != before:
         assert time.monotonic() < deadline, "the program's session was not closed when it ended"
         time.sleep(0.05)
+
+
+def test_a_restarted_server_answers_a_known_prefix_from_its_disk_tier(tiny_model_dir, tmp_path):
+    flags = ["--model-path", str(tiny_model_dir), *TINY_ARGS, "--enable-hierarchical-cache",
+             "--hicache-storage-backend", "file",
+             "--hicache-storage-backend-extra-config", json.dumps({"dir": str(tmp_path / "pages")}),
+             "--page-size", "16"]
+    outputs = []
+    for run in range(2):
+        server = WatchedServer(flags, tmp_path / f"run{run}").launch()
+        try:
+            server.wait_ready(START_TIMEOUT_S)
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                outputs.append(http.post("/generate", json={"text": PROMPT, "sampling_params": PARAMS}).json())
+        finally:
+            server.terminate()  # a graceful stop: the queued page writes finish first
+            server.wait_stopped()
+    first, second = outputs
+    prompt_len = first["meta_info"]["prompt_tokens"]
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] == (prompt_len - 1) // 16 * 16
+    assert second["output_ids"] == first["output_ids"]
