@@ -126,6 +126,22 @@ def test_insert_over_a_host_only_node_takes_the_callers_fresh_indices():
     check(cache, device)
 
 
+def test_selective_backup_of_a_hot_prefix_does_not_drop_the_host_nodes_being_loaded():
+    device, host = pool(8), pool(4)
+    cache = HiRadixCache(device, host, "write_back")
+    serve(cache, device, [1, 2])
+    serve(cache, device, [1, 2, 3, 4, 5, 6])
+    cache.evict(4)  # [3..6] demoted: the host pool is full; [1, 2] stays in L1 without a host copy
+    hot = cache.match_prefix([1, 2]).last_node
+    hot.hit_count = 5
+    cache.write_policy = "write_through_selective"
+    match = cache.match_and_load([1, 2, 3, 4, 5, 6])
+    assert len(match) == 6 and match.from_host == 4
+    assert_kv_is(device, [1, 2, 3, 4, 5, 6], match.kv_indices)
+    assert hot.host_value is not None  # backed up after the load, making room from the loaded node's copy
+    check(cache, device)
+
+
 def test_a_full_host_tier_drops_its_oldest_host_only_entries():
     device, host = pool(4), pool(4)
     cache = HiRadixCache(device, host, "write_back")

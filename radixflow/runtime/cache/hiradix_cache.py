@@ -98,13 +98,12 @@ class HiRadixCache(RadixCache):
         for n in path:
             n.hit_count += 1
         l1 = [n for n in path if n.value is not None]  # a prefix of the path (L1 is closed upwards)
-        anchor = l1[-1] if l1 else self.root
-        if self.write_policy == "write_through_selective":
+        from_host = self._load_from_host(l1[-1] if l1 else self.root, path[len(l1):])
+        l1 = [n for n in path if n.value is not None]
+        if self.write_policy == "write_through_selective":  # after the load: making L2 room may drop host nodes
             for n in l1:
                 if n.host_value is None and n.hit_count >= SELECTIVE_HITS:
                     self._backup(n)
-        from_host = self._load_from_host(anchor, path[len(l1):])
-        l1 = [n for n in path if n.value is not None]
         match = MatchResult(_values(l1), l1[-1] if l1 else self.root, from_host=from_host)
         if self.storage is not None and len(l1) == len(path):  # L3 continues where L1 and L2 both end
             match = self._load_from_storage(tokens, match)
