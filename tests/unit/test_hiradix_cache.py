@@ -244,6 +244,30 @@ def test_a_damaged_page_is_a_miss(tmp_path, damage):
         assert other.corrupt == 1
 
 
+class BrokenStore(FileBackend):
+    """A store that is down: every call fails, as a Redis that went away would."""
+
+    def exists(self, keys):
+        raise ConnectionError("store unreachable")
+
+    get = set = exists
+
+
+def test_a_store_that_fails_costs_hits_not_requests(tmp_path):
+    device = pool(16)
+    broken = KVPageStore(BrokenStore(str(tmp_path)), 4, "test-model", (2, LAYERS, 4, HEADS, DIM), torch.float32)
+    cache = HiRadixCache(device, pool(16), storage=broken)
+    tokens = list(range(400, 410))
+    cached, held = serve(cache, device, tokens)  # the write fails in the background; the read fails here
+    assert cached == 0
+    cache.flush()
+    cached, held = serve(cache, device, tokens)
+    assert cached == 0 and broken.failures >= 1
+    assert_kv_is(device, tokens, held)
+    check(cache, device)
+    broken.close()
+
+
 # ---- the state machine ----
 
 class HiCacheMachine(RuleBasedStateMachine):

@@ -153,6 +153,7 @@ class KVPageStore:
         self._known: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self.writes = self.write_bytes = self.loads = self.load_bytes = self.misses = self.corrupt = 0
+        self.failures = 0  # store errors on reading (each one a miss)
         self.write_seconds = self.load_seconds = 0.0
         self._queue: queue.Queue[list[tuple[str, torch.Tensor]] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="kv-storage-writer", daemon=True)
@@ -254,9 +255,15 @@ class KVPageStore:
             return None
         t0 = time.perf_counter()
         keys = self.keys(tokens, num_pages)[first:]
-        present = self.backend.exists(keys)
-        run = next((i for i, there in enumerate(present) if not there), len(keys))
-        pages = [self._decode(raw) for raw in self.backend.get(keys[:run])] if run else []
+        try:
+            present = self.backend.exists(keys)
+            run = next((i for i, there in enumerate(present) if not there), len(keys))
+            pages = [self._decode(raw) for raw in self.backend.get(keys[:run])] if run else []
+        except Exception as exc:  # noqa: BLE001 - a store that fails costs cache hits, not the request
+            self.failures += 1
+            logger.warning("reading KV pages from storage failed (%s: %s); computing them instead",
+                           type(exc).__name__, exc)
+            return None
         good = next((i for i, page in enumerate(pages) if page is None), len(pages))
         if good == 0:
             self.misses += 1
@@ -273,4 +280,5 @@ class KVPageStore:
                 "hicache_storage_write_seconds": self.write_seconds, "hicache_storage_pages_loaded": self.loads,
                 "hicache_storage_load_bytes": self.load_bytes, "hicache_storage_load_seconds": self.load_seconds,
                 "hicache_storage_misses": self.misses, "hicache_storage_corrupt_pages": self.corrupt,
+                "hicache_storage_read_failures": self.failures,
                 "hicache_storage_queued_writes": self._queue.qsize()}
