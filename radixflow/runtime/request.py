@@ -115,6 +115,10 @@ class Req:
     # Constrained decoding, owned by the scheduler process: the grammar's compile future while the request waits
     # for it, then the request's matcher (a `RequestGrammar`).
     grammar_future: Future | None = None
+    # Hierarchical cache with storage: the prompt's pages being read from storage while the request waits
+    # (`PrefixCache.prefetch`); the request is admitted once it is done, or past `prefetch_deadline`.
+    storage_prefetch: Future | None = None
+    prefetch_deadline: float = 0.0
     grammar_deadline: float = 0.0
     grammar: RequestGrammar | None = None
 

@@ -40,6 +40,7 @@ def test_a_restarted_engine_answers_a_known_prefix_from_disk(tiny_model_dir, tmp
     assert again["meta_info"]["cached_tokens"] == (prompt_len - 1) // 16 * 16  # whole pages before the last token
     assert stats["cache_hit_storage_tokens"] == again["meta_info"]["cached_tokens"]
     assert stats["hicache_storage_pages_loaded"] == (prompt_len - 1) // 16
+    assert stats["hicache_storage_prefetches"] >= 1  # read while the request waited in the queue
 
 
 def test_corrupt_pages_are_misses_not_wrong_answers(tiny_model_dir, tmp_path):

@@ -47,11 +47,15 @@ def assert_kv_is(device: KVPool, tokens: list[int], indices: list[int]) -> None:
             assert device.v[layer][index].tolist() == [[pytest.approx(-value), layer]], f"V of position {pos}"
 
 
-def serve(cache: HiRadixCache, device: KVPool, tokens: list[int]) -> tuple[int, list[int]]:
-    """What the scheduler does for one request: match (loading from the slower tiers), check the KV it got, lock,
-    allocate and compute the rest, offer it all to the cache, free duplicates, unlock. Returns (cached tokens,
-    the cache's indices for `tokens`), or (-1, []) if the pool had no room."""
-    match = cache.match_and_load(tokens)
+def serve(cache: HiRadixCache, device: KVPool, tokens: list[int], prefetch: bool = False) -> tuple[int, list[int]]:
+    """What the scheduler does for one request: (prefetch from storage while it waits,) match (loading from the
+    slower tiers), check the KV it got, lock, allocate and compute the rest, offer it all to the cache, free
+    duplicates, unlock. Returns (cached tokens, the cache's indices for `tokens`), or (-1, []) if the pool had no
+    room."""
+    prefetched = cache.prefetch(tokens) if prefetch else None
+    if prefetched is not None:
+        prefetched.result()
+    match = cache.match_and_load(tokens, prefetched)
     assert_kv_is(device, tokens, match.kv_indices)
     cache.lock(match.last_node)
     need = len(tokens) - len(match)
@@ -217,6 +221,42 @@ def test_storage_continues_a_match_that_ends_mid_page(tmp_path):
     check(cache, device)
 
 
+def test_a_prefetch_reads_the_pages_while_the_request_waits(tmp_path):
+    tokens = list(range(500, 511))
+    device = pool(16)
+    first = HiRadixCache(device, pool(16), storage=store(tmp_path))
+    serve(first, device, tokens)
+    first.storage.close()
+    device = pool(16)
+    second = HiRadixCache(device, pool(16), storage=store(tmp_path))
+    future = second.prefetch(tokens)
+    assert future is not None and future.result()[0] == 0
+    loads = second.storage.loads
+    match = second.match_and_load(tokens, future)
+    assert len(match) == 8 and match.from_storage == 8
+    assert second.storage.loads == loads  # placed from the prefetch: nothing read at admission
+    assert_kv_is(device, tokens, match.kv_indices)
+    check(second, device)
+    assert second.prefetch(tokens) is None  # everything in whole pages is held now: nothing to read
+
+
+def test_a_prefetch_that_started_past_a_shrunken_match_is_not_trusted(tmp_path):
+    tokens = list(range(600, 612))
+    device = pool(32)
+    cache = HiRadixCache(device, pool(32), storage=store(tmp_path))
+    serve(cache, device, tokens)
+    cache.storage.flush()
+    cache.flush()
+    serve(cache, device, tokens[:6])
+    future = cache.prefetch(tokens)  # starts at token 6
+    assert future.result()[0] == 6
+    cache.flush()  # the tree loses those 6 tokens before the request is admitted
+    match = cache.match_and_load(tokens, future)
+    assert len(match) == 12 and match.from_storage == 12  # read again from token 0, synchronously
+    assert_kv_is(device, tokens, match.kv_indices)
+    check(cache, device)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "other-model"])
 def test_a_damaged_page_is_a_miss(tmp_path, damage):
     tokens = list(range(300, 309))
@@ -284,11 +324,12 @@ class HiCacheMachine(RuleBasedStateMachine):
         self.sessions: set[str] = set()
 
     @rule(tokens=st.lists(st.integers(1, 4), min_size=1, max_size=14),
-          policy=st.sampled_from(["write_through", "write_back", "write_through_selective"]))
-    def request(self, tokens, policy):
+          policy=st.sampled_from(["write_through", "write_back", "write_through_selective"]),
+          prefetch=st.booleans())
+    def request(self, tokens, policy, prefetch):
         self.cache.write_policy = policy
         self.cache.storage.flush()  # earlier requests' pages are written (the writer thread is asynchronous)
-        serve(self.cache, self.device, tokens)
+        serve(self.cache, self.device, tokens, prefetch)
 
     @rule(tokens=st.lists(st.integers(1, 4), min_size=1, max_size=14))
     def look(self, tokens):

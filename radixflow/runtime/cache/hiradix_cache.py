@@ -29,6 +29,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -91,9 +92,29 @@ class HiRadixCache(RadixCache):
             node, matched = child, matched + shared
         return path, matched
 
-    def match_and_load(self, tokens: Sequence[int]) -> MatchResult:
+    def prefetch(self, tokens: Sequence[int]) -> Future | None:
+        """Read, on the storage's reader thread, the whole pages of `tokens` past what L1 and L2 hold now."""
+        if self.storage is None:
+            return None
+        held = self._held_len(tokens)
+        if len(tokens) // self.storage.page_size * self.storage.page_size <= held:
+            return None
+        return self.storage.prefetch(tokens, held)
+
+    def _held_len(self, tokens: Sequence[int]) -> int:
+        """Tokens of `tokens` the tree holds in any tier; read-only (no split, no stamp)."""
+        node, matched = self.root, 0
+        while matched < len(tokens) and (child := node.children.get(tokens[matched])) is not None:
+            shared = _shared_prefix_len(child.key, tokens, matched)
+            matched += shared
+            if shared < len(child.key):
+                break
+            node = child
+        return matched
+
+    def match_and_load(self, tokens: Sequence[int], prefetched: Future | None = None) -> MatchResult:
         """The longest prefix of `tokens` held in any tier, brought into L1 as far as L1 has room: L2 nodes are
-        copied up, then storage pages are read after them."""
+        copied up, then storage pages are placed after them (those `prefetched` read, or read now)."""
         path, _ = self._path(tokens, next(self._clock), l1_only=False)
         for n in path:
             n.hit_count += 1
@@ -106,7 +127,7 @@ class HiRadixCache(RadixCache):
                     self._backup(n)
         match = MatchResult(_values(l1), l1[-1] if l1 else self.root, from_host=from_host)
         if self.storage is not None and len(l1) == len(path):  # L3 continues where L1 and L2 both end
-            match = self._load_from_storage(tokens, match)
+            match = self._load_from_storage(tokens, match, prefetched)
         return match
 
     def insert(self, tokens: Sequence[int], kv_indices: Sequence[int], from_storage: bool = False) -> MatchResult:
@@ -181,9 +202,17 @@ class HiRadixCache(RadixCache):
             self._loading = set()
             self.unlock(anchor)
 
-    def _load_from_storage(self, tokens: Sequence[int], match: MatchResult) -> MatchResult:
-        """Read the storage pages that continue `match` into L1 and insert them into the tree."""
-        found = self.storage.load(tokens, len(match))
+    def _load_from_storage(self, tokens: Sequence[int], match: MatchResult,
+                           prefetched: Future | None = None) -> MatchResult:
+        """Place the storage pages that continue `match` into L1 and insert them into the tree: from a finished
+        prefetch when it started at or before the match's end (it then saw everything past it), else read now."""
+        if prefetched is not None and prefetched.done() and prefetched.result()[0] <= len(match):
+            start, found = prefetched.result()
+            if found is None or found[0] <= len(match):
+                return match
+            found = (found[0], found[1][:, :, len(match) - start:])
+        else:
+            found = self.storage.load(tokens, len(match))
         if found is None:
             return match
         end, data = found

@@ -54,17 +54,26 @@ class CacheManager:
         return self.kv.size - self.kv.free_count()
 
     # -- request lifecycle -----------------------------------------------------------------------------------
+    def _match_tokens(self, req: Req) -> list[int]:
+        tokens = req.all_ids(0, req.num_tokens - 1)
+        first = req.logprob_options.prompt_start
+        if first is not None and max(first, 1) + len(req.prompt_logprobs) < len(req.prompt_ids):
+            tokens = tokens[:max(first - 1, 0)]
+        return tokens
+
+    def prefetch(self, req: Req) -> None:
+        """Start reading the request's prefix from storage while it waits (hierarchical cache with storage)."""
+        req.storage_prefetch = self.prefix_cache.prefetch(self._match_tokens(req))
+
     def match(self, req: Req, load: bool = False) -> MatchResult:
         """Longest cached prefix of the request's known tokens, leaving at least one token to compute (the
         model must see the last token to produce logits) and recomputing prompt positions whose logprobs the
         request still needs. `load`: the request is being admitted, so what slower tiers hold comes back to the
         device pool (ordering the queue only looks)."""
-        tokens = req.all_ids(0, req.num_tokens - 1)
-        first = req.logprob_options.prompt_start
-        if first is not None and max(first, 1) + len(req.prompt_logprobs) < len(req.prompt_ids):
-            tokens = tokens[:max(first - 1, 0)]
+        tokens = self._match_tokens(req)
         if load:
-            return self.prefix_cache.match_and_load(tokens)
+            prefetched, req.storage_prefetch = req.storage_prefetch, None  # consumed by this admission attempt
+            return self.prefix_cache.match_and_load(tokens, prefetched)
         return self.prefix_cache.match_prefix(tokens)
 
     def admit(self, req: Req, match: MatchResult) -> None:

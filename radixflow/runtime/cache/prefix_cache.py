@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,16 @@ class PrefixCache(ABC):
     def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
         """The longest cached prefix of `tokens`. The indices are safe to use only while the node is locked."""
 
-    def match_and_load(self, tokens: Sequence[int]) -> MatchResult:
+    def match_and_load(self, tokens: Sequence[int], prefetched: Future | None = None) -> MatchResult:
         """As `match_prefix`, for a request being admitted: a cache with slower tiers also brings what they hold
-        of `tokens` back into the device pool (evicting other unlocked entries for room)."""
+        of `tokens` back into the device pool (evicting other unlocked entries for room), using what `prefetch`
+        read for them if `prefetched` is its finished result."""
         return self.match_prefix(tokens)
+
+    def prefetch(self, tokens: Sequence[int]) -> Future | None:
+        """Start reading what a slow tier (storage) holds of `tokens` beyond what the faster tiers hold, on another
+        thread, while the request waits; None if there is nothing to read."""
+        return None
 
     def continuation(self, node, tokens: Sequence[int], max_tokens: int) -> list[int]:
         """Up to `max_tokens` tokens the cache holds right after the path that runs from `node` (a match's

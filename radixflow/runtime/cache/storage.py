@@ -10,7 +10,8 @@ Each stored value carries the identity digest and a SHA-256 checksum of its payl
 truncated, corrupt or from another layout is a miss (the tokens are computed again), never a wrong answer.
 
 Writes are queued to one background thread (the KV is copied out of the pool first, so the pool's indices can be
-reused at once); reads are synchronous, at admission of the request that needs them.
+reused at once). Reads run on another thread while the request waits in the queue (`prefetch`), or synchronously at
+admission for what a prefetch could not know about.
 
 Backends (`StorageBackend`: batched exists / get / set): `file` (a directory: one file per page, written
 atomically) and `redis` (a Redis server, shared by every server pointed at it).
@@ -29,6 +30,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -158,6 +160,8 @@ class KVPageStore:
         self._queue: queue.Queue[list[tuple[str, torch.Tensor]] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="kv-storage-writer", daemon=True)
         self._writer.start()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-storage-reader")
+        self.prefetches = 0
 
     # ---- keys ----
 
@@ -222,6 +226,7 @@ class KVPageStore:
         self._queue.join()
 
     def close(self) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
         self.flush()
         self._queue.put(None)
         self._writer.join(timeout=10)
@@ -239,11 +244,19 @@ class KVPageStore:
         expected = torch.Size(self.shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
         if (raw[:len(MAGIC)] != MAGIC or raw[len(MAGIC):len(MAGIC) + DIGEST] != self.identity
                 or len(payload) != expected or hashlib.sha256(payload).digest() != raw[head - DIGEST:head]):
-            self.corrupt += 1
+            with self._lock:
+                self.corrupt += 1
             return None
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.dtype).reshape(self.shape)
 
     # ---- reading ----
+
+    def prefetch(self, tokens: Sequence[int], start: int) -> Future:
+        """`load(tokens, start)` on the reader thread: a future of (start, what `load` returns)."""
+        tokens = list(tokens)
+        with self._lock:
+            self.prefetches += 1
+        return self._reader.submit(lambda: (start, self.load(tokens, start)))
 
     def load(self, tokens: Sequence[int], start: int) -> tuple[int, torch.Tensor] | None:
         """The stored KV of positions [start, end) of `tokens`, for the longest run of stored whole pages from the
@@ -260,19 +273,22 @@ class KVPageStore:
             run = next((i for i, there in enumerate(present) if not there), len(keys))
             pages = [self._decode(raw) for raw in self.backend.get(keys[:run])] if run else []
         except Exception as exc:  # noqa: BLE001 - a store that fails costs cache hits, not the request
-            self.failures += 1
+            with self._lock:
+                self.failures += 1
             logger.warning("reading KV pages from storage failed (%s: %s); computing them instead",
                            type(exc).__name__, exc)
             return None
         good = next((i for i, page in enumerate(pages) if page is None), len(pages))
         if good == 0:
-            self.misses += 1
+            with self._lock:
+                self.misses += 1
             return None
         self._remember(keys[:good])
         data = torch.cat(pages[:good], dim=2)[:, :, start - first * P:]
-        self.loads += good
-        self.load_bytes += good * pages[0].numel() * pages[0].element_size()
-        self.load_seconds += time.perf_counter() - t0
+        with self._lock:
+            self.loads += good
+            self.load_bytes += good * pages[0].numel() * pages[0].element_size()
+            self.load_seconds += time.perf_counter() - t0
         return (first + good) * P, data
 
     def stats(self) -> dict:
@@ -280,5 +296,5 @@ class KVPageStore:
                 "hicache_storage_write_seconds": self.write_seconds, "hicache_storage_pages_loaded": self.loads,
                 "hicache_storage_load_bytes": self.load_bytes, "hicache_storage_load_seconds": self.load_seconds,
                 "hicache_storage_misses": self.misses, "hicache_storage_corrupt_pages": self.corrupt,
-                "hicache_storage_read_failures": self.failures,
+                "hicache_storage_read_failures": self.failures, "hicache_storage_prefetches": self.prefetches,
                 "hicache_storage_queued_writes": self._queue.qsize()}

@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 # the second waits one step and then hits the cache instead of computing the prefix again.
 SHARED_PREFIX_DEFER_TOKENS = 32
 
+# A request whose prefix is being read from the storage tier waits for it at most this long; then it is admitted
+# and reads what remains synchronously.
+PREFETCH_WAIT_S = 5.0
+
 # The step budget with chunked prefill off: more than any step can spend, so every prompt is prefilled whole.
 UNCHUNKED_BUDGET = sys.maxsize
 
@@ -134,6 +138,8 @@ class Scheduler:
             req.grammar_deadline = time.monotonic() + self.config.grammar_compile_timeout_s
         if self.length_scorer is not None:
             req.length_score = self.length_scorer(req.prompt_ids)
+        self.cache.prefetch(req)
+        req.prefetch_deadline = time.monotonic() + PREFETCH_WAIT_S
         self.output.add(req)
         self.waiting.append(req)
 
@@ -313,7 +319,8 @@ class Scheduler:
         starved_before = now - self.config.starvation_timeout_s
         # A decode server's requests that still wait for their KV are admitted by `_admit_transfers`.
         ready = [r for r in self.waiting
-                 if r.grammar_future is None and (self.kv_receiver is None or r.bootstrap is None)]
+                 if r.grammar_future is None and (self.kv_receiver is None or r.bootstrap is None)
+                 and (r.storage_prefetch is None or r.storage_prefetch.done() or now > r.prefetch_deadline)]
         starving = sorted((r for r in ready if r.arrival < starved_before), key=lambda r: r.arrival)
         rest = self.policy([r for r in ready if r.arrival >= starved_before], ctx)
         if self.priority_scheduling:
