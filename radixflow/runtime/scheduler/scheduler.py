@@ -231,9 +231,10 @@ class Scheduler:
                                                              f"{self.config.grammar_compile_timeout_s} s"))
 
     def wait_for_work(self, timeout: float) -> None:
-        """Called when a step had nothing to run: sleep until a pending grammar compiles or a KV transfer arrives
-        (or `timeout`), instead of spinning a core the model's threads need."""
-        pending = [r.grammar_future for r in self.waiting if r.grammar_future is not None]
+        """Called when a step had nothing to run: sleep until a pending grammar compiles, a storage prefetch is in or
+        a KV transfer arrives (or `timeout`), instead of spinning a core the model's threads (and the storage
+        reader) need."""
+        pending = [f for r in self.waiting for f in (r.grammar_future, r.storage_prefetch) if f is not None]
         if pending:
             concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
         elif self.receiving:
