@@ -257,6 +257,20 @@ def test_a_prefetch_that_started_past_a_shrunken_match_is_not_trusted(tmp_path):
     check(cache, device)
 
 
+def test_storage_pages_larger_than_the_device_pool_load_as_far_as_it_has_room(tmp_path):
+    tokens = list(range(700, 724))
+    device = pool(32)
+    first = HiRadixCache(device, pool(32), storage=store(tmp_path))
+    serve(first, device, tokens)
+    first.storage.close()
+    device = pool(10)  # a smaller server
+    second = HiRadixCache(device, pool(16), storage=store(tmp_path))
+    match = second.match_and_load(tokens)
+    assert len(match) == 10 and match.from_storage == 10
+    assert_kv_is(device, tokens, match.kv_indices)
+    check(second, device)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "other-model"])
 def test_a_damaged_page_is_a_miss(tmp_path, damage):
     tokens = list(range(300, 309))

@@ -217,13 +217,14 @@ class HiRadixCache(RadixCache):
             return match
         end, data = found
         self.lock(match.last_node)
-        try:
-            indices = self._alloc(self.device, end - len(match), self.evict)
+        try:  # as much as L1 has room for, evicting other entries (not the matched path)
+            end = min(end, len(match) + self.device.free_count() + self.evictable_size())
+            indices = self._alloc(self.device, end - len(match), self.evict) if end > len(match) else None
         finally:
             self.unlock(match.last_node)
         if indices is None:
             return match
-        self.device.scatter(indices, data)
+        self.device.scatter(indices, data[:, :, :end - len(match)])
         mine = match.kv_indices + indices.tolist()
         held = self.insert(tokens[:end], mine, from_storage=True)
         self.device.free([m for m, kept in zip(mine[len(match):], held.kv_indices[len(match):]) if m != kept])
