@@ -44,9 +44,9 @@ from radixflow.lang.ir import (
 from radixflow.lang.speculative import ChatTurn, Speculation, Term
 from radixflow.parsers.reasoning import split_reasoning
 
-# What a speculative call asks for besides the text: the token texts, so a gen's token limit can be applied to it.
 logger = logging.getLogger(__name__)
 
+# What a speculative call asks for besides the text: the token texts, so a gen's token limit can be applied to it.
 _SPEC_LOGPROB = {"return_logprob": True, "top_logprobs_num": 0, "return_text_in_logprobs": True}
 # Sampling fields a speculated gen may have: anything else (constraints, logprobs, n) runs without speculation.
 _SPECULABLE = {"max_new_tokens", "min_new_tokens", "stop", "temperature", "top_p", "top_k", "min_p",
