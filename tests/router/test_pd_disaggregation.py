@@ -235,8 +235,9 @@ def test_router_health_needs_a_prefill_and_a_decode_server(tiny_model_dir, tmp_p
     try:
         decode.wait_ready()
         dead = f"http://127.0.0.1:{free_port()}"
+        # `with` starts it (and stops it): a `.start()` here as well would launch a second router and orphan the first.
         with ServerProcess(["--pd-disaggregation", "--prefill", dead, "--decode", decode.url, *FAST_HEALTH],
-                           command="router").start().wait_ready(60) as router:
+                           command="router") as router:
             for _ in range(40):  # the first health round takes the dead prefill server out
                 r = httpx.get(f"{router.url}/health")
                 if r.status_code == 503:
