@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -111,9 +110,7 @@ class Engine:
     def open_session(self, session_id: str | None = None, ttl_s: float | None = None) -> str:
         """Open a session (or set an open one's TTL) and return its id (a new one if none is given). Requests that
         carry it (`session_id=`) have their KV retained until `close_session` or `ttl_s` seconds of idleness."""
-        session_id = session_id or f"session-{uuid.uuid4().hex}"
-        self._call(lambda: self.core.cache.open_session(session_id, ttl_s))
-        return session_id
+        return self._call(lambda: self.core.cache.open_session(session_id, ttl_s))
 
     def close_session(self, session_id: str, wait: bool = True) -> bool | None:
         """Release a session's retained prefix; False if it was not open. `wait=False` queues the close for the

@@ -11,7 +11,6 @@ import os
 import queue
 import signal
 import threading
-import uuid
 
 import zmq
 
@@ -46,14 +45,8 @@ def _cache_events(core: EngineCore, since: int) -> dict:
     return {"events": [(e.op, e.tokens) for e in events], "next": next_seq, "lost": lost}
 
 
-def _open_session(core: EngineCore, session_id: str | None, ttl_s: float | None) -> str:
-    session_id = session_id or f"session-{uuid.uuid4().hex}"
-    core.cache.open_session(session_id, ttl_s)
-    return session_id
-
-
 CONTROL_OPS = {
-    "open_session": _open_session,
+    "open_session": lambda core, session_id, ttl_s: core.cache.open_session(session_id, ttl_s),
     "close_session": lambda core, session_id: core.cache.close_session(session_id),
     "flush_cache": lambda core: core.scheduler.flush_cache(),
     "stats": EngineCore.stats,

@@ -190,14 +190,20 @@ def store(tmp_path, page_size: int = 4) -> KVPageStore:
                        torch.float32)
 
 
-def test_storage_pages_survive_a_restart(tmp_path):
-    tokens = list(range(100, 111))  # 11 tokens: two whole pages of 4
-    device = pool(16)
-    first = HiRadixCache(device, pool(16), storage=store(tmp_path))
+def restarted(tmp_path, tokens: list[int], device_size: int = 16) -> tuple[KVPool, HiRadixCache]:
+    """A cache that served `tokens` (its page writes finished), then a new one over the same directory: a restarted
+    server, with empty pools (a device pool of `device_size`)."""
+    device = pool(32)
+    first = HiRadixCache(device, pool(32), storage=store(tmp_path))
     serve(first, device, tokens)
     first.storage.close()
-    device = pool(16)  # a new server: empty pools, the same directory
-    second = HiRadixCache(device, pool(16), storage=store(tmp_path))
+    device = pool(device_size)
+    return device, HiRadixCache(device, pool(16), storage=store(tmp_path))
+
+
+def test_storage_pages_survive_a_restart(tmp_path):
+    tokens = list(range(100, 111))  # 11 tokens: two whole pages of 4
+    device, second = restarted(tmp_path, tokens)
     match = second.match_and_load(tokens)
     assert len(match) == 8 and match.from_storage == 8
     assert_kv_is(device, tokens, match.kv_indices)
@@ -223,12 +229,7 @@ def test_storage_continues_a_match_that_ends_mid_page(tmp_path):
 
 def test_a_prefetch_reads_the_pages_while_the_request_waits(tmp_path):
     tokens = list(range(500, 511))
-    device = pool(16)
-    first = HiRadixCache(device, pool(16), storage=store(tmp_path))
-    serve(first, device, tokens)
-    first.storage.close()
-    device = pool(16)
-    second = HiRadixCache(device, pool(16), storage=store(tmp_path))
+    device, second = restarted(tmp_path, tokens)
     future = second.prefetch(tokens)
     assert future is not None and future.result()[0] == 0
     loads = second.storage.loads
@@ -259,12 +260,7 @@ def test_a_prefetch_that_started_past_a_shrunken_match_is_not_trusted(tmp_path):
 
 def test_storage_pages_larger_than_the_device_pool_load_as_far_as_it_has_room(tmp_path):
     tokens = list(range(700, 724))
-    device = pool(32)
-    first = HiRadixCache(device, pool(32), storage=store(tmp_path))
-    serve(first, device, tokens)
-    first.storage.close()
-    device = pool(10)  # a smaller server
-    second = HiRadixCache(device, pool(16), storage=store(tmp_path))
+    device, second = restarted(tmp_path, tokens, device_size=10)  # a smaller server
     match = second.match_and_load(tokens)
     assert len(match) == 10 and match.from_storage == 10
     assert_kv_is(device, tokens, match.kv_indices)

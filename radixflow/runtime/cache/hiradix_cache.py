@@ -375,21 +375,10 @@ class HiRadixCache(RadixCache):
             if child.host_value is not None:
                 host_indices.extend(child.host_value)
                 host_held += len(child.key)
-        for tier, indices in (("device", device_indices), ("host", host_indices)):
-            duplicates = sorted(i for i, n in Counter(indices).items() if n > 1)
-            if duplicates:
-                raise CacheIntegrityError(f"{tier} KV indices stored more than once in the tree: {duplicates}")
-        self._check_session_refs()
-        if (evictable, protected) != (self._evictable, self._protected):
-            raise CacheIntegrityError(
-                f"size counters (evictable={self._evictable}, protected={self._protected}) differ "
-                f"from a recount (evictable={evictable}, protected={protected})"
-            )
-        if num_free_kv + evictable + protected != pool_size:
-            raise CacheIntegrityError(
-                f"KV leak or double count: free {num_free_kv} + evictable {evictable} + "
-                f"protected {protected} = {num_free_kv + evictable + protected} != pool size {pool_size}"
-            )
+        duplicates = sorted(i for i, n in Counter(host_indices).items() if n > 1)
+        if duplicates:
+            raise CacheIntegrityError(f"host KV indices stored more than once in the tree: {duplicates}")
+        self._check_accounts(device_indices, evictable, protected, num_free_kv, pool_size, tier="device ")
         if self.host.free_count() + host_held != self.host.size:
             raise CacheIntegrityError(f"host KV leak or double count: free {self.host.free_count()} + held "
                                       f"{host_held} != host pool size {self.host.size}")

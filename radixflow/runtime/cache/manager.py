@@ -23,6 +23,7 @@ default TTL (a session is a hint, as vLLM's session RFCs have it: a request is n
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
@@ -145,15 +146,18 @@ class CacheManager:
         self.prefix_cache.flush()
 
     # -- sessions --------------------------------------------------------------------------------------------
-    def open_session(self, session_id: str, ttl_s: float | None = None, touch_only: bool = False) -> None:
-        """Open `session_id` (or push back its expiry if it is open; `ttl_s` then replaces its TTL unless
-        `touch_only`)."""
+    def open_session(self, session_id: str | None = None, ttl_s: float | None = None,
+                     touch_only: bool = False) -> str:
+        """Open `session_id` (a new id if None) or push back its expiry if it is open (`ttl_s` then replaces its
+        TTL unless `touch_only`); returns the id."""
+        session_id = session_id or f"session-{uuid.uuid4().hex}"
         session = self.sessions.get(session_id)
         if session is None:
             session = self.sessions[session_id] = Session(self.session_ttl_s if ttl_s is None else ttl_s, 0.0)
         elif ttl_s is not None and not touch_only:
             session.ttl_s = ttl_s
         session.expires = time.monotonic() + session.ttl_s
+        return session_id
 
     def close_session(self, session_id: str) -> bool:
         """Release the session's retained prefix (it stays cached as any other entry); False if it is not open."""

@@ -294,9 +294,15 @@ class RadixCache(PrefixCache):
                 protected += len(child.key)
             else:
                 evictable += len(child.key)
+        self._check_accounts(indices, evictable, protected, num_free_kv, pool_size)
+
+    def _check_accounts(self, indices: list[int], evictable: int, protected: int, num_free_kv: int,
+                        pool_size: int, tier: str = "") -> None:
+        """The checks a recount of the tree must pass: each index once, the session counts, the size counters, and
+        free + evictable + protected == pool size."""
         duplicates = sorted(i for i, n in Counter(indices).items() if n > 1)
         if duplicates:
-            raise CacheIntegrityError(f"KV indices stored more than once in the tree: {duplicates}")
+            raise CacheIntegrityError(f"{tier}KV indices stored more than once in the tree: {duplicates}")
         self._check_session_refs()
         if (evictable, protected) != (self._evictable, self._protected):
             raise CacheIntegrityError(
