@@ -1,14 +1,17 @@
 """Step overhead: the median wall time of one `EngineCore.step()` decoding SmolLM2 (no HTTP, no engine thread).
 
-    python -m bench.bench_step [--batches 1,16] [--reps 3] [--weight-format auto|fp32] [--split]
+    python -m bench.bench_step [--batches 1,16] [--reps 3] [--weight-format auto|fp32] [--enable-torch-compile]
+                               [--split]
 
 Each repetition admits `batch` requests with 32-token prompts (distinct, so nothing is cached) and 48 greedy output
 tokens, and steps until they finish; only steps in which every running request decodes are timed. Run it on two
 commits back to back to see whether a change costs per-step time (the figure is absolute: compare it only with a
 run on the same machine at about the same time).
 
-`--split` also times the linear layers (every `Linear.forward`, the weights' share of a step) and reports the rest
-of the step (attention, norms, RoPE, sampling, scheduling) as the difference.
+`--split` also times the linear layers alone: every linear layer of the model called in turn on a batch-sized
+input, outside any step (the weights' share of a step: streaming them through the matmul kernels), and reports the
+rest of the step (attention, norms, RoPE, sampling, scheduling, per-op overhead) as the difference. It works the
+same with `--enable-torch-compile`, whose compiled step the linear layers run inside.
 """
 
 from __future__ import annotations
@@ -55,37 +58,36 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--weight-format", default="auto")
+    parser.add_argument("--enable-torch-compile", action="store_true")
     parser.add_argument("--split", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    core = EngineCore(EngineConfig.from_kwargs(max_total_tokens=16384, weight_format=args.weight_format))
+    core = EngineCore(EngineConfig.from_kwargs(max_total_tokens=16384, weight_format=args.weight_format,
+                                                 enable_torch_compile=args.enable_torch_compile))
     result = {}
     for b in map(int, args.batches.split(",")):
         result[f"batch_{b}_ms"] = round(median_decode_step_ms(core, b, args.reps), 2)
         if args.split:
-            linear_ms, step_ms = linear_share_ms(core, b, args.reps)
+            linear_ms = linear_layers_ms(core.runner.model, b, args.reps)
             result[f"batch_{b}_linear_ms"] = round(linear_ms, 2)
-            result[f"batch_{b}_rest_ms"] = round(step_ms - linear_ms, 2)
+            result[f"batch_{b}_rest_ms"] = round(result[f"batch_{b}_ms"] - linear_ms, 2)
     print(json.dumps(result))
 
 
-def linear_share_ms(core: EngineCore, batch: int, reps: int) -> tuple[float, float]:
-    """Mean time per decode step inside linear layers, and the mean step time, measured together."""
-    spent = [0.0]
-    forward = llama.Linear.forward
-
-    def timed(self, x):
+@torch.inference_mode()
+def linear_layers_ms(model: torch.nn.Module, batch: int, reps: int) -> float:
+    """Median time of calling every linear layer of `model` once, in model order, on `batch` random rows: each
+    weight comes from memory, as in a step."""
+    linears = [m for m in model.modules() if isinstance(m, llama.Linear)]
+    inputs = [torch.randn(batch, m.in_features) for m in linears]
+    times = []
+    for _ in range(max(reps, 3) * 5):
         start = time.perf_counter()
-        out = forward(self, x)
-        spent[0] += time.perf_counter() - start
-        return out
+        for m, x in zip(linears, inputs):
+            m(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
-    llama.Linear.forward = timed
-    try:
-        steps = decode_steps(core, batch, reps, "s", counter=lambda: spent[0])
-    finally:
-        llama.Linear.forward = forward
-    return 1e3 * sum(lin for _, lin in steps) / len(steps), 1e3 * sum(wall for wall, _ in steps) / len(steps)
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,13 @@ class ModelConfig:
         "auto: the linear layers a GGUF file stores as Q4_0, Q4_1 or Q8_0 also stay in their 4-bit blocks and "
         "decode-sized calls run on torch's int4 kernel (CPU; bf16 inside, so outputs differ from fp32 at bf16 "
         "precision); fp32: dequantized weights only", default="auto")
+    enable_torch_compile: bool = _help(
+        "compile pure-decode steps with torch.compile (Inductor: fused C++ loops on CPU, Triton on GPU), which "
+        "removes most of a small batch's per-op overhead; compiling at startup takes a minute or more per batch-size "
+        "class the first time (then Inductor's on-disk cache)", default=False)
+    torch_compile_max_bs: int = _help(
+        "largest decode batch the compiled step serves; larger ones run eager (on a 2-core CPU the compiled step "
+        "won at 1 and 8 requests and lost at 32: bench/RESULTS.md)", default=8)
     quantization: str | None = _help("int8: linear layers in int8 with dynamic activation quantization (CPU, "
                                      "fbgemm); several times faster GEMMs, logits no longer bit-equal to fp32",
                                      default=None)

@@ -34,6 +34,7 @@ from radixflow.runtime.constrained.grammar import GrammarCompiler
 from radixflow.runtime.disaggregation.transfer import TRANSFER_BACKENDS, KVReceiver, KVSender
 from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
 from radixflow.runtime.limits import RequestLimits
+from radixflow.runtime.model.compiled import CompiledDecode
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
 from radixflow.runtime.model.loader import load_weights
 from radixflow.runtime.model.parallel import (
@@ -182,8 +183,21 @@ class EngineCore:
                                    scorer, self.kv_sender, self.kv_receiver)
         self.runner = ModelRunner(self.loaded.model, kv, req_to_token, device, config.seed,
                                   config.scheduler.lazy_grammar_masks,
-                                  forward=LeaderForward(self.loaded.model, self.tp) if self.tp else None)
+                                  forward=LeaderForward(self.loaded.model, self.tp) if self.tp else None,
+                                  compiled=self._compiled_decode(kv))
         self._was_busy = False
+
+    def _compiled_decode(self, kv: KVPool) -> CompiledDecode | None:
+        mc = self.config.model
+        if not mc.enable_torch_compile:
+            return None
+        if self.tp is not None:
+            # The followers run their shards eagerly in lockstep with rank 0; one compiled graph per rank around
+            # the collectives is not built.
+            raise ValueError("enable_torch_compile: not supported with --tp-size > 1")
+        compiled = CompiledDecode(self.loaded.model, kv, mc.torch_compile_max_bs)
+        compiled.warmup()
+        return compiled
 
     def _prefix_cache(self, kv: KVPool, args: ModelArgs, dtype: torch.dtype) -> PrefixCache:
         cc = self.config.cache

@@ -88,6 +88,37 @@ class AttentionInputs:
     groups: list[AttentionGroup]
     logits_rows: torch.Tensor | None  # rows whose logits are needed; None = all rows
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        return paged_attention(q, k, v, layer, self)
+
+
+@dataclass
+class DecodeStepInputs:
+    """A pure-decode batch (one group over every row, no shared prefix) for the compiled decode step
+    (`compiled.py`).
+
+    The new tokens' K/V are not written to the pool inside the step: an in-place write into a graph input makes
+    the compiler copy the whole pool. Instead each layer gathers the context, puts the new K/V in place of their
+    (not yet written) pool rows, attends, and keeps the new K/V in `new_kv`; the caller writes them all to the
+    pool with one copy after the step.
+    """
+
+    kv_buffer: torch.Tensor  # the pool: [2, layers, pool_size, kv_heads, head_dim]
+    kv_indices: torch.Tensor  # [requests, max_context], each row's new token included
+    out_cache_loc: torch.Tensor  # [requests]
+    mask: torch.Tensor | None  # [requests, 1, 1, max_context] bool, True = attend; None = attend everything
+    logits_rows: None = None
+    new_kv: list[torch.Tensor] = field(default_factory=list)  # per layer: [2, requests, kv_heads, head_dim]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        keys, values = _gather(self.kv_buffer[0, layer], self.kv_buffer[1, layer], self.kv_indices)
+        is_new = (self.kv_indices == self.out_cache_loc[:, None])[:, None, :, None]  # [B, 1, L, 1]
+        keys = torch.where(is_new, k[:, :, None], keys)
+        values = torch.where(is_new, v[:, :, None], values)
+        self.new_kv.append(torch.stack([k, v]))
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=self.mask, enable_gqa=True)
+        return out.squeeze(2)
+
 
 @dataclass(frozen=True)
 class QuerySpan:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixflow.runtime.model.attention import AttentionInputs, paged_attention
+from radixflow.runtime.model.attention import AttentionInputs, DecodeStepInputs
 from radixflow.runtime.model.quant import Int4Groups, Int4Weight
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
+        self.in_features = in_features
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.packed = None  # int8 weights packed for fbgemm, after quantize_int8()
@@ -134,7 +135,8 @@ class Linear(nn.Module):
             return out if self.bias is None else out + self.bias
         if self.packed is not None:
             return torch.ops.quantized.linear_dynamic(x, self.packed, _REDUCE_RANGE)
-        if self.onednn is not None and x.shape[0] > 1:
+        # Inductor lowers oneDNN's linear only for weights it froze itself, so a compiled step uses the matmul.
+        if self.onednn is not None and x.shape[0] > 1 and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn, self.bias, "none", [], "")
         if self.bias is None:
             return x @ self.weight_t
@@ -183,14 +185,15 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(args.hidden_size, qkv_out, bias=args.attention_bias)
         self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttentionInputs):
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionInputs | DecodeStepInputs):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         rotated = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
         q = rotated[:, : self.num_heads]
         k = rotated[:, self.num_heads:]
         v = qkv[:, self.num_heads + self.num_kv_heads:]
-        out = paged_attention(q, k, v, self.layer_id, attn)
+        out = attn.attend(q, k, v, self.layer_id)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -251,6 +254,12 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        return self.logits(input_ids, positions, attn)
+
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
+               attn: AttentionInputs | DecodeStepInputs) -> torch.Tensor:
+        """The forward without its inference-mode guard, for torch.compile to trace (compiled.py): the caller
+        holds the guard, which the compiler does not trace into."""
         freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         cos_sin = (freqs.cos().to(self.embed_tokens.weight.dtype)[:, None, :],
                    freqs.sin().to(self.embed_tokens.weight.dtype)[:, None, :])

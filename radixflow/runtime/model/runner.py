@@ -9,6 +9,7 @@ import torch
 from radixflow.runtime.cache.kv_pool import KVPool, ReqToTokenPool
 from radixflow.runtime.constrained.masking import GrammarMasker, MaskPlan
 from radixflow.runtime.model.attention import AttentionInputs, AttentionPlanner, QuerySpan
+from radixflow.runtime.model.compiled import CompiledDecode
 from radixflow.runtime.model.llama import LlamaModel
 from radixflow.runtime.model.sampler import SamplingRow, probabilities, sample
 from radixflow.runtime.request import TokenLogprobs
@@ -32,10 +33,11 @@ class LogitRows(NamedTuple):
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVPool, req_to_token: ReqToTokenPool, device: torch.device,
-                 seed: int = 0, lazy_grammar_masks: bool = True, forward=None):
+                 seed: int = 0, lazy_grammar_masks: bool = True, forward=None, compiled: CompiledDecode | None = None):
         self.model = model
         # The model call; under tensor parallelism rank 0's, which sends the inputs to the other ranks first.
         self.forward = forward or model
+        self.compiled = compiled  # the compiled decode step (--enable-torch-compile), for the batches it takes
         self.kv = kv
         self.req_to_token = req_to_token
         self.device = device
@@ -57,7 +59,10 @@ class ModelRunner:
                                torch.tensor(logit_rows, dtype=torch.int64, device=self.device))
         sampling = [s for s in reqs if s.samples_next and not s.draft]
         masks = self.masker.before_forward([s.req for s in sampling])
-        logits = self.forward(input_ids, positions, attn)
+        if self.compiled is not None and self.compiled.takes(len(input_ids), attn):
+            logits = self.compiled(input_ids, positions, attn)
+        else:
+            logits = self.forward(input_ids, positions, attn)
         outputs = [ModelOutput(prompt_logprobs=self._prompt_logprobs(s, logits, r)) for s, r in zip(reqs, rows)]
         if sampling:
             sample_logits = logits[[r.sample_row for s, r in zip(reqs, rows) if r.samples and not s.draft]]
