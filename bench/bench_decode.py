@@ -2,7 +2,7 @@
 kernel), its dequantized fp32 path, speculative decoding, and llama.cpp on the same file when llama-cpp-python is
 installed (an optional benchmark extra: `pip install llama-cpp-python`, built from source).
 
-    python -m bench.bench_decode [--reps 3] [--json out.json]
+    python -m bench.bench_decode [--reps 3] [--json out.json] [--enable-torch-compile] [--skip-speculative]
 
 Figures (each side measured in the same run, the sides interleaved rep by rep, best rep kept):
 - decode tok/s at batch 1 (one request at a time, greedy, 128 tokens after a 32-token prompt; the prefill's time is
@@ -11,6 +11,8 @@ Figures (each side measured in the same run, the sides interleaved rep by rep, b
 - a 1,000-token few-shot prefix with 32 questions sent one at a time, and 8 chats x 4 turns sent one request at a
   time in round-robin order (the users of a server take turns): wall time, radixflow against llama.cpp, whose
   `Llama` object reuses the KV of the longest prefix it shares with the previous prompt;
+- with `--enable-torch-compile`, a third radixflow side whose decode steps run the compiled graph (its startup
+  compiles them: a few minutes the first time on 2 cores);
 - speculative decoding at batch 1 (`--speculative-algorithm ngram`) on copy-heavy prompts (quoting, extraction,
   code edits) and on plain chat prompts: tok/s against the same engine without it, and whether the greedy texts
   are identical.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -127,6 +130,38 @@ class LlamaCpp:
         self.llm.close()
 
 
+class LlamaCppProcess:
+    """The llama.cpp side run in a fresh child process per measurement. In one process with radixflow, llama.cpp's
+    worker threads keep spinning after a call and took half the CPU from the next side measured (radixflow's
+    compiled decode: 90 tok/s alone, about 50 after a llama.cpp call, bench/RESULTS.md); a child that exits leaves
+    nothing running."""
+
+    name = "llama.cpp"
+
+    def __init__(self):
+        import llama_cpp  # noqa: F401 - fail here, as the in-process side does, when it is not installed
+
+    def measure(self, fn, *args):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_measure_llama_cpp, (fn.__name__, args))
+
+    def close(self) -> None:
+        pass
+
+
+def _measure_llama_cpp(fn_name: str, args: tuple):
+    torch.set_num_threads(THREADS)
+    side = LlamaCpp()
+    try:
+        return globals()[fn_name](side, *args)
+    finally:
+        side.close()
+
+
+def measure(side, fn, *args):
+    return side.measure(fn, *args) if isinstance(side, LlamaCppProcess) else fn(side, *args)
+
+
 # -- measurements --------------------------------------------------------------------------------------------------
 def decode_tps(side, prompts: list[list[int]], new_tokens: int) -> float:
     """Aggregate decode tokens/s: generating new_tokens minus generating 1 (prefill + first token), per token."""
@@ -201,12 +236,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--enable-torch-compile", action="store_true")
+    parser.add_argument("--skip-speculative", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     auto, fp32 = Radixflow("radixflow"), Radixflow("radixflow fp32", weight_format="fp32")
     sides = [auto, fp32]
+    if args.enable_torch_compile:
+        sides.append(Radixflow("radixflow compiled", enable_torch_compile=True))
     try:
-        sides.append(LlamaCpp())
+        sides.append(LlamaCppProcess())
     except ImportError:
         print("llama-cpp-python is not installed: llama.cpp's columns stay empty")
     tok = auto.tokenizer
@@ -216,13 +255,14 @@ def main() -> None:
         return torch.randint(100, 49000, (batch, length), generator=gen).tolist()
 
     results: dict[str, dict] = {s.name: {} for s in sides}
-    figures = [("decode tok/s, batch 1", lambda s: decode_tps(s, prompts(1, 32), 128)),
-               ("prefill tok/s (512 tokens)", lambda s: prefill_tps(s, prompts(1, 512)[0]))]
-    for batch in (8, 32):
-        figures.append((f"decode tok/s, batch {batch}",
-                        lambda s, b=batch: None if isinstance(s, LlamaCpp) else decode_tps(s, prompts(b, 32), 64)))
-    figures += [("few-shot: 1,000-token prefix, 32 questions one at a time (s)", lambda s: few_shot_seconds(s, tok)),
-                ("8 chats x 4 turns, one request at a time (s)", lambda s: multi_turn_seconds(s, tok))]
+    figures = [("decode tok/s, batch 1", lambda s: measure(s, decode_tps, prompts(1, 32), 128)),
+               ("prefill tok/s (512 tokens)", lambda s: measure(s, prefill_tps, prompts(1, 512)[0]))]
+    for batch in (8, 32):  # llama-cpp-python decodes one sequence at a time
+        figures.append((f"decode tok/s, batch {batch}", lambda s, b=batch: None if isinstance(s, LlamaCppProcess)
+                        else decode_tps(s, prompts(b, 32), 64)))
+    figures += [("few-shot: 1,000-token prefix, 32 questions one at a time (s)",
+                 lambda s: measure(s, few_shot_seconds, tok)),
+                ("8 chats x 4 turns, one request at a time (s)", lambda s: measure(s, multi_turn_seconds, tok))]
     for label, measure in figures:
         for _ in range(args.reps):
             for side in sides:
@@ -235,15 +275,18 @@ def main() -> None:
         print(label, {name: round(r[label], 2) for name, r in results.items() if label in r}, flush=True)
     for side in sides[2:]:
         side.close()
-    spec = Radixflow("radixflow + ngram", speculative_algorithm="ngram")
-    spec_rows = {"copy-heavy": speculative(auto, spec, COPY_HEAVY, 160, args.reps),
-                 "plain chat": speculative(auto, spec, PLAIN_CHAT, 160, args.reps)}
-    print(json.dumps(spec_rows, indent=1))
+    spec_rows = {}
+    if not args.skip_speculative:
+        spec = Radixflow("radixflow + ngram", speculative_algorithm="ngram")
+        spec_rows = {"copy-heavy": speculative(auto, spec, COPY_HEAVY, 160, args.reps),
+                     "plain chat": speculative(auto, spec, PLAIN_CHAT, 160, args.reps)}
+        print(json.dumps(spec_rows, indent=1))
+        spec.close()
     report = {"environment": environment(), "results": results, "speculative": spec_rows}
     print(markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    for side in (auto, fp32, spec):
+    for side in (auto, fp32):
         side.close()
 
 
@@ -258,17 +301,20 @@ def markdown(report: dict) -> str:
     env, results = report["environment"], report["results"]
     names = list(results)
     labels = list(results[names[0]])
+    # Ratio columns: the default against the fp32 path, and each radixflow side against llama.cpp where measured.
+    pairs = [("radixflow", "radixflow fp32")] + [(n, "llama.cpp") for n in names
+                                                  if n.startswith("radixflow") and n != "radixflow fp32"]
+    pairs = [(a, b) for a, b in pairs if a in results and b in results]
     lines = [f"commit {env['commit']}, {env['cpu']}, {env['nproc']} cores, torch {env['torch']}, {env['date']}", "",
-             "| figure | " + " | ".join(names) + " | radixflow / fp32 | radixflow / llama.cpp |",
-             "|---|" + "---|" * (len(names) + 2)]
+             "| figure | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |",
+             "|---|" + "---|" * (len(names) + len(pairs))]
     for label in labels:
-        values = [results[n].get(label) for n in names]
-        ours, fp32 = values[0], values[1]
-        peer = values[2] if len(values) > 2 else None
+        cells = ["" if results[n].get(label) is None else f"{results[n][label]:,.1f}" for n in names]
         seconds = label.endswith("(s)")
-        cells = ["" if v is None else f"{v:,.1f}" for v in values]
-        lines.append(f"| {label} | " + " | ".join(cells) +
-                     f" | {_speedup(ours, fp32, seconds)} | {_speedup(ours, peer, seconds)} |")
+        ratios = [_speedup(results[a].get(label), results[b].get(label), seconds) for a, b in pairs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    if not report["speculative"]:
+        return "\n".join(lines)
     lines += ["", "| speculative decoding, batch 1 | without | with | ratio | identical greedy text | tokens / step |",
               "|---|---|---|---|---|---|"]
     for name, row in report["speculative"].items():
