@@ -3,6 +3,7 @@ kernel), its dequantized fp32 path, speculative decoding, and llama.cpp on the s
 installed (an optional benchmark extra: `pip install llama-cpp-python`, built from source).
 
     python -m bench.bench_decode [--reps 3] [--json out.json] [--enable-torch-compile] [--skip-speculative]
+    python -m bench.bench_decode --isolated-batch1 [--enable-torch-compile] [--reps 3]
 
 Figures (each side measured in the same run, the sides interleaved rep by rep, best rep kept):
 - decode tok/s at batch 1 (one request at a time, greedy, 128 tokens after a 32-token prompt; the prefill's time is
@@ -158,7 +159,34 @@ def _measure_llama_cpp(fn_name: str, args: tuple):
         side.close()
 
 
-def measure(side, fn, *args):
+def _isolated_decode_tps(name: str, options: dict) -> float:
+    """Batch-1 decode tok/s of one side built in this (fresh) process: best of 3 after a warm-up run."""
+    torch.set_num_threads(THREADS)
+    side = LlamaCpp() if name == "llama.cpp" else Radixflow(name, **options)
+    try:
+        prompt = torch.randint(100, 49000, (1, 32), generator=torch.Generator().manual_seed(0)).tolist()
+        decode_tps(side, prompt, 16)
+        return max(decode_tps(side, prompt, 128) for _ in range(3))
+    finally:
+        side.close()
+
+
+def isolated_batch1(reps: int, compiled: bool) -> dict[str, float]:
+    """Batch-1 decode with every side alone in its own process, the sides taking turns rep by rep. In one process
+    the sides slow each other down: after a llama.cpp call its threads keep spinning, and radixflow's compiled
+    decode measured 90 tok/s alone but about 50 after one (2026-12-06)."""
+    sides = [("radixflow", {})] + ([("radixflow compiled", {"enable_torch_compile": True})] if compiled else [])
+    sides.append(("llama.cpp", {}))
+    best: dict[str, float] = {}
+    for _ in range(reps):
+        for name, options in sides:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                best[name] = max(best.get(name, 0.0), pool.apply(_isolated_decode_tps, (name, options)))
+            print(name, round(best[name], 1), flush=True)
+    return best
+
+
+def run_side(side, fn, *args):
     return side.measure(fn, *args) if isinstance(side, LlamaCppProcess) else fn(side, *args)
 
 
@@ -238,7 +266,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--enable-torch-compile", action="store_true")
     parser.add_argument("--skip-speculative", action="store_true")
+    parser.add_argument("--isolated-batch1", action="store_true",
+                        help="only batch-1 decode, each side alone in a fresh process (see isolated_batch1)")
     args = parser.parse_args()
+    if args.isolated_batch1:
+        best = isolated_batch1(args.reps, args.enable_torch_compile)
+        print(json.dumps({"environment": environment(), "decode_tps_batch_1": best}, indent=1))
+        for name in best:
+            print(f"{name}: {best[name]:.1f} tok/s, {best[name] / best['llama.cpp']:.2f}x llama.cpp")
+        return
     torch.set_num_threads(THREADS)
     auto, fp32 = Radixflow("radixflow"), Radixflow("radixflow fp32", weight_format="fp32")
     sides = [auto, fp32]
@@ -255,14 +291,14 @@ def main() -> None:
         return torch.randint(100, 49000, (batch, length), generator=gen).tolist()
 
     results: dict[str, dict] = {s.name: {} for s in sides}
-    figures = [("decode tok/s, batch 1", lambda s: measure(s, decode_tps, prompts(1, 32), 128)),
-               ("prefill tok/s (512 tokens)", lambda s: measure(s, prefill_tps, prompts(1, 512)[0]))]
+    figures = [("decode tok/s, batch 1", lambda s: run_side(s, decode_tps, prompts(1, 32), 128)),
+               ("prefill tok/s (512 tokens)", lambda s: run_side(s, prefill_tps, prompts(1, 512)[0]))]
     for batch in (8, 32):  # llama-cpp-python decodes one sequence at a time
         figures.append((f"decode tok/s, batch {batch}", lambda s, b=batch: None if isinstance(s, LlamaCppProcess)
                         else decode_tps(s, prompts(b, 32), 64)))
     figures += [("few-shot: 1,000-token prefix, 32 questions one at a time (s)",
-                 lambda s: measure(s, few_shot_seconds, tok)),
-                ("8 chats x 4 turns, one request at a time (s)", lambda s: measure(s, multi_turn_seconds, tok))]
+                 lambda s: run_side(s, few_shot_seconds, tok)),
+                ("8 chats x 4 turns, one request at a time (s)", lambda s: run_side(s, multi_turn_seconds, tok))]
     for label, measure in figures:
         for _ in range(args.reps):
             for side in sides:

@@ -6,11 +6,10 @@ activations and dtype conversions between the matmuls into a few fused C++ loops
 MKL, oneDNN) stay the library calls they are in eager mode. On a GPU the same path compiles to Triton kernels.
 
 Only pure-decode batches of up to `max_bs` requests with no shared-prefix attention take this path (the common
-case of every step after the prompts are in); everything else runs the eager forward. Shapes are dynamic: the
-context length never recompiles. A step compiles once per shape class: batch 1, then batches up to the int4
-kernel's row limit, then larger batches (three graphs, each with and without a padding mask at most). `warmup`
-compiles them at startup so no request waits for the compiler; Inductor's on-disk cache makes later starts
-faster.
+case of every step after the prompts are in); everything else runs the eager forward. Shapes are dynamic, so a
+new context length never recompiles; there is one graph per batch-size class (`CompiledDecode.shape_class`), all
+compiled by `warmup` at startup so that no request waits for the compiler. Inductor's on-disk cache makes later
+starts faster. docs/architecture.md has the design and what it measured.
 
 Numerics: the fused loops sum in a different order than eager, so logits differ in the last bits (about 1e-6
 relative with fp32 weights); on the int4 kernel (bf16 inside) those bits can round a bf16 activation the other
