@@ -176,7 +176,11 @@ def isolated_batch1(reps: int, compiled: bool) -> dict[str, float]:
     the sides slow each other down: after a llama.cpp call its threads keep spinning, and radixflow's compiled
     decode measured 90 tok/s alone but about 50 after one (2026-12-06)."""
     sides = [("radixflow", {})] + ([("radixflow compiled", {"enable_torch_compile": True})] if compiled else [])
-    sides.append(("llama.cpp", {}))
+    try:
+        LlamaCppProcess()
+        sides.append(("llama.cpp", {}))
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp side")
     best: dict[str, float] = {}
     for _ in range(reps):
         for name, options in sides:
@@ -272,8 +276,9 @@ def main() -> None:
     if args.isolated_batch1:
         best = isolated_batch1(args.reps, args.enable_torch_compile)
         print(json.dumps({"environment": environment(), "decode_tps_batch_1": best}, indent=1))
+        peer = best.get("llama.cpp")
         for name in best:
-            print(f"{name}: {best[name]:.1f} tok/s, {best[name] / best['llama.cpp']:.2f}x llama.cpp")
+            print(f"{name}: {best[name]:.1f} tok/s" + (f", {best[name] / peer:.2f}x llama.cpp" if peer else ""))
         return
     torch.set_num_threads(THREADS)
     auto, fp32 = Radixflow("radixflow"), Radixflow("radixflow fp32", weight_format="fp32")
