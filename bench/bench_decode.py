@@ -143,32 +143,32 @@ class LlamaCppProcess:
         import llama_cpp  # noqa: F401 - fail here, as the in-process side does, when it is not installed
 
     def measure(self, fn, *args):
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(_measure_llama_cpp, (fn.__name__, args))
+        return measure_alone(self.name, {}, fn, *args)
 
     def close(self) -> None:
         pass
 
 
-def _measure_llama_cpp(fn_name: str, args: tuple):
+def measure_alone(name: str, options: dict, fn, *args):
+    """`fn(side, *args)` for a side built in a fresh child process (llama.cpp, or radixflow with `options`)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure_in_child, (name, options, fn.__name__, args))
+
+
+def _measure_in_child(name: str, options: dict, fn_name: str, args: tuple):
     torch.set_num_threads(THREADS)
-    side = LlamaCpp()
+    side = LlamaCpp() if name == "llama.cpp" else Radixflow(name, **options)
     try:
         return globals()[fn_name](side, *args)
     finally:
         side.close()
 
 
-def _isolated_decode_tps(name: str, options: dict) -> float:
-    """Batch-1 decode tok/s of one side built in this (fresh) process: best of 3 after a warm-up run."""
-    torch.set_num_threads(THREADS)
-    side = LlamaCpp() if name == "llama.cpp" else Radixflow(name, **options)
-    try:
-        prompt = torch.randint(100, 49000, (1, 32), generator=torch.Generator().manual_seed(0)).tolist()
-        decode_tps(side, prompt, 16)
-        return max(decode_tps(side, prompt, 128) for _ in range(3))
-    finally:
-        side.close()
+def best_batch1_tps(side) -> float:
+    """Batch-1 decode tok/s: best of 3 after a warm-up run."""
+    prompt = torch.randint(100, 49000, (1, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    decode_tps(side, prompt, 16)
+    return max(decode_tps(side, prompt, 128) for _ in range(3))
 
 
 def isolated_batch1(reps: int, compiled: bool) -> dict[str, float]:
@@ -184,8 +184,7 @@ def isolated_batch1(reps: int, compiled: bool) -> dict[str, float]:
     best: dict[str, float] = {}
     for _ in range(reps):
         for name, options in sides:
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                best[name] = max(best.get(name, 0.0), pool.apply(_isolated_decode_tps, (name, options)))
+            best[name] = max(best.get(name, 0.0), measure_alone(name, options, best_batch1_tps))
             print(name, round(best[name], 1), flush=True)
     return best
 
