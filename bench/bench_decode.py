@@ -175,7 +175,10 @@ def isolated_batch1(reps: int, compiled: bool) -> dict[str, float]:
     """Batch-1 decode with every side alone in its own process, the sides taking turns rep by rep. In one process
     the sides slow each other down: after a llama.cpp call its threads keep spinning, and radixflow's compiled
     decode measured 90 tok/s alone but about 50 after one (2026-12-06)."""
-    sides = [("radixflow", {})] + ([("radixflow compiled", {"enable_torch_compile": True})] if compiled else [])
+    sides = [("radixflow", {})]
+    if compiled:  # the default kernels, and torch's int4 kernel as the baseline for radixflow's VNNI one
+        sides += [("radixflow compiled", {"enable_torch_compile": True}),
+                  ("radixflow int4 compiled", {"enable_torch_compile": True, "weight_format": "int4"})]
     try:
         LlamaCppProcess()
         sides.append(("llama.cpp", {}))

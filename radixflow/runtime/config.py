@@ -36,9 +36,10 @@ class ModelConfig:
                                 "(faster than MKL on CPUs where MKL skips AVX-512); off: torch's default matmul",
                                 default=True)
     weight_format: str = _help(
-        "auto: the linear layers a GGUF file stores as Q4_0, Q4_1 or Q8_0 also stay in their 4-bit blocks and "
-        "decode-sized calls run on torch's int4 kernel (CPU; bf16 inside, so outputs differ from fp32 at bf16 "
-        "precision); fp32: dequantized weights only", default="auto")
+        "auto: the linear layers a GGUF file stores as Q4_0, Q4_1 or Q8_0 also stay in their blocks, and "
+        "decode-sized calls run on radixflow's VNNI kernel (CPUs with AVX512-VNNI; inputs rounded to 8 bits per "
+        "block of 32, as llama.cpp does) or else torch's int4 kernel; int4: torch's int4 kernel (bf16 inside) "
+        "for all of them; fp32: dequantized weights only", default="auto")
     enable_torch_compile: bool = _help(
         "compile pure-decode steps with torch.compile (Inductor: fused C++ loops on CPU, Triton on GPU), which "
         "removes most of a small batch's per-op overhead; compiling at startup takes a minute or more per batch-size "

@@ -45,6 +45,7 @@ from radixflow.runtime.model.parallel import (
     shard_weights,
     start_leader,
 )
+from radixflow.runtime.model import vnni
 from radixflow.runtime.model.quant import int4_kernel_available
 from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.model_source import ModelSource, resolve_model
@@ -57,7 +58,7 @@ from radixflow.runtime.tokenizer import eos_token_ids, load_tokenizer
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_WEIGHT_FORMATS = ("auto", "fp32")
+_WEIGHT_FORMATS = ("auto", "int4", "fp32")
 
 
 @dataclass
@@ -110,14 +111,16 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
         quantize_int8(model)
     elif mc.onednn_linear and device.type == "cpu" and mc.dtype == "float32" and not prepack_onednn(model):
         logger.info("oneDNN linear layers unavailable in this torch build; using torch's matmul")
-    if mc.weight_format == "auto" and mc.quantization is None and checkpoint.int4 and tp is not None:
-        logger.info("4-bit weights dequantized: the int4 kernel is not split for tensor parallelism")
-    elif mc.weight_format == "auto" and mc.quantization is None and checkpoint.int4:
+    kept_4bit = mc.weight_format != "fp32" and mc.quantization is None and checkpoint.int4
+    if kept_4bit and tp is not None:
+        logger.info("4-bit weights dequantized: the block-quant kernels are not split for tensor parallelism")
+    elif kept_4bit:
         # On other devices (or a torch without the CPU kernel) the dequantized weights serve every call.
         if mc.dtype == "float32" and int4_kernel_available(device):
-            logger.info("int4 kernel for %d linear layers", model.use_int4(checkpoint.int4))
+            kernel = "vnni" if mc.weight_format == "auto" and vnni.available() else "int4"
+            logger.info("%s kernel for %d linear layers", kernel, model.use_int4(checkpoint.int4, kernel))
         else:
-            logger.info("4-bit weights dequantized: the int4 kernel needs the CPU and dtype float32")
+            logger.info("4-bit weights dequantized: the block-quant kernels need the CPU and dtype float32")
     tokenizer = load_tokenizer(source, mc.chat_template)
     return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))
 

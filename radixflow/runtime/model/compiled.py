@@ -62,8 +62,8 @@ class CompiledDecode:
         torch._dynamo.mark_static(kv.buffer)
         for module in model.modules():
             if isinstance(module, Linear) and module.int4 is not None:
-                torch._dynamo.mark_static(module.int4.packed)
-                torch._dynamo.mark_static(module.int4.scale_zeros)
+                for tensor in module.int4.tensors():
+                    torch._dynamo.mark_static(tensor)
         # dynamic=True: the context length (and the batch size within a class) is symbolic, so a new length never
         # needs another graph. cpp_wrapper: the graph's kernel launches run from C++, not a Python wrapper.
         # No guards are kept at all: `takes` and `shape_class` do their job.

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixflow.runtime.model.attention import AttentionInputs, DecodeStepInputs
+from radixflow.runtime.model import vnni
 from radixflow.runtime.model.quant import Int4Groups, Int4Weight
+from radixflow.runtime.model.vnni import VnniWeight
 
 if TYPE_CHECKING:
     from radixflow.runtime.model.parallel import TensorParallel
@@ -127,7 +129,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.packed = None  # int8 weights packed for fbgemm, after quantize_int8()
         self.onednn = None  # fp32 weights in oneDNN's blocked layout, after prepack_onednn()
-        self.int4: Int4Weight | None = None  # the checkpoint's 4-bit weights, for calls of few rows (use_int4)
+        # The checkpoint's 4-bit weights on a block-quant kernel, for calls of few rows (use_int4).
+        self.int4: Int4Weight | VnniWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
@@ -281,9 +284,11 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(local.masked_fill(outside, 0)).masked_fill(outside[:, None], 0.0)
         return self.tp.all_reduce(x)
 
-    def use_int4(self, groups: dict[str, Int4Groups]) -> int:
-        """Give each linear layer whose checkpoint weight has 4-bit groups (Hugging Face names) its int4 kernel,
-        fused as the fp32 weights are; a fused layer needs groups for all its parts. Returns how many layers."""
+    def use_int4(self, groups: dict[str, Int4Groups], kernel: str = "int4") -> int:
+        """Give each linear layer whose checkpoint weight has 4-bit groups (Hugging Face names) a block-quant
+        kernel, fused as the fp32 weights are; a fused layer needs groups for all its parts. `kernel` is "vnni"
+        (vnni.py, for the layouts it holds; torch's int4 kernel for the rest) or "int4" (torch's for all).
+        Returns how many layers."""
         fused = _fuse_hf_weights(groups, self.args, Int4Groups.cat)
         if "lm_head.weight" not in fused and self.args.tie_word_embeddings and "embed_tokens.weight" in fused:
             fused["lm_head.weight"] = fused["embed_tokens.weight"]
@@ -294,7 +299,7 @@ class LlamaModel(nn.Module):
                 expected = tuple(module.weight_t.shape[::-1])
                 if g.shape != expected:
                     raise ValueError(f"tensor {name}: 4-bit shape {g.shape} != model {expected}")
-                module.int4 = Int4Weight(g)
+                module.int4 = VnniWeight(g) if kernel == "vnni" and vnni.supports(g) else Int4Weight(g)
                 count += 1
         return count
 

@@ -145,5 +145,8 @@ class Int4Weight:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scale_zeros)
         return (out if out.shape[1] == self.out_features else out[:, :self.out_features]).float()
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.scale_zeros
+
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scale_zeros.numel() * 2
+        return sum(t.numel() * t.element_size() for t in self.tensors())

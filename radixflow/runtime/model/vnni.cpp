@@ -1,0 +1,322 @@
+// Block-quantized GEMM for decode-sized calls (a few rows) on x86 CPUs with AVX512-VNNI.
+//
+// The weights stay in GGUF's blocks of 32 along the input: Q4_0 / Q4_1 as 4-bit codes with an fp16 scale d and
+// offset m per block (w = d * code + m), Q8_0 as signed bytes with an fp16 scale (w = d * q). Each call rounds its
+// input to two signed bytes per value with one scale per block of 32 (x ~ d * (128 * hi + lo) / 128: about 15
+// significant bits, where llama.cpp rounds to one byte), so a block's dot product is integer multiply-adds
+// (vpdpbusd: 32 byte products into 8 int32 lanes per instruction), scaled once per block. See vnni.py for the
+// layouts and the numerics.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// The input rounded to bytes, block by block: hi[k] = round(x[k] / d_b) with d_b = max|x| / 127 over block b of 32,
+// then the remainder, lo[k] = round(128 * (x[k] / d_b - hi[k])) in [-64, 64], so x[k] ~ (d_b / 128) * (128 * hi[k] +
+// lo[k]); with each block's scale d_b / 128 and exact sum of x (for Q4's offset term).
+//
+// For the 4-bit kernel the bytes of each four blocks are reordered to match the nibbles ([b0 0..15, b1 0..15,
+// b2 0..15, b3 0..15, b0 16..31, ...]; a last pair of blocks likewise as [b0 0..15, b1 0..15, b0 16..31, b1 16..31]),
+// and each block's scale and sum are spread over the four int32 lanes of the dot product it lands in (lanes 4b..4b+3;
+// a quarter of the sum per lane).
+struct Quantized {
+  at::Tensor q, scale, sum;  // int8 [rows, (hi, lo), k]; fp32 [rows, k/32] (q8) or [rows, k/32 * 4] (q4, spread)
+};
+
+// Rounds 16 values (already divided by their block's scale) to high bytes at `hi` and low bytes at `lo`.
+inline void round_half_block(__m512 scaled, int8_t* hi, int8_t* lo) {
+  const __m512 whole = _mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(scaled, whole), _mm512_set1_ps(128.f));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(whole)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(rest)));
+}
+
+Quantized quantize(const at::Tensor& x, bool pairs) {
+  const int64_t rows = x.size(0), k = x.size(1), blocks = k / kBlock;
+  Quantized out{at::empty({rows, 2, k}, x.options().dtype(at::kChar)),
+                at::empty({rows, pairs ? blocks * 4 : blocks}, x.options()),
+                at::empty({rows, pairs ? blocks * 4 : blocks}, x.options())};
+  const int64_t whole = k / 128 * 4;  // blocks in whole fours (the 4-bit kernel's wide steps)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x.data_ptr<float>() + r * k;
+    int8_t* q = out.q.data_ptr<int8_t>() + r * 2 * k;
+    float* scale = out.scale.data_ptr<float>() + r * out.scale.size(1);
+    float* sum = out.sum.data_ptr<float>() + r * out.sum.size(1);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m512 first = _mm512_loadu_ps(xr + b * kBlock), second = _mm512_loadu_ps(xr + b * kBlock + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
+      const float total = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+      const float d = amax / 127.f;
+      const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+      // Where each half of the block goes: in order, or (4-bit kernel) beside the same half of its pair's block.
+      const int64_t at1 = !pairs ? b * kBlock : b < whole ? (b / 4) * 128 + (b % 4) * 16 : (b / 2) * 64 + (b % 2) * 16;
+      const int64_t at2 = !pairs ? at1 + 16 : b < whole ? at1 + 64 : at1 + 32;
+      round_half_block(_mm512_mul_ps(first, inv), q + at1, q + k + at1);
+      round_half_block(_mm512_mul_ps(second, inv), q + at2, q + k + at2);
+      if (pairs) {
+        for (int lane = 0; lane < 4; ++lane) {
+          scale[(b / 2) * 8 + (b % 2) * 4 + lane] = d / 128.f;
+          sum[(b / 2) * 8 + (b % 2) * 4 + lane] = 0.25f * total;
+        }
+      } else {
+        scale[b] = d / 128.f;
+        sum[b] = total;
+      }
+    }
+  }
+  return out;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Output features computed together (independent accumulator chains), and input rows per pass over them.
+constexpr int kCols = 4;
+constexpr int kRows = 2;
+constexpr int64_t kMaxRows = 16;
+
+// out[r, n] = sum_k x[r, k] * w[n, k] for R input rows and kCols output features from n, 4-bit weights: codes
+// [n, k/2] (GGUF's blocks: byte j holds codes j and j + 16), dm [n, k/32, 2] fp16 (d, m) per block.
+template <int R>
+void q4_tile(const int8_t* xq, const float* xd, const float* xs, int64_t k, const uint8_t* codes,
+             const uint16_t* dm, int64_t n, float* out, int64_t ldo) {
+  const int64_t blocks = k / kBlock, quads = k / 128;
+  // Four blocks (64 bytes of codes) per step: the low nibbles meet inputs 0-15 of each block, the high ones 16-31;
+  // lanes 4b..4b+3 of a step's dot product belong to its block b, as do the spread scales and sums.
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i spread_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  const __m512i spread_m = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
+  __m512 acc[kCols][R];
+  for (int c = 0; c < kCols; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < quads; ++q) {
+    // Per input row: the high and low bytes of the inputs that meet the low nibbles (x1) and the high ones (x2).
+    __m512i x1_hi[R], x2_hi[R], x1_lo[R], x2_lo[R];
+    for (int r = 0; r < R; ++r) {
+      const int8_t* row = xq + r * 2 * k + q * 128;
+      x1_hi[r] = _mm512_loadu_si512(row);
+      x2_hi[r] = _mm512_loadu_si512(row + 64);
+      x1_lo[r] = _mm512_loadu_si512(row + k);
+      x2_lo[r] = _mm512_loadu_si512(row + k + 64);
+    }
+    for (int c = 0; c < kCols; ++c) {
+      const __m512i packed = _mm512_loadu_si512(codes + (n + c) * (k / 2) + q * 64);
+      const __m512i w1 = _mm512_and_si512(packed, nibble);
+      const __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      // (d0, m0, ..., d3, m3) -> d and m each spread over the four lanes of its block.
+      const __m512 dm8 = _mm512_castps256_ps512(_mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + (n + c) * blocks * 2 + q * 8))));
+      const __m512 d = _mm512_permutexvar_ps(spread_d, dm8);
+      const __m512 m = _mm512_permutexvar_ps(spread_m, dm8);
+      for (int r = 0; r < R; ++r) {
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, x1_hi[r]), w2, x2_hi[r]);
+        dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 7), w1, x1_lo[r]), w2, x2_lo[r]);
+        const __m512 scale = _mm512_mul_ps(d, _mm512_loadu_ps(xd + r * blocks * 4 + q * 16));
+        acc[c][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[c][r]);
+        acc[c][r] = _mm512_fmadd_ps(m, _mm512_loadu_ps(xs + r * blocks * 4 + q * 16), acc[c][r]);
+      }
+    }
+  }
+  // The last pair of blocks when the input is not a whole number of fours: the same at half the width.
+  __m256 tail[kCols][R];
+  for (int c = 0; c < kCols; ++c)
+    for (int r = 0; r < R; ++r) tail[c][r] = _mm256_setzero_ps();
+  if (k % 128) {
+    const int64_t p = quads * 2;
+    const __m256i nibble2 = _mm256_set1_epi8(0x0F);
+    const __m256i spread_d2 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    const __m256i spread_m2 = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+    for (int c = 0; c < kCols; ++c) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (n + c) * (k / 2) + p * 32));
+      const __m256i w1 = _mm256_and_si256(packed, nibble2);
+      const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble2);
+      const __m256 dm4 = _mm256_castps128_ps256(_mm_cvtph_ps(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(dm + (n + c) * blocks * 2 + p * 4))));
+      const __m256 d = _mm256_permutexvar_ps(spread_d2, dm4);
+      const __m256 m = _mm256_permutexvar_ps(spread_m2, dm4);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = xq + r * 2 * k + p * 64;
+        const auto load = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+        __m256i dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w1, load(row)), w2,
+                                          load(row + 32));
+        dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(dot, 7), w1, load(row + k)), w2,
+                                  load(row + k + 32));
+        const __m256 scale = _mm256_mul_ps(d, _mm256_loadu_ps(xd + r * blocks * 4 + p * 8));
+        tail[c][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, tail[c][r]);
+        tail[c][r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xs + r * blocks * 4 + p * 8), tail[c][r]);
+      }
+    }
+  }
+  for (int c = 0; c < kCols; ++c)
+    for (int r = 0; r < R; ++r) out[r * ldo + n + c] = _mm512_reduce_add_ps(acc[c][r]) + hsum(tail[c][r]);
+}
+
+// Sums of the eight int32 lanes of each of v[0..7], as eight floats in that order.
+inline __m256 lane_sums(const __m256i v[8]) {
+  const __m256i h0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i h4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
+                                             _mm256_permute2x128_si256(h0123, h4567, 0x31)));
+}
+
+// One Q8_0 block's integer dot product in eight lanes, with the input's high bytes at `x` and its low bytes k
+// further on. vpdpbusd multiplies unsigned by signed bytes, so it multiplies |w| by x with w's sign moved onto x.
+inline __m256i q8_dot(__m256i w, const int8_t* x, int64_t k) {
+  const __m256i wabs = _mm256_sign_epi8(w, w);
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+  const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(hi, w));
+  return _mm256_dpbusd_epi32(_mm256_slli_epi32(dot, 7), wabs, _mm256_sign_epi8(lo, w));
+}
+
+// The same as q4_tile for Q8_0 weights: q [n, k] int8, d [n, k/32] fp16. Eight blocks at a time, their dot products
+// reduced to one float each and scaled together; the blocks after the last eight one at a time.
+template <int R>
+void q8_tile(const int8_t* xq, const float* xd, int64_t k, const int8_t* q, const uint16_t* dw, int64_t n,
+             float* out, int64_t ldo) {
+  const int64_t blocks = k / kBlock;
+  __m256 acc[kCols][R];
+  for (int c = 0; c < kCols; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  int64_t bl = 0;
+  for (; bl + 8 <= blocks; bl += 8) {
+    for (int c = 0; c < kCols; ++c) {
+      const int8_t* wrow = q + (n + c) * k + bl * kBlock;
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + (n + c) * blocks + bl)));
+      __m256i dots[R][8];
+      for (int j = 0; j < 8; ++j) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + j * kBlock));
+        for (int r = 0; r < R; ++r)
+          dots[r][j] = q8_dot(w, xq + r * 2 * k + (bl + j) * kBlock, k);
+      }
+      for (int r = 0; r < R; ++r)
+        acc[c][r] = _mm256_fmadd_ps(lane_sums(dots[r]), _mm256_mul_ps(d, _mm256_loadu_ps(xd + r * blocks + bl)),
+                                    acc[c][r]);
+    }
+  }
+  for (; bl < blocks; ++bl) {
+    for (int c = 0; c < kCols; ++c) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n + c) * k + bl * kBlock));
+      const float d = _cvtsh_ss(dw[(n + c) * blocks + bl]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i dot = q8_dot(w, xq + r * 2 * k + bl * kBlock, k);
+        acc[c][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xd[r * blocks + bl]), acc[c][r]);
+      }
+    }
+  }
+  for (int c = 0; c < kCols; ++c)
+    for (int r = 0; r < R; ++r) out[r * ldo + n + c] = hsum(acc[c][r]);
+}
+
+void check_input(const at::Tensor& x, int64_t n, int64_t k, int64_t k_multiple) {
+  TORCH_CHECK(n % kCols == 0 && k % k_multiple == 0, "radixflow vnni: weight [", n, ", ", k, "] needs output size a "
+              "multiple of ", kCols, " and input size a multiple of ", k_multiple);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == k,
+              "radixflow vnni: input must be float32 [rows, ", k, "], got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(x.size(0) <= kMaxRows, "radixflow vnni: at most ", kMaxRows, " rows per call, got ", x.size(0));
+}
+
+// Output features per parallel task: enough for both cores to share the smallest layer.
+constexpr int64_t kGrain = 32;
+
+// Runs `tile<R>(rows r.., features n..)` over all input rows and all output features (a multiple of kCols).
+// Where a weight's rows live: `bytes` per output feature from `base` (the codes, or the scales).
+struct Rows {
+  const void* base;
+  int64_t bytes;
+};
+
+// Asks for the cache lines of output features [n, n + count) of each of `rows`: the loads of one layer are too short
+// for the hardware prefetcher to ramp up on its own.
+inline void prefetch(std::initializer_list<Rows> rows, int64_t n, int64_t count) {
+  for (const Rows& r : rows) {
+    const char* begin = static_cast<const char*>(r.base) + n * r.bytes;
+    for (int64_t at = 0; at < count * r.bytes; at += 64) _mm_prefetch(begin + at, _MM_HINT_T0);
+  }
+}
+
+// Tiles of output features fetched ahead of the one being computed.
+constexpr int64_t kAhead = 2;
+
+// Runs `tile<R>(rows r.., features n..)` over all input rows and all output features (a multiple of kCols).
+template <typename Tile>
+void for_tiles(int64_t rows, int64_t features, std::initializer_list<Rows> weight, Tile tile) {
+  at::parallel_for(0, features / kCols, kGrain / kCols, [&](int64_t t0, int64_t t1) {
+    prefetch(weight, t0 * kCols, std::min(kAhead, t1 - t0) * kCols);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t + kAhead < t1) prefetch(weight, (t + kAhead) * kCols, kCols);
+      for (int64_t r = 0; r < rows; r += kRows) tile(r, rows - r >= kRows ? kRows : 1, t * kCols);
+    }
+  });
+}
+
+at::Tensor q4_mm(const at::Tensor& x_, const at::Tensor& codes, const at::Tensor& dm) {
+  const int64_t n = codes.size(0), k = codes.size(1) * 2;
+  const at::Tensor x = x_.contiguous();
+  check_input(x, n, k, 2 * kBlock);
+  const int64_t rows = x.size(0);
+  const Quantized xq = quantize(x, true);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const auto* c = codes.data_ptr<uint8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  const int8_t* q = xq.q.data_ptr<int8_t>();
+  const float* xd = xq.scale.data_ptr<float>();
+  const float* xs = xq.sum.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t lane_stride = xq.scale.size(1);
+  for_tiles(rows, n, {{c, k / 2}, {s, k / kBlock * 4}}, [&](int64_t r, int64_t count, int64_t col) {
+    if (count == kRows)
+      q4_tile<kRows>(q + r * 2 * k, xd + r * lane_stride, xs + r * lane_stride, k, c, s, col, o + r * n, n);
+    else
+      q4_tile<1>(q + r * 2 * k, xd + r * lane_stride, xs + r * lane_stride, k, c, s, col, o + r * n, n);
+  });
+  return out;
+}
+
+at::Tensor q8_mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& d) {
+  const int64_t n = w.size(0), k = w.size(1);
+  const at::Tensor x = x_.contiguous();
+  check_input(x, n, k, kBlock);
+  const int64_t rows = x.size(0);
+  const Quantized xq = quantize(x, false);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const auto* wq = w.data_ptr<int8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  const int8_t* q = xq.q.data_ptr<int8_t>();
+  const float* xd = xq.scale.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t blocks = k / kBlock;
+  for_tiles(rows, n, {{wq, k}, {s, blocks * 2}}, [&](int64_t r, int64_t count, int64_t col) {
+    if (count == kRows)
+      q8_tile<kRows>(q + r * 2 * k, xd + r * blocks, k, wq, s, col, o + r * n, n);
+    else
+      q8_tile<1>(q + r * 2 * k, xd + r * blocks, k, wq, s, col, o + r * n, n);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(radixflow_vnni, m) {
+  m.def("q4_mm(Tensor x, Tensor codes, Tensor dm) -> Tensor");
+  m.def("q8_mm(Tensor x, Tensor q, Tensor d) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(radixflow_vnni, CPU, m) {
+  m.impl("q4_mm", &q4_mm);
+  m.impl("q8_mm", &q8_mm);
+}

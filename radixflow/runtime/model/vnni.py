@@ -1,0 +1,127 @@
+"""GGUF block weights multiplied with int8 activations on AVX512-VNNI (our kernel in vnni.cpp).
+
+torch's int4 kernel (quant.Int4Weight) dequantizes each weight to bf16 and multiplies in floating point; on the
+2-core CPU here that runs SmolLM2's layers at 10-15 GB/s, compute-bound on the dequantization. This kernel does
+what llama.cpp does instead: each call rounds its input to signed bytes with one scale per block of 32, and a
+block's dot product is integer multiply-adds (vpdpbusd) scaled once. Layouts, per weight row:
+
+- Q4_0 / Q4_1 (`Int4Groups` with repeat 1, `w = d * code + m`): the 4-bit codes two to a byte as GGUF stores them
+  (byte j of a block holds codes j and j + 16), and (d, m) per block as fp16, as in the file;
+- Q8_0 (`Int4Groups` with repeat 2, rebuilt exactly from its two 4-bit halves): the signed bytes and d as fp16.
+
+Numerics: the input's rounding to 8 bits per block is the one llama.cpp makes (its Q8_0/Q8_1 activations), so
+outputs match the dequantized fp32 model to about 2-3 significant digits, like the bf16 of torch's kernel; the
+offset term of Q4_1 uses the block's exact fp32 input sum. The kernel is built from source with torch's C++
+extension loader the first time it is needed (about a minute on 2 cores, then cached), and used only where the
+CPU has AVX512-VNNI; `available()` is False otherwise (and when no compiler is found), and callers use torch's
+int4 kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+from pathlib import Path
+
+import torch
+
+from radixflow.runtime.model.quant import GROUP, Int4Groups
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 16  # vnni.cpp's kMaxRows
+_OUT_MULTIPLE = 4  # vnni.cpp's kCols: output features computed together
+_SOURCE = Path(__file__).with_name("vnni.cpp")
+_FLAGS = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags and "avx512vl" in flags and "f16c" in flags
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel runs here: the CPU has AVX512-VNNI and the extension builds (once per process)."""
+    if not cpu_has_vnni():
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="radixflow_vnni", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:
+        logger.warning("VNNI kernel not built (%s); using torch's int4 kernel", e)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile, which traces the ops without running them."""
+
+    def fake(x, weight, scales):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    for op in ("q4_mm", "q8_mm"):
+        torch.library.register_fake(f"radixflow_vnni::{op}")(fake)
+
+
+def supports(groups: Int4Groups) -> bool:
+    """Whether `groups` has a layout this kernel holds exactly: 4-bit codes (repeat 1) over whole pairs of blocks,
+    or a pure Q8_0 weight (repeat 2, as `quant.int4_groups` writes it)."""
+    inp = groups.shape[1]
+    if groups.repeat == 1:
+        return inp % (2 * GROUP) == 0
+    return groups.repeat == 2 and inp % GROUP == 0 and _q8_parts(groups) is not None
+
+
+def _q8_parts(groups: Int4Groups) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q int8 [out, in], d fp32 [out, in/32]) if `groups` is a Q8_0 weight split into two 4-bit halves: codes lo with
+    (d, 8d), then hi + 8 with (16d, 0); None for anything else (e.g. a Q4 part widened to sit beside a Q8_0 one)."""
+    out, wide = groups.codes.shape
+    half, nb = wide // 2, wide // 2 // GROUP
+    d = groups.scales[:, :nb]
+    if not (torch.equal(groups.zeros[:, :nb], 8 * d) and torch.equal(groups.scales[:, nb:], 16 * d)
+            and not groups.zeros[:, nb:].any()):
+        return None
+    lo, hi = groups.codes[:, :half].to(torch.int16), groups.codes[:, half:].to(torch.int16)
+    return (lo + 16 * (hi - 8)).to(torch.int8), d
+
+
+class VnniWeight:
+    """`x @ W^T` for fp32 x of at most MAX_ROWS rows, through vnni.cpp; the same interface as quant.Int4Weight."""
+
+    def __init__(self, groups: Int4Groups):
+        out, inp = groups.shape
+        self.out_features = out
+        padded = -(-out // _OUT_MULTIPLE) * _OUT_MULTIPLE
+        if padded != out:  # zero rows; their outputs are dropped
+            groups = Int4Groups.cat([groups, Int4Groups.zero(padded - out, groups.codes.shape[1], groups.repeat)])
+        if groups.repeat == 1:
+            codes = groups.codes.view(padded, inp // GROUP, 2, GROUP // 2)  # GGUF's order: j and j + 16 in byte j
+            self.weight = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(padded, inp // 2).contiguous()
+            m = groups.zeros - 8 * groups.scales
+            self.scales = torch.stack([groups.scales, m], dim=-1).half().contiguous()  # [out, blocks, (d, m)]
+            self.op = torch.ops.radixflow_vnni.q4_mm
+        else:
+            parts = _q8_parts(groups)
+            if parts is None:
+                raise ValueError("VnniWeight: a repeat-2 weight that is not pure Q8_0")
+            self.weight, d = parts[0].contiguous(), parts[1]
+            self.scales = d.half().contiguous()
+            self.op = torch.ops.radixflow_vnni.q8_mm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.op(x, self.weight, self.scales)
+        return out if out.shape[1] == self.out_features else out[:, :self.out_features]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.scales
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())

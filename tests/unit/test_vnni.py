@@ -1,0 +1,94 @@
+"""radixflow's VNNI kernel (vnni.cpp) computes exactly what its docstring says: the input rounded to two bytes per
+value with one scale per block of 32, times GGUF's weights, summed in integers and scaled per block. Checked against
+that computation written out in float64, and against the dequantized fp32 matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from radixflow.runtime.model import vnni
+from radixflow.runtime.model.quant import Int4Groups, int4_groups
+from tests.unit.test_quant import _quantized
+
+pytestmark = pytest.mark.skipif(not vnni.cpu_has_vnni(), reason="the CPU has no AVX512-VNNI (the kernel's target)")
+
+
+def test_the_kernel_builds_where_the_cpu_has_vnni():
+    assert vnni.available()
+
+
+def _rounded_input(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's view of x (float32 steps as vnni.cpp takes them): per block of 32, d = max|x| / 127, hi =
+    round(x / d), lo = round(128 * (x / d - hi)), x ~ d / 128 * (128 * hi + lo)."""
+    blocks = x.view(x.shape[0], -1, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    scaled = blocks * inv
+    hi = torch.round(scaled)
+    lo = torch.round((scaled - hi) * 128)
+    return ((d.double() / 128) * (128 * hi.double() + lo.double())).view(x.shape)
+
+
+def _groups(kind, shape, seed=0):
+    blocks, reference = _quantized(kind, shape, seed)
+    return int4_groups(blocks, kind, shape), reference
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("rows", [1, 2, 3, 10, 16])
+def test_kernel_computes_the_rounded_input_times_the_weight(kind, rows):
+    # 576 inputs: 9 pairs of blocks (4-bit) and 2 groups of 8 blocks plus 2 (Q8_0); 52 outputs: not a multiple of 16
+    groups, reference = _groups(kind, (52, 576))
+    assert vnni.supports(groups)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)) * 3
+    x[0, :32] = 0  # an all-zero block (scale 0)
+    out = vnni.VnniWeight(groups)(x)
+    # The offset term of a 4-bit block (m times the block's input sum) takes the exact sum.
+    offset = torch.zeros_like(reference) if groups.repeat == 2 else \
+        (groups.zeros - 8 * groups.scales).half().float().repeat_interleave(32, dim=1)
+    exact = _rounded_input(x) @ (reference - offset).double().t() + x.double() @ offset.double().t()
+    assert out.shape == (rows, 52) and out.dtype == torch.float32
+    assert float((out.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+    # and so the dequantized model's matmul, to about 4 significant digits (torch's bf16 int4 kernel: about 2)
+    plain = x @ reference.t()
+    assert float((out - plain).abs().max()) <= 1e-3 * float(plain.abs().max())
+
+
+def test_q8_extremes():
+    """Weights of -128 and 127 and inputs at their block's maximum (the sign trick's edge cases)."""
+    groups, reference = _groups(Q.Q8_0, (8, 64))
+    q, d = vnni._q8_parts(groups)
+    q[:, ::2], q[:, 1::2] = -128, 127
+    lo, hi = (q.to(torch.int16) & 0x0F).to(torch.uint8), ((q.to(torch.int16) >> 4) + 8).to(torch.uint8)
+    groups = Int4Groups(torch.cat([lo, hi], 1), groups.scales, groups.zeros, 2)
+    x = torch.full((1, 64), -2.5)
+    out = vnni.VnniWeight(groups)(x)
+    expected = x.double() @ groups.dequantize().double().t()
+    assert torch.allclose(out.double(), expected, rtol=1e-6)
+
+
+def test_layouts_it_cannot_hold_are_left_to_torchs_kernel():
+    q41, _ = _groups(Q.Q4_1, (16, 64))
+    q80, _ = _groups(Q.Q8_0, (16, 64))
+    assert not vnni.supports(Int4Groups.cat([q41, q80]))  # a 4-bit part widened beside a Q8_0 one
+    assert not vnni.supports(_groups(Q.Q4_1, (16, 96))[0])  # not whole pairs of blocks
+    with pytest.raises(ValueError, match="Q8_0"):
+        vnni.VnniWeight(Int4Groups.cat([q41, q80]))
+
+
+def test_too_many_rows_and_wrong_inputs_are_refused():
+    weight = vnni.VnniWeight(_groups(Q.Q4_1, (16, 64))[0])
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        weight(torch.randn(vnni.MAX_ROWS + 1, 64))
+    with pytest.raises(RuntimeError, match=r"float32 \[rows, 64\]"):
+        weight(torch.randn(2, 128))
+
+
+def test_compiles_into_a_graph():
+    groups, _ = _groups(Q.Q4_1, (32, 128))
+    weight = vnni.VnniWeight(groups)
+    x = torch.randn(3, 128)
+    compiled = torch.compile(lambda t: torch.relu(weight(t * 2)), fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(x), torch.relu(weight(x * 2)))
