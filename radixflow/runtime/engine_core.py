@@ -34,6 +34,7 @@ from radixflow.runtime.constrained.grammar import GrammarCompiler
 from radixflow.runtime.disaggregation.transfer import TRANSFER_BACKENDS, KVReceiver, KVSender
 from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
 from radixflow.runtime.limits import RequestLimits
+from radixflow.runtime.model import vnni
 from radixflow.runtime.model.compiled import CompiledDecode
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
 from radixflow.runtime.model.loader import load_weights
@@ -45,7 +46,6 @@ from radixflow.runtime.model.parallel import (
     shard_weights,
     start_leader,
 )
-from radixflow.runtime.model import vnni
 from radixflow.runtime.model.quant import int4_kernel_available
 from radixflow.runtime.model.runner import ModelRunner
 from radixflow.runtime.model_source import ModelSource, resolve_model

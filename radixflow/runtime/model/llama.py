@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixflow.runtime.model.attention import AttentionInputs, DecodeStepInputs
 from radixflow.runtime.model import vnni
+from radixflow.runtime.model.attention import AttentionInputs, DecodeStepInputs
 from radixflow.runtime.model.quant import Int4Groups, Int4Weight
 from radixflow.runtime.model.vnni import VnniWeight
 

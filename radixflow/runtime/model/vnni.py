@@ -52,10 +52,11 @@ def available() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="radixflow_vnni", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(name="radixflow_vnni", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:
-        logger.warning("VNNI kernel not built (%s); using torch's int4 kernel", e)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        logger.warning("VNNI kernel not built (%s); using torch's int4 kernel", first_line)
         return False
     _register_fakes()
     return True
