@@ -277,7 +277,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.isolated_batch1:
         best = isolated_batch1(args.reps, args.enable_torch_compile)
-        print(json.dumps({"environment": environment(), "decode_tps_batch_1": best}, indent=1))
+        report = {"environment": environment(), "decode_tps_batch_1": best}
+        print(json.dumps(report, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
         peer = best.get("llama.cpp")
         for name in best:
             print(f"{name}: {best[name]:.1f} tok/s" + (f", {best[name] / peer:.2f}x llama.cpp" if peer else ""))
