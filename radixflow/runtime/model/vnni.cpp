@@ -58,15 +58,16 @@ Quantized quantize(const at::Tensor& x, bool pairs) {
       const float total = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
       const float d = amax / 127.f;
       const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
-      // Where each half of the block goes: in order, or (4-bit kernel) beside the same half of its pair's block.
+      // Where each half of the block goes: in order, or (4-bit kernel) beside the same halves of its four's blocks
+      // (of its pair's, for a last pair).
       const int64_t at1 = !pairs ? b * kBlock : b < whole ? (b / 4) * 128 + (b % 4) * 16 : (b / 2) * 64 + (b % 2) * 16;
       const int64_t at2 = !pairs ? at1 + 16 : b < whole ? at1 + 64 : at1 + 32;
       round_half_block(_mm512_mul_ps(first, inv), q + at1, q + k + at1);
       round_half_block(_mm512_mul_ps(second, inv), q + at2, q + k + at2);
       if (pairs) {
         for (int lane = 0; lane < 4; ++lane) {
-          scale[(b / 2) * 8 + (b % 2) * 4 + lane] = d / 128.f;
-          sum[(b / 2) * 8 + (b % 2) * 4 + lane] = 0.25f * total;
+          scale[b * 4 + lane] = d / 128.f;
+          sum[b * 4 + lane] = 0.25f * total;
         }
       } else {
         scale[b] = d / 128.f;
@@ -222,7 +223,11 @@ void q8_tile(const int8_t* xq, const float* xd, int64_t k, const int8_t* q, cons
     for (int r = 0; r < R; ++r) out[r * ldo + n + c] = hsum(acc[c][r]);
 }
 
-void check_input(const at::Tensor& x, int64_t n, int64_t k, int64_t k_multiple) {
+// `per_block`: scales per block of 32 (Q4: d and m; Q8_0: d).
+void check_input(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t n, int64_t k,
+                 int64_t k_multiple, int64_t per_block) {
+  TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous() && scales.numel() == n * (k / kBlock) * per_block,
+              "radixflow vnni: the weight and its scales must be contiguous and sized as VnniWeight packs them");
   TORCH_CHECK(n % kCols == 0 && k % k_multiple == 0, "radixflow vnni: weight [", n, ", ", k, "] needs output size a "
               "multiple of ", kCols, " and input size a multiple of ", k_multiple);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == k,
@@ -233,7 +238,6 @@ void check_input(const at::Tensor& x, int64_t n, int64_t k, int64_t k_multiple) 
 // Output features per parallel task: enough for both cores to share the smallest layer.
 constexpr int64_t kGrain = 32;
 
-// Runs `tile<R>(rows r.., features n..)` over all input rows and all output features (a multiple of kCols).
 // Where a weight's rows live: `bytes` per output feature from `base` (the codes, or the scales).
 struct Rows {
   const void* base;
@@ -267,7 +271,7 @@ void for_tiles(int64_t rows, int64_t features, std::initializer_list<Rows> weigh
 at::Tensor q4_mm(const at::Tensor& x_, const at::Tensor& codes, const at::Tensor& dm) {
   const int64_t n = codes.size(0), k = codes.size(1) * 2;
   const at::Tensor x = x_.contiguous();
-  check_input(x, n, k, 2 * kBlock);
+  check_input(x, codes, dm, n, k, 2 * kBlock, 2);
   const int64_t rows = x.size(0);
   const Quantized xq = quantize(x, true);
   at::Tensor out = at::empty({rows, n}, x.options());
@@ -290,7 +294,7 @@ at::Tensor q4_mm(const at::Tensor& x_, const at::Tensor& codes, const at::Tensor
 at::Tensor q8_mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& d) {
   const int64_t n = w.size(0), k = w.size(1);
   const at::Tensor x = x_.contiguous();
-  check_input(x, n, k, kBlock);
+  check_input(x, w, d, n, k, kBlock, 1);
   const int64_t rows = x.size(0);
   const Quantized xq = quantize(x, false);
   at::Tensor out = at::empty({rows, n}, x.options());

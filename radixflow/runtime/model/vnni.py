@@ -1,20 +1,23 @@
-"""GGUF block weights multiplied with int8 activations on AVX512-VNNI (our kernel in vnni.cpp).
+"""GGUF block weights multiplied in integers on AVX512-VNNI (our kernel, vnni.cpp).
 
 torch's int4 kernel (quant.Int4Weight) dequantizes each weight to bf16 and multiplies in floating point; on the
-2-core CPU here that runs SmolLM2's layers at 10-15 GB/s, compute-bound on the dequantization. This kernel does
-what llama.cpp does instead: each call rounds its input to signed bytes with one scale per block of 32, and a
-block's dot product is integer multiply-adds (vpdpbusd) scaled once. Layouts, per weight row:
+2-core CPU here that runs SmolLM2's layers at 10-15 GB/s, compute-bound on the dequantization. This kernel works
+the way llama.cpp's does instead: each call rounds its input with one scale per block of 32, and a block's dot
+product is integer multiply-adds (vpdpbusd) scaled once. Layouts, per weight row:
 
 - Q4_0 / Q4_1 (`Int4Groups` with repeat 1, `w = d * code + m`): the 4-bit codes two to a byte as GGUF stores them
   (byte j of a block holds codes j and j + 16), and (d, m) per block as fp16, as in the file;
 - Q8_0 (`Int4Groups` with repeat 2, rebuilt exactly from its two 4-bit halves): the signed bytes and d as fp16.
 
-Numerics: the input's rounding to 8 bits per block is the one llama.cpp makes (its Q8_0/Q8_1 activations), so
-outputs match the dequantized fp32 model to about 2-3 significant digits, like the bf16 of torch's kernel; the
-offset term of Q4_1 uses the block's exact fp32 input sum. The kernel is built from source with torch's C++
-extension loader the first time it is needed (about a minute on 2 cores, then cached), and used only where the
-CPU has AVX512-VNNI; `available()` is False otherwise (and when no compiler is found), and callers use torch's
-int4 kernel.
+Numerics: llama.cpp rounds each input value to one byte (its Q8_0 / Q8_1 activations); this kernel rounds to two,
+a high byte and the remainder in a low byte (about 15 significant bits; two vpdpbusd chains joined by a shift), and
+Q4's offset term uses the block's exact fp32 input sum. Outputs match the dequantized fp32 model to about 4
+significant digits, closer than torch's bf16 kernel: on SmolLM2 the greedy text of the dequantized model
+(bench/RESULTS.md, 2026-12-06). One byte was about 10% faster per layer and moved logprobs by up to 0.38 nat.
+
+The kernel is built from source with torch's C++ extension loader the first time it is needed (about 10 s on 2
+cores, then cached under ~/.cache/torch_extensions), and used only where the CPU has AVX512-VNNI; `available()` is
+False otherwise (and when the build fails, e.g. without a compiler or ninja), and callers use torch's int4 kernel.
 """
 
 from __future__ import annotations
