@@ -33,11 +33,13 @@ from radixflow.server.launch import ServerProcess, free_port
 
 
 class LlamaServer:
-    def __init__(self, binary: str, threads: int, slots: int, log: Path):
+    """llama.cpp's server on a GGUF file (default: the embedded model), `slots` parallel slots, started and awaited."""
+
+    def __init__(self, binary: str, threads: int, slots: int, log: Path, model: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Context per slot: 4,096 tokens (llama-server splits -c between its slots).
-        self.proc = subprocess.Popen([binary, "-m", str(resolve_model(None).path), "-t", str(threads), "-tb",
+        self.proc = subprocess.Popen([binary, "-m", str(model or resolve_model(None).path), "-t", str(threads), "-tb",
                                       str(threads), "-np", str(slots), "-c", str(4096 * slots), "--port",
                                       str(self.port), "--host", "127.0.0.1"],
                                      stdout=log.open("w"), stderr=subprocess.STDOUT)

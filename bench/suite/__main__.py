@@ -1,15 +1,16 @@
 """The SGLang paper's workload suite, radixflow side by side with what its users would run instead.
 
-    python -m bench.suite [--quick] [--only mmlu,react,...] [--baselines transformers,llama.cpp,radixflow-no-radix]
-                          [--model PATH] [--out DIR]
+    python -m bench.suite [--quick] [--only mmlu,react,...]
+                          [--baselines transformers,llama.cpp,llama-server,radixflow-no-radix,openai:URL]
+                          [--llama-server-slots 8] [--model PATH] [--out DIR]
 
 Every system is loaded once, then the workloads run one by one, each on every system in turn (so load from
 anything else on the machine hits them alike). Per workload and system:
 - latency: the first few programs run one at a time on a flushed cache, mean seconds per program (the paper's
   latency: one program alone; on a system that runs one at a time anyway, the throughput run's mean);
 - throughput: all its programs, the cache flushed first, `run_batch` with as many in flight as the system takes
-  (radixflow: `--parallel`; transformers and llama-cpp-python: one at a time, as their users call them; an
-  OpenAI-compatible server: `--parallel`), programs per second;
+  (radixflow: `--parallel`; transformers and llama-cpp-python: one at a time, as their users call them;
+  llama-server and an OpenAI-compatible server: `--parallel`), programs per second;
 - accuracy where the workload has answers, and the radix cache hit rate where the system reports one.
 
 Writes DIR/results.jsonl (one line per workload and system, with the command, commit, machine and versions),
@@ -177,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few programs per workload (minutes, not an hour)")
     parser.add_argument("--only", help=f"workloads, comma-separated, from: {', '.join(BY_NAME)}")
     parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help="comma-separated: transformers, llama.cpp, radixflow-no-radix, openai:URL")
+                        help="comma-separated: transformers, llama.cpp, llama-server ($LLAMA_SERVER or on PATH), "
+                             "radixflow-no-radix, openai:URL")
+    parser.add_argument("--llama-server-slots", type=int, default=8, help="llama-server's parallel slots (-np)")
     parser.add_argument("--model", help="a GGUF file or HF directory (default: the embedded SmolLM2)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system")
     parser.add_argument("--parallel", type=int, default=32, help="programs in flight on systems that batch")
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for name in names:
             print(f"loading {name} ...", file=sys.stderr, flush=True)
-            systems.append(make_system(name, args.model, args.threads, args.parallel))
+            systems.append(make_system(name, args.model, args.threads, args.parallel, args.llama_server_slots))
         args.out.mkdir(parents=True, exist_ok=True)
         rows = []
         with (args.out / "results.jsonl").open("w") as results:

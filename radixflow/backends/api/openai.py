@@ -7,7 +7,7 @@ import warnings
 
 import openai
 
-from radixflow.backends.api.base import APIBackend, Reply, Request, sdk_error
+from radixflow.backends.api.base import APIBackend, APIBackendError, Reply, Request, sdk_error
 from radixflow.lang.chat_template import get_chat_template
 from radixflow.lang.choices import token_length_normalized
 
@@ -125,6 +125,9 @@ class OpenAI(APIBackend):
                                  max_tokens=0, echo=True, logprobs=0, temperature=0)
         self._count(Reply([c.text for c in response.choices], [], *usage_of(response.usage)))
         ordered = sorted(response.choices, key=lambda c: c.index)
+        if any(c.logprobs is None or not c.logprobs.token_logprobs for c in ordered):
+            raise APIBackendError(str(self), "select on a completion model needs the prompt's token logprobs "
+                                  "(echo=True, logprobs=0), and this endpoint returned none")
         return [[(lp, None, t) for lp, t in zip(c.logprobs.token_logprobs, c.logprobs.tokens)] for c in ordered]
 
 
