@@ -1,6 +1,7 @@
-"""Decode speed on SmolLM2 (the shipped Q4_1 GGUF), 2 threads: radixflow's default (4-bit weights on the int4
-kernel), its dequantized fp32 path, speculative decoding, and llama.cpp on the same file when llama-cpp-python is
-installed (an optional benchmark extra: `pip install llama-cpp-python`, built from source).
+"""Decode speed on SmolLM2 (the shipped Q4_1 GGUF), 2 threads: radixflow's default (the file's 4-bit blocks kept, on
+its VNNI kernel where the CPU has one, else torch's int4 kernel), its dequantized fp32 path, speculative decoding,
+and llama.cpp on the same file when llama-cpp-python is installed (an optional benchmark extra: `pip install
+llama-cpp-python`, built from source).
 
     python -m bench.bench_decode [--reps 3] [--json out.json] [--enable-torch-compile] [--skip-speculative]
     python -m bench.bench_decode --isolated-batch1 [--enable-torch-compile] [--reps 3]

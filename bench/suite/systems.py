@@ -15,7 +15,9 @@ frontend backend, so every workload is written once and each system runs it the 
   mode with programs in flight as against radixflow. Its `/v1/completions` returns no prompt logprobs (`echo` is
   ignored), so `select` is what its users write instead: a GBNF grammar of the choices, decoded greedily (the
   choice whose tokens the model follows, not the best-scoring whole choice); `json_schema` goes as its own
-  `json_schema` field (the server turns it into a grammar); `regex` is not applied.
+  `json_schema` field (the server turns it into a grammar); `regex` is not applied. A flush erases its slots, but
+  not its RAM prompt cache (`--cache-ram`, 8 GiB by default), so its latency and throughput runs may reuse the
+  warm-up's prefix where radixflow's start cold: the comparison leans its way.
 - `openai:URL`: any OpenAI-compatible server (vLLM, SGLang, a llama-server started by hand) through `sgl.OpenAI` in
   completion mode, `select` by echoed logprobs; programs run concurrently, as against radixflow.
 
@@ -318,7 +320,8 @@ def make_system(name: str, model: str | None, threads: int, parallel: int, slots
         server = LlamaServer(llama_server_binary(), threads, slots, log, model=source.path)
         backend = LlamaServerBackend(server.url, _template(load_tokenizer(source)))
         return System(name, backend, parallel, server=server,
-                      notes=[f"-np {slots}", "select by a grammar of the choices", "regex not applied"])
+                      notes=[f"-np {slots}", "select by a grammar of the choices", "regex not applied",
+                             "its RAM prompt cache survives a flush"])
     if name.startswith("openai:"):
         import openai
 
