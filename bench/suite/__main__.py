@@ -2,7 +2,7 @@
 
     python -m bench.suite [--quick] [--only mmlu,react,...]
                           [--baselines transformers,llama.cpp,llama-server,radixflow-no-radix,openai:URL]
-                          [--llama-server-slots 8] [--model PATH] [--out DIR]
+                          [--llama-server-slots 8] [--enable-torch-compile] [--model PATH] [--out DIR]
 
 Every system is loaded once, then the workloads run one by one, each on every system in turn (so load from
 anything else on the machine hits them alike). Per workload and system:
@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: transformers, llama.cpp, llama-server ($LLAMA_SERVER or on PATH), "
                              "radixflow-no-radix, openai:URL")
     parser.add_argument("--llama-server-slots", type=int, default=8, help="llama-server's parallel slots (-np)")
+    parser.add_argument("--enable-torch-compile", action="store_true",
+                        help="radixflow (and its ablation) compile their decode steps (startup takes minutes)")
     parser.add_argument("--model", help="a GGUF file or HF directory (default: the embedded SmolLM2)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system")
     parser.add_argument("--parallel", type=int, default=32, help="programs in flight on systems that batch")
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for name in names:
             print(f"loading {name} ...", file=sys.stderr, flush=True)
-            systems.append(make_system(name, args.model, args.threads, args.parallel, args.llama_server_slots))
+            systems.append(make_system(name, args.model, args.threads, args.parallel, args.llama_server_slots,
+                                       args.enable_torch_compile))
         args.out.mkdir(parents=True, exist_ok=True)
         rows = []
         with (args.out / "results.jsonl").open("w") as results:

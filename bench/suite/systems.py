@@ -303,9 +303,10 @@ def available(name: str) -> str | None:
     return None
 
 
-def make_system(name: str, model: str | None, threads: int, parallel: int, slots: int = 8) -> System:
+def make_system(name: str, model: str | None, threads: int, parallel: int, slots: int = 8,
+                compile_decode: bool = False) -> System:
     if name in ("radixflow", "radixflow-no-radix"):
-        engine = sgl.Engine(model, disable_radix_cache=name != "radixflow")
+        engine = sgl.Engine(model, disable_radix_cache=name != "radixflow", enable_torch_compile=compile_decode)
         return System(name, engine.endpoint, parallel, engine)
     if name == "transformers":
         return System(name, TransformersBackend(model), 1, notes=["regex and json_schema not applied"])
