@@ -4,8 +4,12 @@
                           [--baselines transformers,llama.cpp,llama-server,radixflow-no-radix,openai:URL]
                           [--llama-server-slots 8] [--enable-torch-compile] [--model PATH] [--out DIR]
 
-Every system is loaded once, then the workloads run one by one, each on every system in turn (so load from
-anything else on the machine hits them alike). Per workload and system:
+Each system runs alone in a child process of its own (loaded once, every workload in turn, then closed), the
+systems one after another. In one process they slow each other down: torch and llama-cpp-python share one GNU
+OpenMP runtime, and once two threads own OpenMP teams (two engines, or an engine and llama.cpp) there are more
+OpenMP threads than cores, so the runtime stops spinning between parallel regions and every small op pays a wake-up.
+A radixflow decode measured 60-70% slower with a second, idle engine loaded in the process (2026-12-06). Per
+workload and system:
 - latency: the first few programs run one at a time on a flushed cache, mean seconds per program (the paper's
   latency: one program alone; on a system that runs one at a time anyway, the throughput run's mean);
 - throughput: all its programs, the cache flushed first, `run_batch` with as many in flight as the system takes
@@ -22,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -34,11 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from bench.suite.systems import BASELINES, System, available, make_system
-from bench.suite.workloads import BY_NAME, WORKLOADS, Workload
+from bench.suite.runs import run_system
+from bench.suite.systems import BASELINES, available
+from bench.suite.workloads import BY_NAME, WORKLOADS
 
 REPO = Path(__file__).resolve().parents[2]
-LATENCY_PROGRAMS = (4, 1)  # programs timed one at a time on systems that batch: full, quick
+
 
 
 def environment(argv: list[str]) -> dict:
@@ -54,51 +59,6 @@ def environment(argv: list[str]) -> dict:
     return {"command": " ".join(["python -m bench.suite", *argv]), "commit": git.stdout.strip() or "unknown",
             "machine": {"cpu": cpu, "nproc": len(os.sched_getaffinity(0))}, "versions": versions,
             "date": time.strftime("%Y-%m-%d")}
-
-
-def run_workload(workload: Workload, system: System, quick: bool, seed: int = 0) -> dict:
-    n = workload.sizes[1 if quick else 0]
-    items = workload.make(n, seed)
-    batch = [args for args, _ in items]
-    out = {"workload": workload.name, "system": system.name, "programs": n, "prefix_heavy": workload.prefix_heavy}
-    try:
-        workload.program.run(**batch[0], backend=system.backend)  # warm-up: first-call costs are not the figure
-        system.flush()
-        latencies = []
-        # One call at a time anyway: the throughput run's programs are each alone, so it gives the latency too.
-        for args in batch[:LATENCY_PROGRAMS[1 if quick else 0]] if system.parallel > 1 else []:
-            start = time.perf_counter()
-            state = workload.program.run(**args, backend=system.backend)
-            latencies.append(time.perf_counter() - start)
-            if state.error() is not None:
-                raise state.error()
-        system.flush()
-        before = system.counters()
-        start = time.perf_counter()
-        states = workload.program.run_batch(batch, backend=system.backend, num_threads=system.parallel,
-                                            temperature=0.0)
-        seconds = time.perf_counter() - start
-        after = system.counters()
-    except Exception as exc:  # noqa: BLE001 - a system that cannot run a workload is a result, not a crash
-        return {**out, "error": f"{type(exc).__name__}: {exc}"[:300]}
-    errors = [s.error() for s in states if s.error() is not None]
-    if errors:
-        out["failed"], out["error"] = len(errors), f"{type(errors[0]).__name__}: {errors[0]}"[:300]
-    out.update(seconds=seconds, throughput=n / seconds, latency_s=statistics.mean(latencies or [seconds / n]))
-    if workload.correct is not None:
-        out["accuracy"] = sum(s.error() is None and _correct(workload, s, exp)
-                              for s, (_, exp) in zip(states, items, strict=True)) / n
-    if before is not None:
-        hits, prompts = after[0] - before[0], after[1] - before[1]
-        out["cache_hit_rate"] = hits / prompts if prompts else 0.0
-    return out
-
-
-def _correct(workload: Workload, state, expected) -> bool:
-    try:
-        return bool(workload.correct(state, expected))
-    except (KeyError, TypeError, AttributeError):
-        return False
 
 
 def table(rows: list[dict], systems: list[str]) -> str:
@@ -217,31 +177,22 @@ def main(argv: list[str] | None = None) -> None:
             print(f"skipping {name}: {why}", file=sys.stderr)
         else:
             names.append(name)
-    systems = []
-    try:
-        for name in names:
-            print(f"loading {name} ...", file=sys.stderr, flush=True)
-            systems.append(make_system(name, args.model, args.threads, args.parallel, args.llama_server_slots,
-                                       args.enable_torch_compile))
-        args.out.mkdir(parents=True, exist_ok=True)
-        rows = []
-        with (args.out / "results.jsonl").open("w") as results:
-            for workload in workloads:
-                for system in systems:
-                    row = run_workload(workload, system, args.quick)
-                    row = {**env, **row, "notes": system.notes}
-                    rows.append(row)
-                    results.write(json.dumps(row) + "\n")
-                    results.flush()
-                    shown = (f"{row['throughput']:.3f} programs/s, latency {row['latency_s']:.2f} s"
-                             if "throughput" in row else f"failed: {row['error']}")
-                    print(f"{workload.name} on {system.name}: {shown}", file=sys.stderr, flush=True)
-    finally:
-        for system in systems:
-            system.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    results.write_text("")
+    spawn = multiprocessing.get_context("spawn")
+    for name in names:
+        child = spawn.Process(target=run_system, args=(name, args, [w.name for w in workloads], env, results))
+        child.start()
+        child.join()
+        if child.exitcode != 0:  # the other systems still run; the table shows what this one finished
+            print(f"{name}: its process exited with code {child.exitcode} (its error is above)", file=sys.stderr)
+    order = [w.name for w in workloads]
+    rows = sorted((json.loads(line) for line in results.read_text().splitlines()),
+                  key=lambda r: (order.index(r["workload"]), names.index(r["system"])))
+    results.write_text("".join(json.dumps(row) + "\n" for row in rows))  # workload by workload, as the table
     print(f"{env['command']} at {env['commit']}, {env['machine']}, {env['versions']}\n")
-    report(rows, [s.name for s in systems], args.out,
-           f"{'quick' if args.quick else 'full'} suite, {env['commit']}, {args.threads} threads")
+    report(rows, names, args.out, f"{'quick' if args.quick else 'full'} suite, {env['commit']}, {args.threads} threads")
     print(f"results: {args.out / 'results.jsonl'}")
 
 
