@@ -174,8 +174,10 @@ def best_batch1_tps(side) -> float:
 
 def isolated_batch1(reps: int, compiled: bool) -> dict[str, float]:
     """Batch-1 decode with every side alone in its own process, the sides taking turns rep by rep. In one process
-    the sides slow each other down: after a llama.cpp call its threads keep spinning, and radixflow's compiled
-    decode measured 90 tok/s alone but about 50 after one (2026-12-06)."""
+    the sides slow each other down: llama.cpp's ggml loads torch's GNU OpenMP runtime (the same libgomp.so.1), and
+    with two threads owning OpenMP teams there are more OpenMP threads than cores, so libgomp stops spinning between
+    parallel regions; radixflow's compiled decode measured 90 tok/s alone but about 50 after a llama.cpp call
+    (2026-12-06)."""
     sides = [("radixflow", {})]
     if compiled:  # the default kernels, and torch's int4 kernel as the baseline for radixflow's VNNI one
         sides += [("radixflow compiled", {"enable_torch_compile": True}),

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from radixflow.runtime.threads import single_omp_thread
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"RFKV\x01"
@@ -160,7 +162,7 @@ class KVPageStore:
         self._queue: queue.Queue[list[tuple[str, torch.Tensor]] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="kv-storage-writer", daemon=True)
         self._writer.start()
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-storage-reader")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-storage-reader", initializer=single_omp_thread)
         self.prefetches = 0
 
     # ---- keys ----
@@ -203,6 +205,7 @@ class KVPageStore:
         self._queue.put([(keys[p], data[:, :, j * P:(j + 1) * P]) for j, p in enumerate(todo)])
 
     def _write_loop(self) -> None:
+        single_omp_thread()
         while (batch := self._queue.get()) is not None:
             try:
                 start = time.perf_counter()

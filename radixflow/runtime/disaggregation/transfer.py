@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from radixflow.runtime.request import Bootstrap, TokenLogprobs
+from radixflow.runtime.threads import single_omp_thread
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ class KVSender:
         self._pair_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_SENDS, thread_name_prefix="kv-send")
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_SENDS, thread_name_prefix="kv-send",
+                                        initializer=single_omp_thread)
         self._accepter = threading.Thread(target=self._accept, name="kv-accept", daemon=True)
         self._accepter.start()
 
