@@ -126,7 +126,7 @@ def plot(rows: list[dict], systems: list[str], out_dir: Path, title: str) -> Non
         if not normalise:
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=110)
         plt.close(fig)
