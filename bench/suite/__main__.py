@@ -45,7 +45,6 @@ from bench.suite.workloads import BY_NAME, WORKLOADS
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 def environment(argv: list[str]) -> dict:
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
