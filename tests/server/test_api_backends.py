@@ -192,7 +192,6 @@ def test_an_image_reaches_the_server_which_refuses_it_by_name(chat, claude, tmp_
         assert state.error().status == 400 and says in str(state.error()), state.error()
 
 
-
 def test_select_on_an_endpoint_without_prompt_logprobs_says_so():
     """llama-server ignores `echo`: its completions carry no prompt logprobs, and `select` must say it needs them
     rather than fail on a missing field. (A stand-in transport: llama-server is not a test dependency.)"""
