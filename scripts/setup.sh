@@ -25,7 +25,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
         echo "scripts/setup.sh: redis-server is missing; install your distribution's redis-server package" >&2
     fi
 fi
-# The VNNI decode kernel (radixflow/runtime/model/vnni.cpp) is compiled at first use by torch's extension loader,
+# The block-quant decode kernel (radixflow/runtime/model/blockq.cpp) is compiled at first use by torch's extension loader,
 # which needs a C++ compiler and ninja; without them the engine falls back to torch's int4 kernel.
 if ! command -v ninja >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -34,7 +34,7 @@ from radixflow.runtime.constrained.grammar import GrammarCompiler
 from radixflow.runtime.disaggregation.transfer import TRANSFER_BACKENDS, KVReceiver, KVSender
 from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
 from radixflow.runtime.limits import RequestLimits
-from radixflow.runtime.model import vnni
+from radixflow.runtime.model import blockq
 from radixflow.runtime.model.compiled import CompiledDecode
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
 from radixflow.runtime.model.loader import load_weights
@@ -117,7 +117,7 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
     elif kept_4bit:
         # On other devices (or a torch without the CPU kernel) the dequantized weights serve every call.
         if mc.dtype == "float32" and int4_kernel_available(device):
-            kernel = "vnni" if mc.weight_format == "auto" and vnni.available() else "int4"
+            kernel = "blockq" if mc.weight_format == "auto" and blockq.available() else "int4"
             logger.info("%s kernel for %d linear layers", kernel, model.use_int4(checkpoint.int4, kernel))
         else:
             logger.info("4-bit weights dequantized: the block-quant kernels need the CPU and dtype float32")

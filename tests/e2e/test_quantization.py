@@ -27,6 +27,20 @@ def test_int8_linear_tracks_fp32():
     assert float((out - reference).abs().max() / reference.abs().max()) < 0.05
 
 
+def test_int8_linear_does_not_saturate_at_full_scale():
+    """The largest activations times the largest weights: without VNNI, fbgemm's 16-bit pair sums clip 8-bit times
+    8-bit products (this input gave 32.4 for 63), so the weights keep 7 bits there (llama._WEIGHT_MAX)."""
+    import torch
+
+    layer = Linear(64, 8)
+    with torch.no_grad():
+        layer.weight_t.fill_(1.0)
+    x = torch.ones(3, 64)
+    x[:, 0] = 0  # quantized to 0 and 255
+    layer.quantize_int8()
+    assert torch.allclose(layer(x), torch.full((3, 8), 63.0), rtol=1e-3)
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"quantization": "int4"}, "not supported"),
     ({"quantization": "int8", "dtype": "bfloat16"}, "float32"),

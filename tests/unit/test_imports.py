@@ -23,7 +23,7 @@ DEFERRED = {
     # An optional store client (`pip install radixflow[redis]`), needed only by the Redis storage tier.
     ("radixflow.runtime.cache.storage", "redis"),
     # torch's C++ extension loader (0.1 s, and setuptools with it), needed only when the VNNI kernel is built.
-    ("radixflow.runtime.model.vnni", "torch.utils"),
+    ("radixflow.runtime.model.blockq", "torch.utils"),
 }
 
 

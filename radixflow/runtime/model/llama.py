@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixflow.runtime.model import vnni
+from radixflow.runtime.model import blockq
 from radixflow.runtime.model.attention import AttentionInputs, DecodeStepInputs
+from radixflow.runtime.model.blockq import BlockWeight
 from radixflow.runtime.model.quant import Int4Groups, Int4Weight
-from radixflow.runtime.model.vnni import VnniWeight
 
 if TYPE_CHECKING:
     from radixflow.runtime.model.parallel import TensorParallel
@@ -130,14 +130,14 @@ class Linear(nn.Module):
         self.packed = None  # int8 weights packed for fbgemm, after quantize_int8()
         self.onednn = None  # fp32 weights in oneDNN's blocked layout, after prepack_onednn()
         # The checkpoint's 4-bit weights on a block-quant kernel, for calls of few rows (use_int4).
-        self.int4: Int4Weight | VnniWeight | None = None
+        self.int4: Int4Weight | BlockWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             out = self.int4(x)
             return out if self.bias is None else out + self.bias
         if self.packed is not None:
-            return torch.ops.quantized.linear_dynamic(x, self.packed, _REDUCE_RANGE)
+            return torch.ops.quantized.linear_dynamic(x, self.packed, False)  # 8-bit activations
         # Inductor lowers oneDNN's linear only for weights it froze itself, so a compiled step uses the matmul.
         if self.onednn is not None and x.shape[0] > 1 and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn, self.bias, "none", [], "")
@@ -152,11 +152,12 @@ class Linear(nn.Module):
             self.onednn = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), _PACK_ROWS)
 
     def quantize_int8(self) -> None:
-        """Opt-in W8A8 dynamic: int8 weights with one scale per output channel; each call quantizes its input per
-        tensor and runs fbgemm's int8 GEMM (VNNI), then rescales to fp32. The fp32 weight is dropped."""
+        """Opt-in W8A8 dynamic: int8 weights with one scale per output channel (7 bits of them without VNNI:
+        _WEIGHT_MAX); each call quantizes its input per tensor to 8 bits and runs fbgemm's int8 GEMM, then rescales
+        to fp32. The fp32 weight is dropped."""
         with torch.no_grad():
             weight = self.weight_t.t().contiguous()
-            scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
+            scales = (weight.abs().amax(dim=1) / _WEIGHT_MAX).clamp(min=1e-8).double()
             zero_points = torch.zeros(scales.shape, dtype=torch.int64)
             with warnings.catch_warnings():
                 # torch marks its quantized tensor types deprecated (to go in a later release); 2.13 has them, and
@@ -286,8 +287,8 @@ class LlamaModel(nn.Module):
 
     def use_int4(self, groups: dict[str, Int4Groups], kernel: str = "int4") -> int:
         """Give each linear layer whose checkpoint weight has 4-bit groups (Hugging Face names) a block-quant
-        kernel, fused as the fp32 weights are; a fused layer needs groups for all its parts. `kernel` is "vnni"
-        (vnni.py, for the layouts it holds; torch's int4 kernel for the rest) or "int4" (torch's for all).
+        kernel, fused as the fp32 weights are; a fused layer needs groups for all its parts. `kernel` is "blockq"
+        (blockq.py, for the layouts it holds; torch's int4 kernel for the rest) or "int4" (torch's for all).
         Returns how many layers."""
         fused = _fuse_hf_weights(groups, self.args, Int4Groups.cat)
         if "lm_head.weight" not in fused and self.args.tie_word_embeddings and "embed_tokens.weight" in fused:
@@ -299,7 +300,7 @@ class LlamaModel(nn.Module):
                 expected = tuple(module.weight_t.shape[::-1])
                 if g.shape != expected:
                     raise ValueError(f"tensor {name}: 4-bit shape {g.shape} != model {expected}")
-                module.int4 = VnniWeight(g) if kernel == "vnni" and vnni.supports(g) else Int4Weight(g)
+                module.int4 = BlockWeight(g) if kernel == "blockq" and blockq.supports(g) else Int4Weight(g)
                 count += 1
         return count
 
@@ -369,8 +370,11 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-# Without VNNI, fbgemm's 8-bit kernels can saturate 16-bit sums, so activations use 7 bits there (torch's default).
-_REDUCE_RANGE = not _has_vnni()
+# Without VNNI, fbgemm multiplies through vpmaddubsw, whose 16-bit pair sums saturate beyond 2 * 255 * 64, so one
+# operand gives up a bit there. torch's default drops it from the activations (reduce_range: 7 bits per tensor);
+# radixflow drops it from the weights (7 bits per output channel), which cost less: on SmolLM2 (a 2-core AMD EPYC
+# Zen 3), prompt logprobs moved by up to 0.45 / 0.83 nat on two prompts, against 1.19 / 2.79 with 7-bit activations.
+_WEIGHT_MAX = 127.0 if _has_vnni() else 63.0
 
 # down_proj stays fp32: its input (the gated MLP activation) has outliers that one int8 scale per tensor cannot
 # represent. On SmolLM2, quantizing it too moved prompt logprobs by up to 2.1 nats; without it, 0.4.

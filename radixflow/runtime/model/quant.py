@@ -17,9 +17,9 @@ converts the input and output, so callers see fp32.
 
 Why this kernel: measured on the 2-core CPU here, it runs SmolLM2's linear layers about 2x faster than fp32 MKL at
 1 to 8 rows (decode); whole engine steps cross over at 10 to 12 rows, and at 128 to 512 rows (prefill) it takes
-twice fp32's time, so `Linear` keeps the fp32 weight for calls of more than `INT4_MAX_ROWS` rows. On CPUs with
-AVX512-VNNI, vnni.py's kernel takes the same groups instead (faster, and closer to fp32); this one is the fallback
-and `weight_format="int4"`.
+twice fp32's time, so `Linear` keeps the fp32 weight for calls of more than `INT4_MAX_ROWS` rows. On x86 CPUs
+with AVX2 or AVX512-VNNI, blockq.py's kernel takes the same groups instead (faster, and closer to fp32); this one
+is the fallback and `weight_format="int4"`.
 """
 
 from __future__ import annotations

@@ -1,29 +1,33 @@
-"""GGUF block weights multiplied in integers on AVX512-VNNI (our kernel, vnni.cpp).
+"""GGUF block weights multiplied in integers on x86 CPUs (our kernel, blockq.cpp): AVX512-VNNI or AVX2.
 
 torch's int4 kernel (quant.Int4Weight) dequantizes each weight to bf16 and multiplies in floating point; on the
-2-core CPU here that runs SmolLM2's layers at 10-15 GB/s, compute-bound on the dequantization. This kernel works
+2-core CPUs here that runs SmolLM2's layers at 10-15 GB/s, compute-bound on the dequantization. This kernel works
 the way llama.cpp's does instead: each call rounds its input with one scale per block of 32, and a block's dot
-product is integer multiply-adds (vpdpbusd) scaled once. Layouts, per weight row:
+product is integer multiply-adds scaled once (vpdpbusd on AVX512-VNNI; vpmaddubsw and vpmaddwd on AVX2, the same
+integers). Layouts, per weight row:
 
 - Q4_0 / Q4_1 (`Int4Groups` with repeat 1, `w = d * code + m`): the 4-bit codes two to a byte as GGUF stores them
   (byte j of a block holds codes j and j + 16), and (d, m) per block as fp16, as in the file;
 - Q8_0 (`Int4Groups` with repeat 2, rebuilt exactly from its two 4-bit halves): the signed bytes and d as fp16.
 
 Numerics: llama.cpp rounds each input value to one byte (its Q8_0 / Q8_1 activations); this kernel rounds to two,
-a high byte and the remainder in a low byte (about 15 significant bits; two vpdpbusd chains joined by a shift), and
-Q4's offset term uses the block's exact fp32 input sum. Outputs match the dequantized fp32 model to about 4
-significant digits, closer than torch's bf16 kernel: on SmolLM2 the greedy text of the dequantized model
-(bench/RESULTS.md, 2026-12-06). One byte was about 10% faster per layer and moved logprobs by up to 0.38 nat.
+a high byte and the remainder in a low byte (about 15 significant bits; two chains of byte products joined by a
+shift), and Q4's offset term uses the block's exact fp32 input sum. Outputs match the dequantized fp32 model to
+about 4 significant digits, closer than torch's bf16 kernel: on SmolLM2 the greedy text of the dequantized model
+(bench/RESULTS.md, 2026-12-06). One byte was about 10% faster per layer and moved logprobs by up to 0.38 nat. Both
+instruction sets compute the same integers; only the order of float sums differs.
 
-The kernel is built from source with torch's C++ extension loader the first time it is needed (about 10 s on 2
-cores, then cached under ~/.cache/torch_extensions), and used only where the CPU has AVX512-VNNI; `available()` is
-False otherwise (and when the build fails, e.g. without a compiler or ninja), and callers use torch's int4 kernel.
+The kernel is built from source with torch's C++ extension loader the first time it is needed (about 10-20 s on 2
+cores, then cached under ~/.cache/torch_extensions), once per instruction set with that set's compiler flags, and
+used only where the CPU has that set; `available()` is False otherwise (and when the build fails, e.g. without a
+compiler or ninja), and callers use torch's int4 kernel.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -33,33 +37,56 @@ from radixflow.runtime.model.quant import GROUP, Int4Groups
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS = 16  # vnni.cpp's kMaxRows
-_OUT_MULTIPLE = 4  # vnni.cpp's kCols: output features computed together
-_SOURCE = Path(__file__).with_name("vnni.cpp")
-_FLAGS = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+MAX_ROWS = 16  # blockq.cpp's kMaxRows
+_OUT_MULTIPLE = 4  # blockq.cpp's kCols: output features computed together
+_SOURCE = Path(__file__).with_name("blockq.cpp")
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+# Per instruction set, best first: the /proc/cpuinfo flags it needs and the compiler flags it is built with.
+ISAS = {
+    "avx512_vnni": ({"avx512_vnni", "avx512vl", "avx512bw", "f16c"},
+                    [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]),
+    "avx2": ({"avx2", "fma", "f16c"}, _AVX2),
+}
 
 
-def cpu_has_vnni() -> bool:
+ISA_ENV = "RADIXFLOW_BLOCKQ_ISA"  # names one of ISAS to build instead of the best one the CPU has (tests, benches)
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets of ISAS that this CPU has, best first."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "avx512_vnni" in flags and "avx512vl" in flags and "f16c" in flags
+        return []
+    return [isa for isa, (needs, _) in ISAS.items() if needs <= flags]
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the kernel is built for here: the best this CPU has, or the one ISA_ENV names."""
+    isas = cpu_isas()
+    chosen = os.environ.get(ISA_ENV)
+    if not chosen:
+        return isas[0] if isas else None
+    if chosen not in isas:
+        raise ValueError(f"{ISA_ENV}={chosen!r}: this CPU runs {', '.join(isas) or 'none'} of {', '.join(ISAS)}")
+    return chosen
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel runs here: the CPU has AVX512-VNNI and the extension builds (once per process)."""
-    if not cpu_has_vnni():
+    """Whether the kernel runs here: the CPU has one of ISAS and that build of the extension loads (once per
+    process)."""
+    isa = cpu_isa()
+    if isa is None:
         return False
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="radixflow_vnni", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        cpp_extension.load(name=f"radixflow_blockq_{isa}", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp",
+                           *ISAS[isa][1]], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        logger.warning("VNNI kernel not built (%s); using torch's int4 kernel", first_line)
+        logger.warning("block-quant kernel (%s) not built (%s); using torch's int4 kernel", isa, first_line)
         return False
     _register_fakes()
     return True
@@ -72,7 +99,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     for op in ("q4_mm", "q8_mm"):
-        torch.library.register_fake(f"radixflow_vnni::{op}")(fake)
+        torch.library.register_fake(f"radixflow_blockq::{op}")(fake)
 
 
 def supports(groups: Int4Groups) -> bool:
@@ -97,10 +124,12 @@ def _q8_parts(groups: Int4Groups) -> tuple[torch.Tensor, torch.Tensor] | None:
     return (lo + 16 * (hi - 8)).to(torch.int8), d
 
 
-class VnniWeight:
-    """`x @ W^T` for fp32 x of at most MAX_ROWS rows, through vnni.cpp; the same interface as quant.Int4Weight."""
+class BlockWeight:
+    """`x @ W^T` for fp32 x of at most MAX_ROWS rows, through blockq.cpp; the same interface as quant.Int4Weight."""
 
     def __init__(self, groups: Int4Groups):
+        if not available():
+            raise RuntimeError("BlockWeight: the block-quant kernel does not run on this machine (see the log)")
         out, inp = groups.shape
         self.out_features = out
         padded = -(-out // _OUT_MULTIPLE) * _OUT_MULTIPLE
@@ -111,14 +140,14 @@ class VnniWeight:
             self.weight = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(padded, inp // 2).contiguous()
             m = groups.zeros - 8 * groups.scales
             self.scales = torch.stack([groups.scales, m], dim=-1).half().contiguous()  # [out, blocks, (d, m)]
-            self.op = torch.ops.radixflow_vnni.q4_mm
+            self.op = torch.ops.radixflow_blockq.q4_mm
         else:
             parts = _q8_parts(groups)
             if parts is None:
-                raise ValueError("VnniWeight: a repeat-2 weight that is not pure Q8_0")
+                raise ValueError("BlockWeight: a repeat-2 weight that is not pure Q8_0")
             self.weight, d = parts[0].contiguous(), parts[1]
             self.scales = d.half().contiguous()
-            self.op = torch.ops.radixflow_vnni.q8_mm
+            self.op = torch.ops.radixflow_blockq.q8_mm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.op(x, self.weight, self.scales)
