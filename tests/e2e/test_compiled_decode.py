@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from radixflow import Engine
-from tests.e2e.test_int4 import GREEDY_64, PROMPTS, assert_agree_up_to_a_near_tie
+from tests.e2e.test_int4 import GREEDY_64, PROMPTS, check_for
 from tests.helpers.models import build_tiny_gguf
 
 LOGPROB = {"return_logprob": True, "top_logprobs_num": 5}
@@ -66,9 +66,9 @@ def test_int4_weights_compiled_agree_with_fp32_up_to_a_near_tie(tmp_path):
     with Engine(model_path=str(path), max_total_tokens=8192, enable_torch_compile=True,
                 torch_compile_max_bs=1) as packed, \
             Engine(model_path=str(path), max_total_tokens=8192, weight_format="fp32") as fp32:
+        check = check_for("auto")  # the default kernel's tolerances
         for prompt in PROMPTS[:4]:
-            assert_agree_up_to_a_near_tie(packed.generate(prompt, GREEDY_64, **LOGPROB),
-                                          fp32.generate(prompt, GREEDY_64, **LOGPROB))
+            check(packed.generate(prompt, GREEDY_64, **LOGPROB), fp32.generate(prompt, GREEDY_64, **LOGPROB))
         assert packed.core.runner.compiled.steps >= 4 * 63
 
 

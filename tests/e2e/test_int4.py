@@ -57,7 +57,9 @@ def _kernel(weight_format: str) -> type:
     return BlockWeight if weight_format == "auto" and blockq.available() else Int4Weight
 
 
-def _check(weight_format: str):
+def check_for(weight_format: str):
+    """The comparison of a packed model's output with the dequantized one's, at the tolerances of the kernel
+    `weight_format` runs on here."""
     tolerance = BLOCKQ_TOLERANCE if _kernel(weight_format) is BlockWeight else INT4_TOLERANCE
     return lambda packed, fp32: assert_agree_up_to_a_near_tie(packed, fp32, tolerance)
 
@@ -67,7 +69,7 @@ def _check(weight_format: str):
 def test_kept_4bit_decodes_as_the_dequantized_model(tmp_path, linear, embed, weight_format):
     path = tmp_path / "tiny.gguf"
     build_tiny_gguf(path, linear, embed)
-    check = _check(weight_format)
+    check = check_for(weight_format)
     with Engine(model_path=str(path), max_total_tokens=8192, weight_format=weight_format) as packed, \
             Engine(model_path=str(path), max_total_tokens=8192, weight_format="fp32") as fp32:
         # qkv, o, gate_up, down per layer, and the tied lm_head, all on the chosen kernel
@@ -125,7 +127,7 @@ def test_cached_conversion_keeps_the_4bit_groups(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("weight_format", FORMATS)
 def test_smollm2_kept_4bit_decodes_as_the_dequantized_model(smol_engine, weight_format):
-    check = _check(weight_format)
+    check = check_for(weight_format)
     with Engine(max_total_tokens=8192, weight_format="fp32") as fp32, \
             (nullcontext(smol_engine) if weight_format == "auto" else
              Engine(max_total_tokens=8192, weight_format=weight_format)) as packed:
