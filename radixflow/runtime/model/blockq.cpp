@@ -8,6 +8,7 @@
 // once per block: vpdpbusd on AVX512-VNNI (32 byte products into 8 int32 lanes per 256 bits); on AVX2, vpmaddubsw
 // into 16-bit pair sums (at most 2 * 2 * 15 * 127 here: no saturation) widened by vpmaddwd, the same integers.
 // See blockq.py for the layouts and the numerics.
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -144,7 +145,6 @@ Quantized quantize(const at::Tensor& x, bool pairs) {
   }
   return out;
 }
-
 
 // Output features computed together (independent accumulator chains), and input rows per pass over them.
 constexpr int kCols = 4;

@@ -370,10 +370,11 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-# Without VNNI, fbgemm multiplies through vpmaddubsw, whose 16-bit pair sums saturate beyond 2 * 255 * 64, so one
-# operand gives up a bit there. torch's default drops it from the activations (reduce_range: 7 bits per tensor);
-# radixflow drops it from the weights (7 bits per output channel), which cost less: on SmolLM2 (a 2-core AMD EPYC
-# Zen 3), prompt logprobs moved by up to 0.45 / 0.83 nat on two prompts, against 1.19 / 2.79 with 7-bit activations.
+# Without VNNI, fbgemm multiplies through vpmaddubsw, whose sums of two byte products saturate at 16 bits (2 * 255 *
+# 127 does, 2 * 255 * 63 does not), so one operand gives up a bit there. torch's default drops it from the
+# activations (reduce_range: 7 bits per tensor); radixflow drops it from the weights (7 bits per output channel),
+# which costs less: on SmolLM2 (a 2-core AMD EPYC Zen 3), prompt logprobs moved by up to 0.45 / 0.83 nat on two
+# prompts, against 1.19 / 2.79 with 7-bit activations.
 _WEIGHT_MAX = 127.0 if _has_vnni() else 63.0
 
 # down_proj stays fp32: its input (the gated MLP activation) has outliers that one int8 scale per tensor cannot
