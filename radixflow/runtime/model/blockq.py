@@ -29,6 +29,7 @@ import functools
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -82,14 +83,44 @@ def available() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        build = build_directory(isa)
+        build.mkdir(parents=True, exist_ok=True)
+        _drop_stale_lock(build / "lock")
         cpp_extension.load(name=f"radixflow_blockq_{isa}", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp",
-                           *ISAS[isa][1]], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+                           *ISAS[isa][1]], extra_ldflags=["-fopenmp"], build_directory=str(build),
+                           is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         logger.warning("block-quant kernel (%s) not built (%s); using torch's int4 kernel", isa, first_line)
         return False
     _register_fakes()
     return True
+
+
+def build_directory(isa: str) -> Path:
+    """Where the build for `isa` lives: torch's extension root (TORCH_EXTENSIONS_DIR, else its cache folder), one
+    folder per instruction set and torch version."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"radixflow_blockq_{isa}-torch{torch.__version__}"
+
+
+# A build takes 10-20 s; torch's build lock older than this was left by a process killed while building.
+STALE_LOCK_S = 300
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """Remove a build lock that no running build holds: torch's loader waits for the lock file to go away, forever,
+    so one process killed mid-build would hang every later start (seen here: a test run stopped during the build
+    left the next run waiting)."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("removing %s, a build lock %.0f s old (a build stopped midway)", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 def _register_fakes() -> None:
