@@ -75,6 +75,17 @@ def test_q8_extremes():
     assert torch.allclose(out.double(), expected, rtol=1e-6)
 
 
+def test_q4_extremes():
+    """Every code 15 against inputs at their block's maximum: the largest 16-bit pair sums of the AVX2 build
+    (2 * 2 * 15 * 127), which must not saturate."""
+    groups, _ = _groups(Q.Q4_1, (8, 128))
+    groups = Int4Groups(torch.full_like(groups.codes, 15), groups.scales, groups.zeros, 1)
+    for value in (3.0, -3.0):
+        x = torch.full((2, 128), value)
+        expected = x.double() @ groups.dequantize().double().t()
+        assert torch.allclose(blockq.BlockWeight(groups)(x).double(), expected, rtol=1e-5)
+
+
 def test_layouts_it_cannot_hold_are_left_to_torchs_kernel():
     q41, _ = _groups(Q.Q4_1, (16, 64))
     q80, _ = _groups(Q.Q8_0, (16, 64))
