@@ -53,13 +53,18 @@ ISAS = {
 ISA_ENV = "RADIXFLOW_BLOCKQ_ISA"  # names one of ISAS to build instead of the best one the CPU has (tests, benches)
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
 def cpu_isas() -> list[str]:
     """The instruction sets of ISAS that this CPU has, best first."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [isa for isa, (needs, _) in ISAS.items() if needs <= flags]
+    return [isa for isa, (needs, _) in ISAS.items() if needs <= cpu_flags()]
 
 
 def cpu_isa() -> str | None:

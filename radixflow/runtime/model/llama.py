@@ -362,12 +362,7 @@ def _onednn_linear_works() -> bool:
 
 
 def _has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool({"avx512_vnni", "avx_vnni"} & blockq.cpu_flags())
 
 
 # Without VNNI, fbgemm multiplies through vpmaddubsw, whose sums of two byte products saturate at 16 bits (2 * 255 *
