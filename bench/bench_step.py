@@ -1,12 +1,13 @@
 """Step overhead: the median wall time of one `EngineCore.step()` decoding SmolLM2 (no HTTP, no engine thread).
 
     python -m bench.bench_step [--batches 1,16] [--reps 3] [--weight-format auto|fp32] [--enable-torch-compile]
-                               [--split]
+                               [--split] [--prompt-lens 32,1000] [--attention-backend auto|torch_native]
 
-Each repetition admits `batch` requests with 32-token prompts (distinct, so nothing is cached) and 48 greedy output
-tokens, and steps until they finish; only steps in which every running request decodes are timed. Run it on two
-commits back to back to see whether a change costs per-step time (the figure is absolute: compare it only with a
-run on the same machine at about the same time).
+Each repetition admits `batch` requests with prompts of each of `--prompt-lens` tokens (distinct, so nothing is
+cached) and 48 greedy output tokens, and steps until they finish; only steps in which every running request decodes
+are timed (the first length is the headline `batch_N_ms`; the others are reported as `batch_N_prompt_L_ms`). Run it
+on two commits, or two `--attention-backend`s, back to back to see whether a change costs per-step time (the figure
+is absolute: compare it only with a run on the same machine at about the same time).
 
 `--split` also times the linear layers alone: every linear layer of the model called in turn on a batch-sized
 input, outside any step (the weights' share of a step: streaming them through the matmul kernels), and reports the
@@ -30,12 +31,12 @@ from radixflow.runtime.request import Req
 from radixflow.runtime.sampling_params import SamplingParams
 
 
-def decode_step_seconds(core: EngineCore, batch: int, reps: int) -> list[float]:
+def decode_step_seconds(core: EngineCore, batch: int, reps: int, prompt_len: int = 32) -> list[float]:
     """Wall seconds of every step in which every running request decodes."""
     steps = []
     for rep in range(reps):
         for i in range(batch):
-            prompt = tuple(range(100 + 40 * i, 132 + 40 * i))
+            prompt = tuple((100 + 40 * i + j) % 40000 for j in range(prompt_len))
             core.scheduler.add_request(Req(rid=f"b{batch}-{rep}-{i}", prompt_ids=prompt, params=SamplingParams(
                 max_new_tokens=48, ignore_eos=True, temperature=0.0)))
         while not core.scheduler.idle:
@@ -48,8 +49,8 @@ def decode_step_seconds(core: EngineCore, batch: int, reps: int) -> list[float]:
     return steps
 
 
-def median_decode_step_ms(core: EngineCore, batch: int, reps: int) -> float:
-    return 1e3 * statistics.median(decode_step_seconds(core, batch, reps))
+def median_decode_step_ms(core: EngineCore, batch: int, reps: int, prompt_len: int = 32) -> float:
+    return 1e3 * statistics.median(decode_step_seconds(core, batch, reps, prompt_len))
 
 
 def main() -> None:
@@ -59,13 +60,20 @@ def main() -> None:
     parser.add_argument("--weight-format", default="auto")
     parser.add_argument("--enable-torch-compile", action="store_true")
     parser.add_argument("--split", action="store_true")
+    parser.add_argument("--prompt-lens", default="32")
+    parser.add_argument("--attention-backend", default="auto")
     args = parser.parse_args()
+    lens = [int(n) for n in args.prompt_lens.split(",")]
     torch.set_num_threads(2)
-    core = EngineCore(EngineConfig.from_kwargs(max_total_tokens=16384, weight_format=args.weight_format,
-                                                 enable_torch_compile=args.enable_torch_compile))
+    core = EngineCore(EngineConfig.from_kwargs(
+        max_total_tokens=max(16384, 2 * max(map(int, args.batches.split(","))) * (max(lens) + 64)),
+        weight_format=args.weight_format, enable_torch_compile=args.enable_torch_compile,
+        attention_backend=args.attention_backend))
     result = {}
     for b in map(int, args.batches.split(",")):
-        result[f"batch_{b}_ms"] = round(median_decode_step_ms(core, b, args.reps), 2)
+        for n in lens[1:]:  # longer contexts: the step alone
+            result[f"batch_{b}_prompt_{n}_ms"] = round(median_decode_step_ms(core, b, args.reps, n), 2)
+        result[f"batch_{b}_ms"] = round(median_decode_step_ms(core, b, args.reps, lens[0]), 2)
         if args.split:
             linear_ms = linear_layers_ms(core.runner.model, b, args.reps)
             result[f"batch_{b}_linear_ms"] = round(linear_ms, 2)

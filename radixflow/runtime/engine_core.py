@@ -35,6 +35,7 @@ from radixflow.runtime.disaggregation.transfer import TRANSFER_BACKENDS, KVRecei
 from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
 from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.model import blockq
+from radixflow.runtime.model.attention import paged_decode_supported
 from radixflow.runtime.model.compiled import CompiledDecode
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
 from radixflow.runtime.model.loader import load_weights
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_FORMATS = ("auto", "int4", "fp32")
+_ATTENTION_BACKENDS = ("auto", "torch_native")
 
 
 @dataclass
@@ -83,6 +85,8 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
         raise ValueError(f"quantization: {mc.quantization!r} is not supported (use int8, or none)")
     if mc.weight_format not in _WEIGHT_FORMATS:
         raise ValueError(f"weight_format: {mc.weight_format!r} is not one of {', '.join(_WEIGHT_FORMATS)}")
+    if mc.attention_backend not in _ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend: {mc.attention_backend!r} is not one of {', '.join(_ATTENTION_BACKENDS)}")
     if mc.quantization == "int8" and (mc.device != "cpu" or mc.dtype != "float32"):
         raise ValueError("quantization: int8 runs on the CPU with dtype float32 activations")
     if mc.tp_size < 1:
@@ -121,6 +125,10 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
             logger.info("%s kernel for %d linear layers", kernel, model.use_int4(checkpoint.int4, kernel))
         else:
             logger.info("4-bit weights dequantized: the block-quant kernels need the CPU and dtype float32")
+    model.paged_decode = (mc.attention_backend == "auto" and blockq.cpu_isa() is not None
+                          and paged_decode_supported(args.num_heads, args.num_kv_heads, args.head_dim,
+                                                     _DTYPES[mc.dtype], device) and blockq.available())
+    logger.info("decode attention: %s", "paged decode kernel" if model.paged_decode else "torch SDPA")
     tokenizer = load_tokenizer(source, mc.chat_template)
     return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))
 

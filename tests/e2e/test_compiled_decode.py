@@ -1,4 +1,5 @@
-"""`--enable-torch-compile`: pure-decode steps run a compiled graph per batch-size class; its outputs are the eager
+"""`--enable-torch-compile`: pure-decode steps run a compiled graph per batch-size class (its attention on the paged
+decode kernel where the CPU runs it; the eager engine here uses SDPA); its outputs are the eager
 model's (fp32 weights: the same tokens, logprobs to float rounding; int4 weights: agreement up to a near-tie, as
 between the int4 kernel and fp32), whatever the context length, with padded batches, and with steps that mix
 prefill and decode (those run eager)."""
@@ -9,6 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from radixflow import Engine
+from radixflow.runtime.model import blockq
 from tests.e2e.test_int4 import GREEDY_64, PROMPTS, check_for
 from tests.helpers.models import build_tiny_gguf
 
@@ -19,7 +21,9 @@ LOGPROB = {"return_logprob": True, "top_logprobs_num": 5}
 def engines(tiny_model_dir):
     compiled = Engine(model_path=str(tiny_model_dir), max_total_tokens=8192, enable_torch_compile=True,
                       torch_compile_max_bs=4)
-    eager = Engine(model_path=str(tiny_model_dir), max_total_tokens=8192)
+    # The eager side gathers K/V for torch's SDPA; the compiled one runs the paged decode kernel where this CPU has it.
+    eager = Engine(model_path=str(tiny_model_dir), max_total_tokens=8192, attention_backend="torch_native")
+    assert compiled.core.runner.model.paged_decode == (blockq.cpu_isa() is not None)
     yield compiled, eager
     compiled.shutdown()
     eager.shutdown()

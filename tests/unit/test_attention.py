@@ -8,6 +8,7 @@ import torch
 
 from radixflow.runtime.cache.kv_pool import ReqToTokenPool
 from radixflow.runtime.model import attention as attention_module
+from radixflow.runtime.model import blockq
 from radixflow.runtime.model.attention import (
     AttentionInputs,
     AttentionPlanner,
@@ -18,6 +19,9 @@ from radixflow.runtime.model.attention import (
 
 HEADS, KV_HEADS, DIM, POOL = 6, 2, 16, 4096
 CPU = torch.device("cpu")
+# Decode groups on torch's SDPA, and on the paged decode kernel (decode_attention.cpp) where this CPU runs it.
+NO_KERNEL = pytest.mark.skipif(blockq.cpu_isa() is None, reason="the paged decode kernel needs an x86 CPU with AVX2")
+PAGED = [False, pytest.param(True, marks=NO_KERNEL)]
 
 
 def build(contexts: list[list[int]], news: list[int]):
@@ -46,7 +50,7 @@ def reference(q, k_cache, v_cache, contexts, news):
     return torch.stack(out)
 
 
-def run(contexts, news, shared_min: int, monkeypatch):
+def run(contexts, news, shared_min: int, monkeypatch, paged: bool = False):
     # The runner lays decodes out first (the planner relies on it).
     order = sorted(range(len(news)), key=lambda i: news[i] != 1)
     contexts, news = [contexts[i] for i in order], [news[i] for i in order]
@@ -59,7 +63,7 @@ def run(contexts, news, shared_min: int, monkeypatch):
     k_new, v_new = torch.randn(total, KV_HEADS, DIM, generator=gen), torch.randn(total, KV_HEADS, DIM, generator=gen)
     out_loc = torch.cat([table[s.slot, s.start:s.end] for s in spans])
     groups = planner.plan(spans)
-    attn = AttentionInputs([k_cache.clone()], [v_cache.clone()], out_loc, groups, None)
+    attn = AttentionInputs([k_cache.clone()], [v_cache.clone()], out_loc, groups, None, paged and blockq.available())
     got = paged_attention(q, k_new, v_new, 0, attn)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     k_ref[out_loc], v_ref[out_loc] = k_new, v_new
@@ -77,21 +81,23 @@ def shared_workload(gen_seed: int = 1):
     return contexts
 
 
+@pytest.mark.parametrize("paged", PAGED)
 @pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize("shared_min", [1, 10**9])
-def test_matches_reference_with_and_without_shared_prefix_attention(decode, shared_min, monkeypatch):
+def test_matches_reference_with_and_without_shared_prefix_attention(decode, shared_min, paged, monkeypatch):
     contexts = shared_workload()
     news = [1] * len(contexts) if decode else [1, 4, 1, 7, 3, 12]
-    got, want, groups = run(contexts, news, shared_min, monkeypatch)
+    got, want, groups = run(contexts, news, shared_min, monkeypatch, paged)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     used = [len(p.kv_indices) for g in groups for p in g.prefixes]
     assert sorted(used) == ([] if shared_min > 1 else ([60, 100] if decode else [60, 100]))
 
 
-def test_mixed_decode_and_extend_batch_with_a_fresh_prompt(monkeypatch):
+@pytest.mark.parametrize("paged", PAGED)
+def test_mixed_decode_and_extend_batch_with_a_fresh_prompt(paged, monkeypatch):
     contexts = shared_workload(2)
     news = [1, 1, 5, 1, 2, 40]  # the last is a whole fresh prompt
-    got, want, groups = run(contexts, news, 1, monkeypatch)
+    got, want, groups = run(contexts, news, 1, monkeypatch, paged)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert len(groups) == 2 and any(g.prefixes for g in groups)
 
@@ -123,15 +129,16 @@ def test_log_sum_exp_paths_agree():
         assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("paged", PAGED)
 @pytest.mark.parametrize("news", [[1] * 7, [1, 1, 6, 1, 3, 1, 9]])
-def test_a_long_context_gets_its_own_group(news, monkeypatch):
+def test_a_long_context_gets_its_own_group(news, paged, monkeypatch):
     """One long request among short ones is not padded against: decodes and extends split by context length
     (flat rows mapped back correctly), shared prefixes still found within a group."""
     contexts = shared_workload(4)
     gen = torch.Generator().manual_seed(5)
     used = {i for ctx in contexts for i in ctx}
     contexts.append([i for i in torch.randperm(POOL, generator=gen).tolist() if i not in used][:900])
-    got, want, groups = run(contexts, news, 1, monkeypatch)
+    got, want, groups = run(contexts, news, 1, monkeypatch, paged)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert any(g.kv_indices.shape[1] >= 900 and g.kv_indices.shape[0] == 1 for g in groups)
     assert max(g.kv_indices.shape[1] for g in groups if g.kv_indices.shape[0] > 1) < 200

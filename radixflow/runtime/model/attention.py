@@ -87,6 +87,7 @@ class AttentionInputs:
     out_cache_loc: torch.Tensor  # [num_tokens] pool index each new token's K/V is written to
     groups: list[AttentionGroup]
     logits_rows: torch.Tensor | None  # rows whose logits are needed; None = all rows
+    paged_decode: bool = False  # decode groups run on the paged decode kernel (LlamaModel.paged_decode)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         return paged_attention(q, k, v, layer, self)
@@ -107,10 +108,15 @@ class DecodeStepInputs:
     kv_indices: torch.Tensor  # [requests, max_context], each row's new token included
     out_cache_loc: torch.Tensor  # [requests]
     mask: torch.Tensor | None  # [requests, 1, 1, max_context] bool, True = attend; None = attend everything
+    paged_decode: bool = False  # attend on the paged decode kernel (LlamaModel.paged_decode)
     logits_rows: None = None
     new_kv: list[torch.Tensor] = field(default_factory=list)  # per layer: [2, requests, kv_heads, head_dim]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        if self.paged_decode:  # the kernel reads the new K/V from k, v where a row's index is out_cache_loc
+            self.new_kv.append(torch.stack([k, v]))
+            return decode_kernel(q, self.kv_buffer[0, layer], self.kv_buffer[1, layer], self.kv_indices, self.mask,
+                                 self.out_cache_loc, k, v)
         keys, values = _gather(self.kv_buffer[0, layer], self.kv_buffer[1, layer], self.kv_indices)
         is_new = (self.kv_indices == self.out_cache_loc[:, None])[:, None, :, None]  # [B, 1, L, 1]
         keys = torch.where(is_new, k[:, :, None], keys)
@@ -276,11 +282,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     k_cache.index_copy_(0, inp.out_cache_loc, k)
     v_cache.index_copy_(0, inp.out_cache_loc, v)
     if len(inp.groups) == 1 and inp.groups[0].rows is None:
-        return _group_attention(q.unsqueeze(1), k_cache, v_cache, inp.groups[0]).squeeze(1)
+        return _group_attention(q.unsqueeze(1), k_cache, v_cache, inp.groups[0], inp.paged_decode).squeeze(1)
     out = torch.empty_like(q)
     for group in inp.groups:
         rows = group.rows
-        group_out = _group_attention(q[rows], k_cache, v_cache, group)
+        group_out = _group_attention(q[rows], k_cache, v_cache, group, inp.paged_decode)
         if group.valid is None:
             out[rows] = group_out
         else:
@@ -288,8 +294,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     return out
 
 
-def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup):
+def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
+                     paged_decode: bool = False):
     """q: [B, Q, H, D] -> [B, Q, H, D]."""
+    if paged_decode and q.shape[1] == 1 and not group.prefixes:  # a decode group (its mask, if any, is bool)
+        return decode_kernel(q[:, 0], k_cache, v_cache, group.kv_indices, group.mask)[:, None]
     keys, values = _gather(k_cache, v_cache, group.kv_indices)
     if not group.prefixes:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=group.mask,
@@ -305,6 +314,28 @@ def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     for prefix in group.prefixes:
         out, lse = _merge_prefix(folded, out, lse, k_cache, v_cache, prefix)
     return out.view(batch, kv_heads, queries, per_kv, dim).permute(0, 2, 1, 3, 4).reshape(batch, queries, heads, dim)
+
+
+def decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indices: torch.Tensor,
+                  mask: torch.Tensor | None, loc: torch.Tensor | None = None, new_k: torch.Tensor | None = None,
+                  new_v: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention on decode_attention.cpp, reading K/V where they sit in the pool. q: [B, H, D]; k_cache,
+    v_cache: [pool, Hkv, D]; kv_indices: [B, L]; mask: bool, B x L elements (True = attend) or None; where row b's
+    index equals loc[b], the key and value are new_k[b], new_v[b] ([B, Hkv, D]) instead of the pool's. -> [B, H, D]"""
+    return torch.ops.radixflow_attention.decode_attention(q, k_cache, v_cache, kv_indices, mask, loc, new_k, new_v,
+                                                          q.shape[-1] ** -0.5)
+
+
+def paged_decode_supported(q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                           device: torch.device) -> bool:
+    """Whether decode_attention.cpp takes a model of this shape (its limits) on `device`: the CPU in float32."""
+    return (device.type == "cpu" and dtype == torch.float32 and q_heads % kv_heads == 0
+            and q_heads // kv_heads <= PAGED_DECODE_MAX_GROUP and head_dim % 8 == 0
+            and head_dim <= PAGED_DECODE_MAX_DIM)
+
+
+PAGED_DECODE_MAX_GROUP = 16  # decode_attention.cpp's kMaxGroup: query heads per KV head
+PAGED_DECODE_MAX_DIM = 256  # its kMaxDim
 
 
 def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indices: torch.Tensor):

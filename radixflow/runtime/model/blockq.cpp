@@ -20,6 +20,8 @@
 #include <initializer_list>
 #include <utility>
 
+#include "simd.h"
+
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define RF_VNNI 1  // 512-bit steps of four blocks; otherwise (AVX2) 256-bit steps of two
 #elif !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
@@ -27,6 +29,9 @@
 #endif
 
 namespace {
+
+using radixflow::hmax;
+using radixflow::hsum;
 
 constexpr int64_t kBlock = 32;
 
@@ -41,13 +46,6 @@ constexpr int64_t kBlock = 32;
 struct Quantized {
   at::Tensor q, scale, sum;  // int8 [rows, (hi, lo), k]; fp32 [rows, k/32] (q8) or [rows, k/32 * 4] (q4, spread)
 };
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 #ifdef RF_VNNI
 constexpr bool kQuads = true;  // the 4-bit kernel steps through four blocks at a time (a last pair at half width)
@@ -74,12 +72,6 @@ inline std::pair<float, float> round_block(const float* xb, int8_t* q, int64_t k
 }
 #else
 constexpr bool kQuads = false;  // the 4-bit kernel steps through pairs of blocks
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
 
 // 32 int32 values (four vectors, in order) saturated to 32 signed bytes in order: packs interleave 128-bit lanes,
 // the permute puts the 4-byte groups back.

@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # blockq.cpp's kMaxRows
 _OUT_MULTIPLE = 4  # blockq.cpp's kCols: output features computed together
-_SOURCE = Path(__file__).with_name("blockq.cpp")
+# Built into one extension: this kernel, and the paged decode attention (attention.py's decode_kernel), which needs
+# the same instruction sets.
+_SOURCES = [Path(__file__).with_name("blockq.cpp"), Path(__file__).with_name("decode_attention.cpp")]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 # Per instruction set, best first: the /proc/cpuinfo flags it needs and the compiler flags it is built with.
 ISAS = {
@@ -91,9 +93,9 @@ def available() -> bool:
         build = build_directory(isa)
         build.mkdir(parents=True, exist_ok=True)
         _drop_stale_lock(build / "lock")
-        cpp_extension.load(name=f"radixflow_blockq_{isa}", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp",
-                           *ISAS[isa][1]], extra_ldflags=["-fopenmp"], build_directory=str(build),
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(name=f"radixflow_blockq_{isa}", sources=[str(path) for path in _SOURCES],
+                           extra_cflags=["-O3", "-fopenmp", *ISAS[isa][1]], extra_ldflags=["-fopenmp"],
+                           build_directory=str(build), is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         logger.warning("block-quant kernel (%s) not built (%s); using torch's int4 kernel", isa, first_line)
@@ -136,6 +138,8 @@ def _register_fakes() -> None:
 
     for op in ("q4_mm", "q8_mm"):
         torch.library.register_fake(f"radixflow_blockq::{op}")(fake)
+    torch.library.register_fake("radixflow_attention::decode_attention")(
+        lambda q, *args: torch.empty_like(q, memory_format=torch.contiguous_format))
 
 
 def supports(groups: Int4Groups) -> bool:
