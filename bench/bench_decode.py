@@ -4,6 +4,7 @@ and llama.cpp on the same file when llama-cpp-python is installed (an optional b
 llama-cpp-python`, built from source).
 
     python -m bench.bench_decode [--reps 3] [--json out.json] [--enable-torch-compile] [--skip-speculative]
+                                 [--only few-shot,chats] [--compare-attention]
     python -m bench.bench_decode --isolated-batch1 [--enable-torch-compile] [--reps 3]
 
 Figures (each side measured in the same run, the sides interleaved rep by rep, best rep kept):
@@ -15,6 +16,9 @@ Figures (each side measured in the same run, the sides interleaved rep by rep, b
   `Llama` object reuses the KV of the longest prefix it shares with the previous prompt;
 - with `--enable-torch-compile`, a third radixflow side whose decode steps run the compiled graph (its startup
   compiles them: a few minutes the first time on 2 cores);
+- with `--compare-attention`, one more radixflow side (compiled, with `--enable-torch-compile`) whose decode
+  attention gathers K/V for torch's SDPA (`--attention-backend torch_native`): the baseline of the paged decode
+  kernel, in the same run; `--only` keeps the figures whose label contains one of its comma-separated words;
 - speculative decoding at batch 1 (`--speculative-algorithm ngram`) on copy-heavy prompts (quoting, extraction,
   code edits) and on plain chat prompts: tok/s against the same engine without it, and whether the greedy texts
   are identical.
@@ -275,6 +279,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--enable-torch-compile", action="store_true")
     parser.add_argument("--skip-speculative", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated words: keep the figures whose label has one")
+    parser.add_argument("--compare-attention", action="store_true",
+                        help="add a side with --attention-backend torch_native (compiled with --enable-torch-compile)")
     parser.add_argument("--isolated-batch1", action="store_true",
                         help="only batch-1 decode, each side alone in a fresh process (see isolated_batch1)")
     args = parser.parse_args()
@@ -293,6 +300,9 @@ def main() -> None:
     sides = [auto, fp32]
     if args.enable_torch_compile:
         sides.append(Radixflow("radixflow compiled", enable_torch_compile=True))
+    if args.compare_attention:
+        sides.append(Radixflow("radixflow sdpa" + (" compiled" if args.enable_torch_compile else ""),
+                               enable_torch_compile=args.enable_torch_compile, attention_backend="torch_native"))
     try:
         sides.append(LlamaCppProcess())
     except ImportError:
@@ -312,6 +322,8 @@ def main() -> None:
     figures += [("few-shot: 1,000-token prefix, 32 questions one at a time (s)",
                  lambda s: run_side(s, few_shot_seconds, tok)),
                 ("8 chats x 4 turns, one request at a time (s)", lambda s: run_side(s, multi_turn_seconds, tok))]
+    if args.only:
+        figures = [(label, m) for label, m in figures if any(w.strip() in label for w in args.only.split(","))]
     for label, measure in figures:
         for _ in range(args.reps):
             for side in sides:
@@ -353,6 +365,8 @@ def markdown(report: dict) -> str:
     # Ratio columns: the default against the fp32 path, and each radixflow side against llama.cpp where measured.
     pairs = [("radixflow", "radixflow fp32")] + [(n, "llama.cpp") for n in names
                                                   if n.startswith("radixflow") and n != "radixflow fp32"]
+    # --compare-attention: the paged decode kernel against SDPA, compiled or not as both sides are.
+    pairs += [(n.replace("sdpa", "").replace("  ", " ").strip(), n) for n in names if n.startswith("radixflow sdpa")]
     pairs = [(a, b) for a, b in pairs if a in results and b in results]
     lines = [f"commit {env['commit']}, {env['cpu']}, {env['nproc']} cores, torch {env['torch']}, {env['date']}", "",
              "| figure | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |",

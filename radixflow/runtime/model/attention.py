@@ -17,6 +17,9 @@ Each group gathers its requests' keys and values from the pool with one `index_s
 bench/RESULTS.md) and masks the padding. New K/V are written to the pool before the gather, so a request's own
 new tokens come back through the same path as its cached prefix.
 
+Decode groups without a shared prefix skip the gather where the paged decode kernel runs (`decode_kernel`,
+decode_attention.cpp; `--attention-backend auto`): it reads each key and value row where it sits in the pool.
+
 Shared prefixes: requests that sit under the same radix-tree path have the same pool slots for those tokens.
 Gathering them once per request per layer is what dominated decoding behind a long few-shot prefix. Instead the
 planner splits each such request's context in two: the shared prefix, attended by all its requests' queries in
