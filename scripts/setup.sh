@@ -25,8 +25,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
         echo "scripts/setup.sh: redis-server is missing; install your distribution's redis-server package" >&2
     fi
 fi
-# The block-quant decode kernel (radixflow/runtime/model/blockq.cpp) is compiled at first use by torch's extension loader,
-# which needs a C++ compiler and ninja; without them the engine falls back to torch's int4 kernel.
+# radixflow's CPU kernels (radixflow/runtime/model/blockq.cpp, decode_attention.cpp) are compiled at first use by torch's
+# extension loader, which needs a C++ compiler and ninja; without them the engine falls back to torch's int4 kernel
+# and SDPA.
 if ! command -v ninja >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         apt-get install -y -q ninja-build g++ >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q ninja-build g++ >/dev/null; }

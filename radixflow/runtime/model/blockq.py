@@ -20,7 +20,8 @@ instruction sets compute the same integers; only the order of float sums differs
 The kernel is built from source with torch's C++ extension loader the first time it is needed (about 10-20 s on 2
 cores, then cached under ~/.cache/torch_extensions), once per instruction set with that set's compiler flags, and
 used only where the CPU has that set; `available()` is False otherwise (and when the build fails, e.g. without a
-compiler or ninja), and callers use torch's int4 kernel.
+compiler or ninja), and callers use torch's int4 kernel. The same extension holds the paged decode attention kernel
+(decode_attention.cpp, attention.decode_kernel), which needs the same instruction sets; without it, SDPA.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def available() -> bool:
                            build_directory=str(build), is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        logger.warning("block-quant kernel (%s) not built (%s); using torch's int4 kernel", isa, first_line)
+        logger.warning("CPU kernels (%s) not built (%s); using torch's int4 kernel and SDPA", isa, first_line)
         return False
     _register_fakes()
     return True
