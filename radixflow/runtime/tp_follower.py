@@ -48,8 +48,8 @@ def follower_main() -> None:
             break
         input_ids, positions, out_loc, groups, logits_rows = to_device(box[0], device)
         try:
-            loaded.model(input_ids, positions, AttentionInputs(kv.k, kv.v, out_loc, groups, logits_rows,
-                                                                      loaded.model.paged_decode))
+            attn = AttentionInputs(kv.k, kv.v, out_loc, groups, logits_rows, loaded.model.paged_decode)
+            loaded.model(input_ids, positions, attn)
         except Exception:  # noqa: BLE001 - rank 0 failed the same forward, or the group broke: both are fatal
             logger.exception("forward failed")
             break
