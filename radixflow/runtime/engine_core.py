@@ -125,7 +125,7 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
             logger.info("%s kernel for %d linear layers", kernel, model.use_int4(checkpoint.int4, kernel))
         else:
             logger.info("4-bit weights dequantized: the block-quant kernels need the CPU and dtype float32")
-    model.paged_decode = (mc.attention_backend == "auto" and blockq.cpu_isa() is not None
+    model.paged_decode = (mc.attention_backend == "auto"
                           and paged_decode_supported(args.num_heads, args.num_kv_heads, args.head_dim,
                                                      _DTYPES[mc.dtype], device) and blockq.available())
     logger.info("decode attention: %s", "paged decode kernel" if model.paged_decode else "torch SDPA")
