@@ -89,8 +89,9 @@ def test_shared_prefix_attention_keeps_outputs(tiny_model_dir, tiny_reference, m
 def test_smollm2_outputs_identical_across_cache_modes():
     # fp32 weights: the int4 kernel (bf16 inside) serves calls of few rows and fp32 the rest, so with it a request's
     # tokens may differ at near-ties between batch shapes, which is not what this test is about.
+    # Against the tiny pool only: its 64-token chunks, retractions and re-prefills are every mechanism the other
+    # configurations test one by one on the tiny model (above), at a fraction of an engine start each.
     ref, ref_stats = run_config(None, 12, max_total_tokens=16384, weight_format="fp32")
-    for config in (CONFIGS["no-radix"], CONFIGS["small-chunks"], CONFIGS["tiny-pool"]):
-        outs, stats = run_config(None, 12, weight_format="fp32", **config)
-        assert outs == ref, config
-    assert ref_stats["cache_hit_rate"] > 0.5
+    outs, stats = run_config(None, 12, weight_format="fp32", **CONFIGS["tiny-pool"])
+    assert outs == ref
+    assert ref_stats["cache_hit_rate"] > 0.5 and stats["num_retractions"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -45,7 +46,8 @@ def build_tiny_model(directory, architecture: str = "llama", **overrides):
 def build_tiny_gguf(path, linear_type, embed_type=None, hidden: int = 64, intermediate: int = 128, layers: int = 2,
                     heads: int = 4, kv_heads: int = 2, tied: bool = True, seed: int = 0):
     """Write a tiny random Llama as a GGUF file, its linear weights in `linear_type` (a `GGMLQuantizationType`)
-    and the embedding in `embed_type` (default: the same), with SmolLM2's tokenizer copied from the shipped file.
+    and the embedding in `embed_type` (default: the same), with SmolLM2's tokenizer cut to its first
+    SMALL_VOCAB tokens (see _small_tokenizer_fields).
     Q and K rows are permuted as llama.cpp's converter does. Returns the dequantized weights as the file holds them
     (Q and K rows permuted), by GGUF tensor name without `.weight`. K-quant types (which the gguf package cannot
     quantize) get random blocks with sane scales."""
@@ -53,14 +55,12 @@ def build_tiny_gguf(path, linear_type, embed_type=None, hidden: int = 64, interm
     import numpy as np
     from gguf import GGMLQuantizationType as Q
 
-    source = gguf.GGUFReader(str(resolve_model(None).path))
-    vocab = int(source.fields["llama.vocab_size"].contents())
     gen = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "llama")
-    for key, field in source.fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[1] if len(field.types) > 1 else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    tokenizer_fields = _small_tokenizer_fields()
+    for key, (value, kind, sub) in tokenizer_fields.items():
+        writer.add_key_value(key, value, kind, sub)
+    vocab = len(tokenizer_fields["tokenizer.ggml.tokens"][0])
     for key, value in {"block_count": layers, "context_length": 2048, "embedding_length": hidden,
                        "feed_forward_length": intermediate, "attention.head_count": heads,
                        "attention.head_count_kv": kv_heads, "vocab_size": vocab,
@@ -99,6 +99,33 @@ def build_tiny_gguf(path, linear_type, embed_type=None, hidden: int = 64, interm
     writer.write_tensors_to_file()
     writer.close()
     return weights
+
+
+SMALL_VOCAB = 1024
+
+
+@functools.cache
+def _small_tokenizer_fields() -> dict:
+    """SmolLM2's GGUF tokenizer fields cut to its first SMALL_VOCAB tokens: (value, type, array element type) by key.
+
+    Its vocabulary is 17 special tokens, the byte symbols, then one token per BPE merge in merge order, so the
+    first N tokens with their merges are a complete byte-level BPE that still encodes any text. Reading
+    (and, in the engine, converting) the full 49,152-token vocabulary took about 5 s per file and per load, most
+    of these tests' time; the shipped file is read once per process."""
+    import gguf
+
+    source = gguf.GGUFReader(str(resolve_model(None).path))
+    fields = {}
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            fields[key] = [field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None]
+    tokens, merges = fields["tokenizer.ggml.tokens"][0], fields["tokenizer.ggml.merges"][0]
+    first_merged = len(tokens) - len(merges)  # 252: the specials and the byte symbols
+    assert all(tokens[first_merged + i] == merge.replace(" ", "") for i, merge in enumerate(merges[:SMALL_VOCAB]))
+    fields["tokenizer.ggml.tokens"][0] = tokens[:SMALL_VOCAB]
+    fields["tokenizer.ggml.token_type"][0] = fields["tokenizer.ggml.token_type"][0][:SMALL_VOCAB]
+    fields["tokenizer.ggml.merges"][0] = fields["tokenizer.ggml.merges"][0][:SMALL_VOCAB - first_merged]
+    return {key: tuple(value) for key, value in fields.items()}
 
 
 def _random_kquant_blocks(gen, kind, shape):

@@ -38,16 +38,22 @@ def _prefill_flags(port: int) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def fleet(tiny_model_dir, tmp_path_factory):
-    """A colocated server, two prefill servers (the first exits in the middle of its first transfer when told
-    to), one decode server, and the router over them."""
+    """Every server this module's tests use, launched together so their starts overlap: a colocated server, a
+    prefill and a decode server with the router over them, a second prefill server, one whose scheduler exits in the
+    middle of its first transfer, and a decode server whose pool holds about two requests at once. Tests that need
+    another pairing start their own router over these."""
     model = str(tiny_model_dir)
-    ports = [free_port(), free_port()]
+    ports = {"prefill": free_port(), "prefill2": free_port(), "crashing": free_port()}
     servers = {
         "colocated": _server(tmp_path_factory, "colocated", model),
-        "prefill": _server(tmp_path_factory, "prefill", model, *_prefill_flags(ports[0])),
-        "prefill2": _server(tmp_path_factory, "prefill2", model, *_prefill_flags(ports[1])),
+        "prefill": _server(tmp_path_factory, "prefill", model, *_prefill_flags(ports["prefill"])),
+        "prefill2": _server(tmp_path_factory, "prefill2", model, *_prefill_flags(ports["prefill2"])),
+        "crashing": _server(tmp_path_factory, "crashing", model, *_prefill_flags(ports["crashing"]),
+                            env={"RADIXFLOW_FAULT_INJECT": "exit_in_kv_send"}),
         "decode": _server(tmp_path_factory, "decode", model, "--disaggregation-mode", "decode",
                           "--disaggregation-transfer-timeout-s", "10"),
+        "small_decode": _server(tmp_path_factory, "small-decode", model, "--disaggregation-mode", "decode",
+                                "--max-total-tokens", "420"),
     }
     for s in servers.values():
         s.launch()
@@ -55,7 +61,7 @@ def fleet(tiny_model_dir, tmp_path_factory):
     try:
         for s in servers.values():
             s.wait_ready()
-        router = ServerProcess(["--pd-disaggregation", "--prefill", servers["prefill"].url, str(ports[0]),
+        router = ServerProcess(["--pd-disaggregation", "--prefill", servers["prefill"].url, str(ports["prefill"]),
                                 "--decode", servers["decode"].url, *FAST_HEALTH], command="router"
                                ).start().wait_ready(60)
         yield servers, router, ports
@@ -156,96 +162,57 @@ def test_a_missing_prefill_server_fails_the_decode_side_cleanly(fleet):
     assert_no_kv_leak(httpx.Client(base_url=servers["decode"].url))
 
 
-def test_decode_pool_pressure_queues_requests_and_loses_none(tiny_model_dir, tmp_path_factory):
+def test_decode_pool_pressure_queues_requests_and_loses_none(fleet):
     """A decode pool that holds about two of the requests at once: the rest wait for room (a transfer never lands
     without it), all finish with the colocated outputs, and neither side leaks."""
-    model = str(tiny_model_dir)
-    port = free_port()
-    servers = [_server(tmp_path_factory, "p", model, *_prefill_flags(port)),
-               _server(tmp_path_factory, "d", model, "--disaggregation-mode", "decode", "--max-total-tokens", "420"),
-               _server(tmp_path_factory, "c", model)]
-    for s in servers:
-        s.launch()
-    router = None
-    try:
-        for s in servers:
-            s.wait_ready()
-        router = ServerProcess(["--pd-disaggregation", "--prefill", servers[0].url, str(port), "--decode",
-                                servers[1].url], command="router").start().wait_ready(60)
+    servers, _, ports = fleet
+    prefill, decode = servers["prefill"], servers["small_decode"]
+    with ServerProcess(["--pd-disaggregation", "--prefill", prefill.url, str(ports["prefill"]), "--decode",
+                        decode.url], command="router") as router:
         prompts = [f"Story {i}: " + "the river runs on " * 12 for i in range(6)]
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             got = list(pool.map(lambda p: _generate(router.url, p, max_new_tokens=32), prompts))
-        want = [_generate(servers[2].url, p, max_new_tokens=32) for p in prompts]
+        want = [_generate(servers["colocated"].url, p, max_new_tokens=32) for p in prompts]
         assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
         too_long = httpx.post(f"{router.url}/generate", json={"text": "x " * 400, "sampling_params": {
             "max_new_tokens": 100}}, timeout=60)
         assert too_long.status_code == 400 and "KV pool" in too_long.json()["error"]["message"]
-        for s in servers[:2]:
+        for s in (prefill, decode):
             assert_no_kv_leak(httpx.Client(base_url=s.url))
         assert _generate(router.url, prompts[0])["output_ids"]
-    finally:
-        if router is not None:
-            router.stop()
-        for s in servers:
-            s.terminate()
-        for s in servers:
-            s.wait_stopped()
 
 
-def test_a_prefill_scheduler_that_dies_mid_transfer_costs_a_retry_not_the_request(tiny_model_dir,
-                                                                                    tmp_path_factory):
-    model = str(tiny_model_dir)
-    ports = [free_port(), free_port()]
-    crashing = _server(tmp_path_factory, "crash", model, *_prefill_flags(ports[0]),
-                       env={"RADIXFLOW_FAULT_INJECT": "exit_in_kv_send"})
-    servers = [crashing, _server(tmp_path_factory, "p2", model, *_prefill_flags(ports[1])),
-               _server(tmp_path_factory, "d", model, "--disaggregation-mode", "decode"),
-               _server(tmp_path_factory, "c", model)]
-    for s in servers:
-        s.launch()
-    router = None
-    try:
-        for s in servers:
-            s.wait_ready()
-        # Both prefill servers idle and their trees empty: the tie goes to the first, the crashing one.
-        router = ServerProcess(["--pd-disaggregation", "--prefill", crashing.url, str(ports[0]), "--prefill",
-                                servers[1].url, str(ports[1]), "--decode", servers[2].url, *FAST_HEALTH],
-                               command="router").start().wait_ready(60)
-        want = _generate(servers[3].url, PROMPTS[1])
+def test_a_prefill_scheduler_that_dies_mid_transfer_costs_a_retry_not_the_request(fleet):
+    servers, _, ports = fleet
+    crashing, healthy, decode, colocated = (servers[n] for n in ("crashing", "prefill2", "decode", "colocated"))
+    # Both prefill servers idle and their trees empty (no other test uses them): the tie goes to the first, the
+    # crashing one.
+    with ServerProcess(["--pd-disaggregation", "--prefill", crashing.url, str(ports["crashing"]), "--prefill",
+                        healthy.url, str(ports["prefill2"]), "--decode", decode.url, *FAST_HEALTH],
+                       command="router") as router:
+        want = _generate(colocated.url, PROMPTS[1])
         got = _generate(router.url, PROMPTS[1])
         assert got["output_ids"] == want["output_ids"]
         metrics = httpx.get(f"{router.url}/metrics").text
         retried = [line for line in metrics.splitlines() if line.startswith("radixflow_router_retries_total")]
         assert any(crashing.url in line and not line.endswith(" 0.0") for line in retried), retried
-        assert_no_kv_leak(httpx.Client(base_url=servers[2].url))
-        assert _generate(router.url, PROMPTS[0])["output_ids"] == _generate(servers[3].url, PROMPTS[0])["output_ids"]
+        assert_no_kv_leak(httpx.Client(base_url=decode.url))
+        assert _generate(router.url, PROMPTS[0])["output_ids"] == _generate(colocated.url, PROMPTS[0])["output_ids"]
         health = httpx.get(f"{router.url}/list_workers").json()
         assert {w["role"] for w in health["workers"]} == {"prefill", "decode"}
-    finally:
-        if router is not None:
-            router.stop()
-        for s in servers:
-            s.terminate()
-        for s in servers:
-            s.wait_stopped()
 
 
-def test_router_health_needs_a_prefill_and_a_decode_server(tiny_model_dir, tmp_path_factory):
-    decode = _server(tmp_path_factory, "lone-d", str(tiny_model_dir), "--disaggregation-mode", "decode").launch()
-    try:
-        decode.wait_ready()
-        dead = f"http://127.0.0.1:{free_port()}"
-        # `with` starts it (and stops it): a `.start()` here as well would launch a second router and orphan the first.
-        with ServerProcess(["--pd-disaggregation", "--prefill", dead, "--decode", decode.url, *FAST_HEALTH],
-                           command="router") as router:
-            for _ in range(40):  # the first health round takes the dead prefill server out
-                r = httpx.get(f"{router.url}/health")
-                if r.status_code == 503:
-                    break
-                time.sleep(0.25)
-            assert r.status_code == 503 and "pair" in r.json()["message"]
-            r = httpx.post(f"{router.url}/generate", json={"text": "hi"}, timeout=30)
-            assert r.status_code == 503 and json.loads(r.text)["error"]["code"] == "unavailable"
-    finally:
-        decode.terminate()
-        decode.wait_stopped()
+def test_router_health_needs_a_prefill_and_a_decode_server(fleet):
+    servers, _, _ = fleet
+    dead = f"http://127.0.0.1:{free_port()}"
+    # `with` starts it (and stops it): a `.start()` here as well would launch a second router and orphan the first.
+    with ServerProcess(["--pd-disaggregation", "--prefill", dead, "--decode", servers["decode"].url, *FAST_HEALTH],
+                       command="router") as router:
+        for _ in range(40):  # the first health round takes the dead prefill server out
+            r = httpx.get(f"{router.url}/health")
+            if r.status_code == 503:
+                break
+            time.sleep(0.25)
+        assert r.status_code == 503 and "pair" in r.json()["message"]
+        r = httpx.post(f"{router.url}/generate", json={"text": "hi"}, timeout=30)
+        assert r.status_code == 503 and json.loads(r.text)["error"]["code"] == "unavailable"
