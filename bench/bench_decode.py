@@ -5,7 +5,7 @@ llama-cpp-python`, built from source).
 
     python -m bench.bench_decode [--reps 3] [--json out.json] [--enable-torch-compile] [--skip-speculative]
                                  [--only few-shot,chats] [--compare-attention]
-    python -m bench.bench_decode --isolated-batch1 [--enable-torch-compile] [--reps 3]
+    python -m bench.bench_decode --isolated decode,few-shot,chats [--enable-torch-compile] [--reps 3]
 
 Figures (each side measured in the same run, the sides interleaved rep by rep, best rep kept):
 - decode tok/s at batch 1 (one request at a time, greedy, 128 tokens after a 32-token prompt; the prefill's time is
@@ -19,6 +19,9 @@ Figures (each side measured in the same run, the sides interleaved rep by rep, b
 - with `--compare-attention`, one more radixflow side (compiled, with `--enable-torch-compile`) whose decode
   attention gathers K/V for torch's SDPA (`--attention-backend torch_native`): the baseline of the paged decode
   kernel, in the same run; `--only` keeps the figures whose label contains one of its comma-separated words;
+- with `--isolated`, only the figures it names (batch-1 decode, the few-shot questions, the chats), each side alone
+  in a fresh process, the sides taking turns rep by rep: the fair comparison, since sides in one process slow each
+  other (see `isolated`);
 - speculative decoding at batch 1 (`--speculative-algorithm ngram`) on copy-heavy prompts (quoting, extraction,
   code edits) and on plain chat prompts: tok/s against the same engine without it, and whether the greedy texts
   are identical.
@@ -41,9 +44,12 @@ import torch
 
 from radixflow import Engine
 from radixflow.runtime.model_source import resolve_model
+from radixflow.runtime.tokenizer import load_tokenizer
 
 THREADS = 2
 GREEDY = {"temperature": 0.0}
+FEW_SHOT = "few-shot: 1,000-token prefix, 32 questions one at a time (s)"
+CHATS = "8 chats x 4 turns, one request at a time (s)"
 
 PARAGRAPH = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, the "
              "members agreed to increase funding for the public library, to repair the roads in the northern "
@@ -176,27 +182,57 @@ def best_batch1_tps(side) -> float:
     return max(decode_tps(side, prompt, 128) for _ in range(3))
 
 
-def isolated_batch1(reps: int, compiled: bool) -> dict[str, float]:
-    """Batch-1 decode with every side alone in its own process, the sides taking turns rep by rep. In one process
-    the sides slow each other down: llama.cpp's ggml loads torch's GNU OpenMP runtime (the same libgomp.so.1), and
-    with two threads owning OpenMP teams there are more OpenMP threads than cores, so libgomp stops spinning between
-    parallel regions; radixflow's compiled decode measured 90 tok/s alone but about 50 after a llama.cpp call
-    (2026-12-06)."""
+def few_shot_alone(side) -> float:
+    """The few-shot figure in a fresh process: a first pass warms the side up (oneDNN's kernel generation, the file
+    in the page cache), the second is timed."""
+    tokenizer = load_tokenizer(resolve_model(None))
+    few_shot_seconds(side, tokenizer)
+    return few_shot_seconds(side, tokenizer)
+
+
+def chats_alone(side) -> float:
+    """The one-at-a-time chats figure in a fresh process, after a warm-up pass as few_shot_alone's."""
+    tokenizer = load_tokenizer(resolve_model(None))
+    multi_turn_seconds(side, tokenizer)
+    return multi_turn_seconds(side, tokenizer)
+
+
+# --isolated's figures: (label, measurement of one side)
+ISOLATED = {"decode": ("decode tok/s, batch 1", best_batch1_tps),
+            "few-shot": (FEW_SHOT, few_shot_alone),
+            "chats": (CHATS, chats_alone)}
+
+
+def isolated(figures: list[str], reps: int, compiled: bool) -> dict[str, dict[str, float]]:
+    """Figures with every side alone in its own process, the sides taking turns rep by rep (best rep kept). In one
+    process the sides slow each other down: llama.cpp's ggml loads torch's GNU OpenMP runtime (the same
+    libgomp.so.1), and with two threads owning OpenMP teams there are more OpenMP threads than cores, so libgomp
+    stops spinning between parallel regions; radixflow's compiled decode measured 90 tok/s alone but about 50 after
+    a llama.cpp call (2026-12-06). Several radixflow engines in one process (each on its own thread) do the same to
+    each other."""
     sides = [("radixflow", {})]
-    if compiled:  # the default kernels, and torch's int4 kernel as the baseline for radixflow's VNNI one
-        sides += [("radixflow compiled", {"enable_torch_compile": True}),
-                  ("radixflow int4 compiled", {"enable_torch_compile": True, "weight_format": "int4"})]
+    if compiled:  # the default kernels, and torch's int4 kernel as the baseline for radixflow's own
+        sides.append(("radixflow compiled", {"enable_torch_compile": True}))
+        if "decode" in figures:
+            sides.append(("radixflow int4 compiled", {"enable_torch_compile": True, "weight_format": "int4"}))
     try:
         LlamaCppProcess()
         sides.append(("llama.cpp", {}))
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp side")
-    best: dict[str, float] = {}
-    for _ in range(reps):
-        for name, options in sides:
-            best[name] = max(best.get(name, 0.0), measure_alone(name, options, best_batch1_tps))
-            print(name, round(best[name], 1), flush=True)
-    return best
+    results: dict[str, dict[str, float]] = {name: {} for name, _ in sides}
+    for figure in figures:
+        label, fn = ISOLATED[figure]
+        keep = min if label.endswith("(s)") else max
+        for _ in range(reps):
+            for name, options in sides:
+                if figure != "decode" and "int4" in name:
+                    continue
+                value = measure_alone(name, options, fn)
+                old = results[name].get(label)
+                results[name][label] = value if old is None else keep(old, value)
+                print(name, label, round(results[name][label], 2), flush=True)
+    return results
 
 
 def run_side(side, fn, *args):
@@ -282,18 +318,22 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated words: keep the figures whose label has one")
     parser.add_argument("--compare-attention", action="store_true",
                         help="add a side with --attention-backend torch_native (compiled with --enable-torch-compile)")
-    parser.add_argument("--isolated-batch1", action="store_true",
-                        help="only batch-1 decode, each side alone in a fresh process (see isolated_batch1)")
+    parser.add_argument("--isolated", default="",
+                        help=f"comma-separated figures of {', '.join(ISOLATED)}: only these, each side alone in a "
+                             "fresh process (see `isolated`)")
+    parser.add_argument("--isolated-batch1", action="store_true", help="the same as --isolated decode")
     args = parser.parse_args()
-    if args.isolated_batch1:
-        best = isolated_batch1(args.reps, args.enable_torch_compile)
-        report = {"environment": environment(), "decode_tps_batch_1": best}
-        print(json.dumps(report, indent=1))
+    figures = ["decode"] if args.isolated_batch1 else [f.strip() for f in args.isolated.split(",") if f.strip()]
+    if figures:
+        unknown = set(figures) - set(ISOLATED)
+        if unknown:
+            parser.error(f"--isolated: unknown figure(s) {', '.join(sorted(unknown))}; "
+                         f"choose from {', '.join(ISOLATED)}")
+        results = isolated(figures, args.reps, args.enable_torch_compile)
+        report = {"environment": environment(), "results": results, "speculative": {}}
+        print(markdown(report))
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
-        peer = best.get("llama.cpp")
-        for name in best:
-            print(f"{name}: {best[name]:.1f} tok/s" + (f", {best[name] / peer:.2f}x llama.cpp" if peer else ""))
         return
     torch.set_num_threads(THREADS)
     auto, fp32 = Radixflow("radixflow"), Radixflow("radixflow fp32", weight_format="fp32")
@@ -319,9 +359,8 @@ def main() -> None:
     for batch in (8, 32):  # llama-cpp-python decodes one sequence at a time
         figures.append((f"decode tok/s, batch {batch}", lambda s, b=batch: None if isinstance(s, LlamaCppProcess)
                         else decode_tps(s, prompts(b, 32), 64)))
-    figures += [("few-shot: 1,000-token prefix, 32 questions one at a time (s)",
-                 lambda s: run_side(s, few_shot_seconds, tok)),
-                ("8 chats x 4 turns, one request at a time (s)", lambda s: run_side(s, multi_turn_seconds, tok))]
+    figures += [(FEW_SHOT, lambda s: run_side(s, few_shot_seconds, tok)),
+                (CHATS, lambda s: run_side(s, multi_turn_seconds, tok))]
     if args.only:
         figures = [(label, m) for label, m in figures if any(w.strip() in label for w in args.only.split(","))]
     for label, measure in figures:
