@@ -144,3 +144,35 @@ def test_smollm2_kept_4bit_decodes_as_the_dequantized_model(smol_engine, weight_
 def test_weight_format_is_checked(tiny_model_dir):
     with pytest.raises(ValueError, match="weight_format"):
         Engine(model_path=str(tiny_model_dir), max_total_tokens=1024, weight_format="int3")
+
+
+def test_calls_of_up_to_the_kernels_row_limit_take_the_4bit_weight(tmp_path):
+    """Each kernel serves calls of up to its own `max_rows` (blockq: 16, where it beats oneDNN's fp32 GEMM on whole
+    steps; torch's int4: 10) and the fp32 weight takes larger ones."""
+    path = tmp_path / "tiny.gguf"
+    build_tiny_gguf(path, Q.Q4_1, Q.Q8_0)
+    with Engine(model_path=str(path), max_total_tokens=2048) as engine:
+        linear = engine.core.loaded.model.layers[0].mlp.down_proj
+        kernel = linear.int4
+        assert kernel.max_rows == (16 if _kernel("auto") is BlockWeight else 10)
+        calls = []
+        linear.int4 = lambda x: calls.append(x.shape[0]) or kernel(x)
+        linear.int4.max_rows = kernel.max_rows
+        try:
+            for rows in (1, kernel.max_rows, kernel.max_rows + 1):
+                x = torch.randn(rows, linear.weight_t.shape[0])
+                torch.testing.assert_close(linear(x), x @ linear.weight_t, rtol=0, atol=0.05)
+        finally:
+            linear.int4 = kernel
+        assert calls == [1, kernel.max_rows]
+
+
+def test_compiled_graphs_split_batches_at_every_kernels_row_limit():
+    from types import SimpleNamespace
+
+    from radixflow.runtime.model.compiled import CompiledDecode
+
+    classes = lambda limits: [CompiledDecode.shape_class(SimpleNamespace(kernel_rows=limits), b)  # noqa: E731
+                              for b in range(1, 20)]
+    assert classes([16]) == [1] + [2] * 15 + [17] * 3
+    assert classes([10, 16]) == [1] + [2] * 9 + [11] * 6 + [17] * 3

@@ -168,6 +168,10 @@ def _q8_parts(groups: Int4Groups) -> tuple[torch.Tensor, torch.Tensor] | None:
 class BlockWeight:
     """`x @ W^T` for fp32 x of at most MAX_ROWS rows, through blockq.cpp; the same interface as quant.Int4Weight."""
 
+    # Up to the kernel's limit it is as fast as oneDNN's fp32 GEMM or faster on SmolLM2's layers (at 10 to 16 rows:
+    # the extend of a short question behind a cached prefix, a verify step; bench/RESULTS.md, 2026-12-07).
+    max_rows = MAX_ROWS
+
     def __init__(self, groups: Int4Groups):
         if not available():
             raise RuntimeError("BlockWeight: the block-quant kernel does not run on this machine (see the log)")

@@ -26,7 +26,8 @@ import torch.fx.experimental._config
 
 from radixflow.runtime.cache.kv_pool import KVPool
 from radixflow.runtime.model.attention import AttentionInputs, DecodeStepInputs
-from radixflow.runtime.model.llama import INT4_MAX_ROWS, Linear, LlamaModel
+from radixflow.runtime.model.llama import Linear, LlamaModel
+from radixflow.runtime.model.quant import Int4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ class CompiledDecode:
         torch.fx.experimental._config.use_duck_shape = False
         # The pool's and the int4 weights' sizes are fixed: static sizes give simpler loops.
         torch._dynamo.mark_static(kv.buffer)
-        for module in model.modules():
-            if isinstance(module, Linear) and module.int4 is not None:
-                for tensor in module.int4.tensors():
-                    torch._dynamo.mark_static(tensor)
+        kernels = [module.int4 for module in model.modules() if isinstance(module, Linear) and module.int4 is not None]
+        for kernel in kernels:
+            for tensor in kernel.tensors():
+                torch._dynamo.mark_static(tensor)
+        # The linear layers branch on the row count: a graph serves batch sizes on one side of every branch.
+        self.kernel_rows = sorted({kernel.max_rows for kernel in kernels}) or [Int4Weight.max_rows]
         # dynamic=True: the context length (and the batch size within a class) is symbolic, so a new length never
         # needs another graph. cpp_wrapper: the graph's kernel launches run from C++, not a Python wrapper.
         # No guards are kept at all: `takes` and `shape_class` do their job.
@@ -73,9 +76,16 @@ class CompiledDecode:
         self.steps = 0  # steps run compiled (the rest ran eager)
 
     def shape_class(self, batch: int) -> int:
-        """Batch sizes that share a graph: 1 (the compiler specialises size 1), 2 to the int4 kernel's row limit
-        (the linear layers branch on it), and the rest."""
-        return 1 if batch == 1 else 2 if batch <= INT4_MAX_ROWS else INT4_MAX_ROWS + 1
+        """Batch sizes that share a graph: 1 (the compiler specialises size 1), then from 2 up to each 4-bit kernel's
+        row limit in turn (the linear layers branch on it), and the rest."""
+        if batch == 1:
+            return 1
+        first = 2
+        for limit in self.kernel_rows:
+            if batch <= limit:
+                return first
+            first = limit + 1
+        return first
 
     def takes(self, num_tokens: int, attn: AttentionInputs) -> bool:
         """Whether this batch is a pure-decode one a compiled graph computes."""

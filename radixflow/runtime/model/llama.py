@@ -133,7 +133,7 @@ class Linear(nn.Module):
         self.int4: Int4Weight | BlockWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
+        if self.int4 is not None and x.shape[0] <= self.int4.max_rows:
             out = self.int4(x)
             return out if self.bias is None else out + self.bias
         if self.packed is not None:
@@ -332,11 +332,6 @@ _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 
 
 _PACK_ROWS = 512  # the row count oneDNN tunes the packed layout for; any row count works
-
-# Calls with more rows than this (prefill chunks, large decode batches) use the fp32 weight: the int4 kernel's
-# dequantization costs more than it saves there (measured crossover on SmolLM2's layers: bench/RESULTS.md).
-INT4_MAX_ROWS = 10
-
 
 def prepack_onednn(model: nn.Module) -> bool:
     """Pack every fp32 linear weight for oneDNN (CPU): faster multi-row GEMMs than MKL's sgemm where MKL does not

@@ -17,7 +17,7 @@ converts the input and output, so callers see fp32.
 
 Why this kernel: measured on the 2-core CPU here, it runs SmolLM2's linear layers about 2x faster than fp32 MKL at
 1 to 8 rows (decode); whole engine steps cross over at 10 to 12 rows, and at 128 to 512 rows (prefill) it takes
-twice fp32's time, so `Linear` keeps the fp32 weight for calls of more than `INT4_MAX_ROWS` rows. On x86 CPUs
+twice fp32's time, so `Linear` keeps the fp32 weight for calls of more than `Int4Weight.max_rows` rows. On x86 CPUs
 with AVX2 or AVX512-VNNI, blockq.py's kernel takes the same groups instead (faster, and closer to fp32); this one
 is the fallback and `weight_format="int4"`.
 """
@@ -128,6 +128,10 @@ def int4_kernel_available(device: torch.device) -> bool:
 
 class Int4Weight:
     """`x @ W^T` for fp32 x through torch's int4 CPU kernel (bf16 inside)."""
+
+    # Calls with more rows than this (prefill chunks, large decode batches) use the fp32 weight: the kernel's
+    # dequantization costs more than it saves there (the crossover above; bench/RESULTS.md).
+    max_rows = 10
 
     def __init__(self, groups: Int4Groups):
         out = groups.codes.shape[0]
