@@ -121,10 +121,11 @@ def _small_tokenizer_fields() -> dict:
             fields[key] = [field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None]
     tokens, merges = fields["tokenizer.ggml.tokens"][0], fields["tokenizer.ggml.merges"][0]
     first_merged = len(tokens) - len(merges)  # 252: the specials and the byte symbols
-    assert all(tokens[first_merged + i] == merge.replace(" ", "") for i, merge in enumerate(merges[:SMALL_VOCAB]))
+    kept = merges[:SMALL_VOCAB - first_merged]
+    assert all(tokens[first_merged + i] == merge.replace(" ", "") for i, merge in enumerate(kept))
     fields["tokenizer.ggml.tokens"][0] = tokens[:SMALL_VOCAB]
     fields["tokenizer.ggml.token_type"][0] = fields["tokenizer.ggml.token_type"][0][:SMALL_VOCAB]
-    fields["tokenizer.ggml.merges"][0] = fields["tokenizer.ggml.merges"][0][:SMALL_VOCAB - first_merged]
+    fields["tokenizer.ggml.merges"][0] = kept
     return {key: tuple(value) for key, value in fields.items()}
 
 

@@ -128,6 +128,12 @@ def test_an_instruction_set_the_cpu_lacks_is_refused_by_name(monkeypatch):
         blockq.cpu_isa()
 
 
+def test_the_build_lives_under_torchs_extension_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = blockq.build_directory("avx2")
+    assert build.parent == tmp_path and build.name == f"radixflow_blockq_avx2-torch{torch.__version__}"
+
+
 def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_start(tmp_path):
     """torch's loader waits for its lock file to go away, forever: a process killed while building the kernel hung
     every later start. A lock older than any build is removed (and a fresh one, a build in progress, is not). The

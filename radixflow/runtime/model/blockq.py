@@ -168,8 +168,9 @@ def _q8_parts(groups: Int4Groups) -> tuple[torch.Tensor, torch.Tensor] | None:
 class BlockWeight:
     """`x @ W^T` for fp32 x of at most MAX_ROWS rows, through blockq.cpp; the same interface as quant.Int4Weight."""
 
-    # Up to the kernel's limit it is as fast as oneDNN's fp32 GEMM or faster on SmolLM2's layers (at 10 to 16 rows:
-    # the extend of a short question behind a cached prefix, a verify step; bench/RESULTS.md, 2026-12-07).
+    # Up to the kernel's limit, whole SmolLM2 steps run faster on it than on oneDNN's fp32 GEMM, whose weights
+    # stream from memory: 1.4x at 12 rows, 1.25x at 16 on the AVX2 build (bench/RESULTS.md, 2026-12-07). Calls of
+    # 11 to 16 rows: the extend of a short question behind a cached prefix, verify steps, mid-sized batches.
     max_rows = MAX_ROWS
 
     def __init__(self, groups: Int4Groups):
