@@ -182,19 +182,21 @@ def best_batch1_tps(side) -> float:
     return max(decode_tps(side, prompt, 128) for _ in range(3))
 
 
-def few_shot_alone(side) -> float:
-    """The few-shot figure in a fresh process: a first pass warms the side up (oneDNN's kernel generation, the file
-    in the page cache), the second is timed."""
+def _second_pass(fn, side) -> float:
+    """`fn(side, tokenizer)` in a fresh process, timed on its second pass: the first warms the side up (oneDNN's
+    kernel generation, the file in the page cache)."""
     tokenizer = load_tokenizer(resolve_model(None))
-    few_shot_seconds(side, tokenizer)
-    return few_shot_seconds(side, tokenizer)
+    fn(side, tokenizer)
+    return fn(side, tokenizer)
+
+
+# Module-level functions: measure_alone hands a measurement to its child process by name.
+def few_shot_alone(side) -> float:
+    return _second_pass(few_shot_seconds, side)
 
 
 def chats_alone(side) -> float:
-    """The one-at-a-time chats figure in a fresh process, after a warm-up pass as few_shot_alone's."""
-    tokenizer = load_tokenizer(resolve_model(None))
-    multi_turn_seconds(side, tokenizer)
-    return multi_turn_seconds(side, tokenizer)
+    return _second_pass(multi_turn_seconds, side)
 
 
 # --isolated's figures: (label, measurement of one side)
@@ -210,23 +212,24 @@ def isolated(figures: list[str], reps: int, compiled: bool) -> dict[str, dict[st
     stops spinning between parallel regions; radixflow's compiled decode measured 90 tok/s alone but about 50 after
     a llama.cpp call (2026-12-06). Several radixflow engines in one process (each on its own thread) do the same to
     each other."""
-    sides = [("radixflow", {})]
-    if compiled:  # the default kernels, and torch's int4 kernel as the baseline for radixflow's own
-        sides.append(("radixflow compiled", {"enable_torch_compile": True}))
-        if "decode" in figures:
-            sides.append(("radixflow int4 compiled", {"enable_torch_compile": True, "weight_format": "int4"}))
+    # (name, engine options, the figures it takes part in: None = all)
+    sides: list[tuple[str, dict, set[str] | None]] = [("radixflow", {}, None)]
+    if compiled:  # the default kernels, and torch's int4 kernel as the decode baseline for radixflow's own
+        sides += [("radixflow compiled", {"enable_torch_compile": True}, None),
+                  ("radixflow int4 compiled", {"enable_torch_compile": True, "weight_format": "int4"}, {"decode"})]
     try:
         LlamaCppProcess()
-        sides.append(("llama.cpp", {}))
+        sides.append(("llama.cpp", {}, None))
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp side")
-    results: dict[str, dict[str, float]] = {name: {} for name, _ in sides}
+    sides = [side for side in sides if side[2] is None or side[2] & set(figures)]
+    results: dict[str, dict[str, float]] = {name: {} for name, _, _ in sides}
     for figure in figures:
         label, fn = ISOLATED[figure]
         keep = min if label.endswith("(s)") else max
         for _ in range(reps):
-            for name, options in sides:
-                if figure != "decode" and "int4" in name:
+            for name, options, takes in sides:
+                if takes is not None and figure not in takes:
                     continue
                 value = measure_alone(name, options, fn)
                 old = results[name].get(label)
