@@ -41,9 +41,9 @@ class ModelConfig:
         "products with the inputs rounded to about 15 bits per block of 32) or else torch's int4 kernel; int4: "
         "torch's int4 kernel (bf16 inside) for all of them; fp32: dequantized weights only", default="auto")
     attention_backend: str = _help(
-        "decode attention: auto (radixflow's paged decode kernel where it runs: x86 CPUs with AVX2, float32; it "
-        "reads each request's K/V where they sit in the pool), torch_native (gather the K/V, then torch's SDPA: "
-        "always the path for prefill and shared-prefix attention)", default="auto")
+        "attention: auto (radixflow's paged decode and extend kernels where they run: x86 CPUs with AVX2, float32; "
+        "they read each request's K/V where they sit in the pool), torch_native (gather the K/V, then torch's SDPA: "
+        "always the path for shared-prefix attention)", default="auto")
     enable_torch_compile: bool = _help(
         "compile pure-decode steps with torch.compile (Inductor: fused C++ loops on CPU, Triton on GPU), which "
         "removes most of a small batch's per-op overhead; compiling at startup takes a minute or more per batch-size "

@@ -35,7 +35,7 @@ from radixflow.runtime.disaggregation.transfer import TRANSFER_BACKENDS, KVRecei
 from radixflow.runtime.inbox import AbortRequest, AddRequest, Call, InboxItem
 from radixflow.runtime.limits import RequestLimits
 from radixflow.runtime.model import blockq
-from radixflow.runtime.model.attention import paged_decode_supported
+from radixflow.runtime.model.attention import paged_kernels_supported
 from radixflow.runtime.model.compiled import CompiledDecode
 from radixflow.runtime.model.llama import LlamaModel, ModelArgs, prepack_onednn, quantize_int8, rope_inv_freq
 from radixflow.runtime.model.loader import load_weights
@@ -125,10 +125,10 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
             logger.info("%s kernel for %d linear layers", kernel, model.use_int4(checkpoint.int4, kernel))
         else:
             logger.info("4-bit weights dequantized: the block-quant kernels need the CPU and dtype float32")
-    model.paged_decode = (mc.attention_backend == "auto"
-                          and paged_decode_supported(args.num_heads, args.num_kv_heads, args.head_dim,
+    model.paged_kernels = (mc.attention_backend == "auto"
+                          and paged_kernels_supported(args.num_heads, args.num_kv_heads, args.head_dim,
                                                      _DTYPES[mc.dtype], device) and blockq.available())
-    logger.info("decode attention: %s", "paged decode kernel" if model.paged_decode else "torch SDPA")
+    logger.info("attention: %s", "paged kernels" if model.paged_kernels else "torch SDPA")
     tokenizer = load_tokenizer(source, mc.chat_template)
     return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))
 

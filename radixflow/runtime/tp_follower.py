@@ -48,7 +48,7 @@ def follower_main() -> None:
             break
         input_ids, positions, out_loc, groups, logits_rows = to_device(box[0], device)
         try:
-            attn = AttentionInputs(kv.k, kv.v, out_loc, groups, logits_rows, loaded.model.paged_decode)
+            attn = AttentionInputs(kv.k, kv.v, out_loc, groups, logits_rows, loaded.model.paged_kernels)
             loaded.model(input_ids, positions, attn)
         except Exception:  # noqa: BLE001 - rank 0 failed the same forward, or the group broke: both are fatal
             logger.exception("forward failed")

@@ -1,8 +1,8 @@
-"""`--attention-backend`: auto runs decode attention on the paged decode kernel (where this CPU runs it), which reads
-K/V in place from the pool; torch_native gathers them for torch's SDPA. The two give the same greedy tokens and
-logprobs to float rounding: one request and padded batches, contexts that span several of the kernel's chunks,
-and requests sharing a cached prefix (their prefix attention stays on SDPA). test_compiled_decode compares the
-compiled step, on the kernel, with eager SDPA."""
+"""`--attention-backend`: auto runs attention on the paged kernels (where this CPU runs them: decode, and prefill /
+extend), which read K/V in place from the pool; torch_native gathers them for torch's SDPA. The two give the same
+greedy tokens and logprobs to float rounding: one request and padded batches, contexts that span several of the
+kernels' chunks and blocks, extends after a cached prefix, and requests sharing a cached prefix (their prefix
+attention stays on SDPA). test_compiled_decode compares the compiled step, on the kernel, with eager SDPA."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from radixflow import Engine
 from radixflow.runtime.model import blockq
 from tests.e2e.test_int4 import GREEDY_64, PROMPTS
 
-pytestmark = pytest.mark.skipif(blockq.cpu_isa() is None, reason="the paged decode kernel needs an x86 CPU with AVX2")
+pytestmark = pytest.mark.skipif(blockq.cpu_isa() is None, reason="the paged kernels need an x86 CPU with AVX2")
 
 LOGPROB = {"return_logprob": True, "top_logprobs_num": 5}
 LONG = " ".join(f"Line {i}: the value of item {i} is {i * 13 % 97}." for i in range(60))  # several chunks of 128
@@ -34,8 +34,8 @@ def _agree(a: dict, b: dict) -> None:
 
 
 def test_auto_uses_the_kernel_and_torch_native_does_not(engines):
-    assert engines["auto"].core.runner.model.paged_decode
-    assert not engines["torch_native"].core.runner.model.paged_decode
+    assert engines["auto"].core.runner.model.paged_kernels
+    assert not engines["torch_native"].core.runner.model.paged_kernels
 
 
 def test_same_tokens_alone_in_padded_batches_and_behind_a_shared_prefix(engines):

@@ -23,7 +23,7 @@ def engines(tiny_model_dir):
                       torch_compile_max_bs=4)
     # The eager side gathers K/V for torch's SDPA; the compiled one runs the paged decode kernel where this CPU has it.
     eager = Engine(model_path=str(tiny_model_dir), max_total_tokens=8192, attention_backend="torch_native")
-    assert compiled.core.runner.model.paged_decode == (blockq.cpu_isa() is not None)
+    assert compiled.core.runner.model.paged_kernels == (blockq.cpu_isa() is not None)
     yield compiled, eager
     compiled.shutdown()
     eager.shutdown()

@@ -19,8 +19,8 @@ from radixflow.runtime.model.attention import (
 
 HEADS, KV_HEADS, DIM, POOL = 6, 2, 16, 4096
 CPU = torch.device("cpu")
-# Decode groups on torch's SDPA, and on the paged decode kernel (decode_attention.cpp) where this CPU runs it.
-NO_KERNEL = pytest.mark.skipif(blockq.cpu_isa() is None, reason="the paged decode kernel needs an x86 CPU with AVX2")
+# Groups on torch's SDPA, and on the paged kernels (decode_attention.cpp) where this CPU runs them.
+NO_KERNEL = pytest.mark.skipif(blockq.cpu_isa() is None, reason="the paged kernels need an x86 CPU with AVX2")
 PAGED = [False, pytest.param(True, marks=NO_KERNEL)]
 
 

@@ -1,6 +1,9 @@
-"""The paged decode kernel (decode_attention.cpp) against softmax attention written out in float64: every chunk
-boundary, grouped-query shapes, masks with holes (a whole chunk masked included), the new token's K/V taken from
-new_k / new_v, scores far apart (weights that underflow to exactly 0), and its errors."""
+"""The paged kernels (decode_attention.cpp) against softmax attention written out in float64.
+
+Decode: every chunk boundary, grouped-query shapes, masks with holes (a whole chunk masked included), the new token's
+K/V taken from new_k / new_v, scores far apart (weights that underflow to exactly 0), and its errors. Extend: query
+and key block boundaries, causal and masked (a sliding window, rows with every key masked), batches whose key ranges
+are split across tasks, and its errors."""
 
 from __future__ import annotations
 
@@ -8,9 +11,9 @@ import pytest
 import torch
 
 from radixflow.runtime.model import blockq
-from radixflow.runtime.model.attention import DecodeStepInputs, decode_kernel
+from radixflow.runtime.model.attention import DecodeStepInputs, decode_kernel, extend_kernel
 
-pytestmark = pytest.mark.skipif(blockq.cpu_isa() is None, reason="the paged decode kernel needs an x86 CPU with AVX2")
+pytestmark = pytest.mark.skipif(blockq.cpu_isa() is None, reason="the paged kernels need an x86 CPU with AVX2")
 
 POOL = 2048
 
@@ -111,3 +114,77 @@ def test_a_bad_pool_index_is_an_error_not_a_crash():
         decode_kernel(q, k_cache, v_cache, torch.tensor([[3, 5000, 7]]), None)
     with pytest.raises(RuntimeError, match="multiple of 8"):
         decode_kernel(q[..., :60], k_cache[..., :60], v_cache[..., :60], torch.tensor([[3, 4]]), None)
+
+
+# -- extend -------------------------------------------------------------------------------------------------------
+def extend_reference(q, k_cache, v_cache, kv_indices, allowed):
+    """[B, Q, H, D] in float64; allowed: [B, Q, L] bool. A query with no key allowed gets zeros (the kernel's
+    choice; the planner never builds one)."""
+    batch, queries, heads, dim = q.shape
+    group = heads // k_cache.shape[1]
+    out = torch.zeros(batch, queries, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        keys, values = k_cache[kv_indices[b]].double(), v_cache[kv_indices[b]].double()  # [L, Hkv, D]
+        for i in range(queries):
+            keep = allowed[b, i]
+            if not bool(keep.any()):
+                continue
+            for h in range(heads):
+                scores = keys[keep, h // group] @ q[b, i, h].double() * dim ** -0.5
+                out[b, i, h] = scores.softmax(-1) @ values[keep, h // group]
+    return out
+
+
+def causal(batch, queries, context):
+    """[B, Q, L]: query i at position i + L - Q sees keys up to its own."""
+    allowed = torch.arange(context)[None, :] <= torch.arange(queries)[:, None] + context - queries
+    return allowed[None].expand(batch, queries, context).contiguous()
+
+
+@pytest.mark.parametrize("queries,context", [(1, 1), (2, 9), (15, 1035), (16, 64), (17, 65), (40, 40), (33, 300)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 8), (16, 1, 128), (8, 2, 256)])
+def test_extend_matches_float64_softmax_attention(queries, context, heads, kv_heads, dim):
+    """Causal by flag and by mask; batch 1 with a short extend splits its keys across tasks, batch 2 may not."""
+    for batch in (1, 2):
+        gen = torch.Generator().manual_seed(queries * 1000 + context)
+        q = torch.randn(batch, queries, heads, dim, generator=gen)
+        k_cache, v_cache = (torch.randn(POOL, kv_heads, dim, generator=gen) for _ in range(2))
+        kv_indices = torch.randint(0, POOL, (batch, context), generator=gen)  # rows may repeat: the same key twice
+        allowed = causal(batch, queries, context)
+        want = extend_reference(q, k_cache, v_cache, kv_indices, allowed)
+        for got in (extend_kernel(q, k_cache, v_cache, kv_indices, None, True),
+                    extend_kernel(q, k_cache, v_cache, kv_indices, allowed[:, None], False)):
+            assert torch.allclose(got.double(), want, atol=2e-6, rtol=1e-5)
+
+
+def test_extend_masks_a_window_padding_and_whole_rows():
+    """A sliding window of 50 keys, a request padded to the group's longest (its last keys masked for every query),
+    and one query with every key masked (zeros, not NaN)."""
+    batch, queries, context = 3, 20, 260
+    gen, _, k_cache, v_cache = tensors(1, 9, 3, 64, seed=4)
+    q = torch.randn(batch, queries, 9, 64, generator=gen)
+    kv_indices = torch.randperm(POOL, generator=gen)[: batch * context].view(batch, context)
+    allowed = causal(batch, queries, context)
+    key, query_pos = torch.arange(context), torch.arange(queries)[:, None] + context - queries
+    allowed[0] &= key[None, :] > query_pos - 50
+    allowed[1, :, 200:] = False
+    allowed[2, 5] = False
+    got = extend_kernel(q, k_cache, v_cache, kv_indices, allowed[:, None], False)
+    assert torch.isfinite(got).all() and not got[2, 5].any()
+    assert torch.allclose(got.double(), extend_reference(q, k_cache, v_cache, kv_indices, allowed), atol=2e-6,
+                          rtol=1e-5)
+    # Without a mask or causal flag every query sees every key.
+    everything = torch.ones(batch, queries, context, dtype=torch.bool)
+    assert torch.allclose(extend_kernel(q, k_cache, v_cache, kv_indices, None, False).double(),
+                          extend_reference(q, k_cache, v_cache, kv_indices, everything), atol=2e-6, rtol=1e-5)
+
+
+def test_extend_errors_name_the_problem():
+    gen, _, k_cache, v_cache = tensors(1, 9, 3, 64)
+    q = torch.randn(1, 3, 9, 64, generator=gen)
+    with pytest.raises(RuntimeError, match=r"pool index 5000 out of range \[0, 2048\)"):
+        extend_kernel(q, k_cache, v_cache, torch.tensor([[3, 5000, 7]]), None, True)
+    with pytest.raises(RuntimeError, match="a mask or causal, not both"):
+        extend_kernel(q, k_cache, v_cache, torch.tensor([[3, 4, 7]]), torch.ones(1, 3, 3, dtype=torch.bool), True)
+    with pytest.raises(RuntimeError, match=r"fewer keys \(2\) than queries \(3\)"):
+        extend_kernel(q, k_cache, v_cache, torch.tensor([[3, 4]]), None, True)

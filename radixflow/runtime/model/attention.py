@@ -17,8 +17,9 @@ Each group gathers its requests' keys and values from the pool with one `index_s
 bench/RESULTS.md) and masks the padding. New K/V are written to the pool before the gather, so a request's own
 new tokens come back through the same path as its cached prefix.
 
-Decode groups without a shared prefix skip the gather where the paged decode kernel runs (`decode_kernel`,
-decode_attention.cpp; `--attention-backend auto`): it reads each key and value row where it sits in the pool.
+Groups without a shared prefix skip the gather where the paged kernels run (decode_attention.cpp; `--attention-backend
+auto`): `decode_kernel` for decode groups, `extend_kernel` for extend groups (prefill chunks, new tokens after a cached
+prefix); both read each key and value row where it sits in the pool.
 
 Shared prefixes: requests that sit under the same radix-tree path have the same pool slots for those tokens.
 Gathering them once per request per layer is what dominated decoding behind a long few-shot prefix. Instead the
@@ -90,7 +91,7 @@ class AttentionInputs:
     out_cache_loc: torch.Tensor  # [num_tokens] pool index each new token's K/V is written to
     groups: list[AttentionGroup]
     logits_rows: torch.Tensor | None  # rows whose logits are needed; None = all rows
-    paged_decode: bool = False  # decode groups run on the paged decode kernel (LlamaModel.paged_decode)
+    paged_kernels: bool = False  # groups without a shared prefix run on the paged kernels (LlamaModel.paged_kernels)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         return paged_attention(q, k, v, layer, self)
@@ -111,12 +112,12 @@ class DecodeStepInputs:
     kv_indices: torch.Tensor  # [requests, max_context], each row's new token included
     out_cache_loc: torch.Tensor  # [requests]
     mask: torch.Tensor | None  # [requests, 1, 1, max_context] bool, True = attend; None = attend everything
-    paged_decode: bool = False  # attend on the paged decode kernel (LlamaModel.paged_decode)
+    paged_kernels: bool = False  # attend on the paged decode kernel (LlamaModel.paged_kernels)
     logits_rows: None = None
     new_kv: list[torch.Tensor] = field(default_factory=list)  # per layer: [2, requests, kv_heads, head_dim]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        if self.paged_decode:  # the kernel reads the new K/V from k, v where a row's index is out_cache_loc
+        if self.paged_kernels:  # the kernel reads the new K/V from k, v where a row's index is out_cache_loc
             self.new_kv.append(torch.stack([k, v]))
             return decode_kernel(q, self.kv_buffer[0, layer], self.kv_buffer[1, layer], self.kv_indices, self.mask,
                                  self.out_cache_loc, k, v)
@@ -285,11 +286,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     k_cache.index_copy_(0, inp.out_cache_loc, k)
     v_cache.index_copy_(0, inp.out_cache_loc, v)
     if len(inp.groups) == 1 and inp.groups[0].rows is None:
-        return _group_attention(q.unsqueeze(1), k_cache, v_cache, inp.groups[0], inp.paged_decode).squeeze(1)
+        return _group_attention(q.unsqueeze(1), k_cache, v_cache, inp.groups[0], inp.paged_kernels).squeeze(1)
     out = torch.empty_like(q)
     for group in inp.groups:
         rows = group.rows
-        group_out = _group_attention(q[rows], k_cache, v_cache, group, inp.paged_decode)
+        group_out = _group_attention(q[rows], k_cache, v_cache, group, inp.paged_kernels)
         if group.valid is None:
             out[rows] = group_out
         else:
@@ -298,10 +299,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
 
 
 def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
-                     paged_decode: bool = False):
+                     paged_kernels: bool = False):
     """q: [B, Q, H, D] -> [B, Q, H, D]."""
-    if paged_decode and q.shape[1] == 1 and not group.prefixes:  # a decode group (its mask, if any, is bool)
-        return decode_kernel(q[:, 0], k_cache, v_cache, group.kv_indices, group.mask)[:, None]
+    if paged_kernels and not group.prefixes:  # the group's mask, if any, is bool
+        if q.shape[1] == 1:
+            return decode_kernel(q[:, 0], k_cache, v_cache, group.kv_indices, group.mask)[:, None]
+        return extend_kernel(q, k_cache, v_cache, group.kv_indices, group.mask, group.is_causal)
     keys, values = _gather(k_cache, v_cache, group.kv_indices)
     if not group.prefixes:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=group.mask,
@@ -329,16 +332,26 @@ def decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                                           q.shape[-1] ** -0.5)
 
 
-def paged_decode_supported(q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+def extend_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indices: torch.Tensor,
+                  mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Attention of several new tokens per request on decode_attention.cpp, reading K/V where they sit in the pool.
+    q: [B, Q, H, D]; kv_indices: [B, L]; mask: bool, B x Q x L elements (True = attend), or None with `causal` (query
+    i attends keys up to i + L - Q) or attending everything. -> [B, Q, H, D]"""
+    return torch.ops.radixflow_attention.extend_attention(q, k_cache, v_cache, kv_indices, mask, causal,
+                                                          q.shape[-1] ** -0.5)
+
+
+def paged_kernels_supported(q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                            device: torch.device) -> bool:
-    """Whether decode_attention.cpp takes a model of this shape (its limits) on `device`: the CPU in float32."""
+    """Whether decode_attention.cpp's kernels take a model of this shape (their limits) on `device`: the CPU in
+    float32."""
     return (device.type == "cpu" and dtype == torch.float32 and q_heads % kv_heads == 0
-            and q_heads // kv_heads <= PAGED_DECODE_MAX_GROUP and head_dim % 8 == 0
-            and head_dim <= PAGED_DECODE_MAX_DIM)
+            and q_heads // kv_heads <= PAGED_MAX_GROUP and head_dim % 8 == 0
+            and head_dim <= PAGED_MAX_DIM)
 
 
-PAGED_DECODE_MAX_GROUP = 16  # decode_attention.cpp's kMaxGroup: query heads per KV head
-PAGED_DECODE_MAX_DIM = 256  # its kMaxDim
+PAGED_MAX_GROUP = 16  # decode_attention.cpp's kMaxGroup: query heads per KV head
+PAGED_MAX_DIM = 256  # its kMaxDim
 
 
 def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indices: torch.Tensor):

@@ -139,8 +139,9 @@ def _register_fakes() -> None:
 
     for op in ("q4_mm", "q8_mm"):
         torch.library.register_fake(f"radixflow_blockq::{op}")(fake)
-    torch.library.register_fake("radixflow_attention::decode_attention")(
-        lambda q, *args: torch.empty_like(q, memory_format=torch.contiguous_format))
+    for op in ("decode_attention", "extend_attention"):
+        torch.library.register_fake(f"radixflow_attention::{op}")(
+            lambda q, *args: torch.empty_like(q, memory_format=torch.contiguous_format))
 
 
 def supports(groups: Int4Groups) -> bool:

@@ -37,7 +37,7 @@ _WARMUP_CONTEXT = 7
 def decode_step(model: LlamaModel, input_ids: torch.Tensor, positions: torch.Tensor, kv_buffer: torch.Tensor,
                 kv_indices: torch.Tensor, out_cache_loc: torch.Tensor, mask: torch.Tensor | None):
     """Logits of a pure-decode batch and the new K/V of every layer, [2, layers, requests, kv_heads, head_dim]."""
-    inputs = DecodeStepInputs(kv_buffer, kv_indices, out_cache_loc, mask, model.paged_decode)
+    inputs = DecodeStepInputs(kv_buffer, kv_indices, out_cache_loc, mask, model.paged_kernels)
     logits = model.logits(input_ids, positions, inputs)
     return logits, torch.stack(inputs.new_kv, dim=1)
 

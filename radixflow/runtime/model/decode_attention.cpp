@@ -4,8 +4,9 @@
 // 1,000-token context that copy moved as many bytes per layer as the layer's weights. The query heads that share a
 // KV head are computed together, so each key and value row is read once per KV head.
 //
-// Work is split over (request, KV head, chunk of kChunk keys). A chunk's scores are computed, exponentiated and
-// summed in one go; chunks of the same (request, KV head) are then merged with their maxima and sums (the
+// Work is split over (request, chunk of up to kChunk keys); a task takes every KV head of its chunk, so it reads whole
+// pool rows. A chunk's scores are computed, exponentiated and summed in one go; chunks of the same (request, KV
+// head) are then merged with their maxima and sums (the
 // FlashAttention rescaling), so the result is softmax(q k^T * scale) v over the whole context, in fp32.
 //
 // Where `loc` is given, the key at pool index loc[b] (the new token, whose K/V the compiled step writes to the pool
@@ -29,7 +30,9 @@ namespace {
 using radixflow::hmax;
 using radixflow::hsum;
 
-constexpr int64_t kChunk = 128;   // keys per task
+constexpr int64_t kChunk = 128;   // keys per task, at most
+constexpr int64_t kMinChunk = 32; // keys per task, at least (unless the context is shorter)
+constexpr int64_t kMasked = -1, kNew = -2;  // a key's row: masked (or padding), or the new token's K/V
 constexpr int kMaxGroup = 16;     // query heads per KV head
 constexpr int64_t kMaxDim = 256;  // head dimension, a multiple of 8
 
@@ -55,8 +58,32 @@ inline __m256 lane_sums(const __m256 v[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
 }
 
+// Keys per task: kChunk, or fewer where that leaves a thread idle (a short context at a small batch), so every
+// thread has about two tasks; a multiple of 8.
+inline int64_t chunk_size(int64_t batch, int64_t ctx) {
+  const int64_t want = 2 * at::get_num_threads();
+  if (batch * ((ctx + kChunk - 1) / kChunk) >= want) return kChunk;
+  const int64_t per_request = (want + batch - 1) / batch;
+  const int64_t chunk = ((ctx + per_request - 1) / per_request + 7) / 8 * 8;
+  return std::clamp(chunk, kMinChunk, kChunk);
+}
+
 // The row a masked key (or a key past the end of the context, up to the next multiple of 8) reads.
 alignas(32) constexpr float kZeros[kMaxDim] = {};
+
+// out[col : col + 8 * kVecs] = sum over j < n of w[j] * values[j][col : col + 8 * kVecs]. A fixed width keeps the
+// accumulators in registers (a run-time width kept them in memory: a load, a store and a dependency per value row).
+template <int kVecs>
+inline void weighted_sum(const float* w, const float* const* values, int64_t n, int64_t col, float* out) {
+  __m256 acc[kVecs];
+  for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 wj = _mm256_set1_ps(w[j]);
+    const float* v = values[j] + col;
+    for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < kVecs; ++i) _mm256_storeu_ps(out + col + 8 * i, acc[i]);
+}
 
 // One chunk's partial result per query head, `dim + 2` floats: the scores' maximum, the sum of their exponentials,
 // and the values weighted by those exponentials (not yet divided by the sum).
@@ -67,6 +94,21 @@ struct Partial {
   float* acc() const { return at + 2; }
 };
 
+// The checks both kernels make of the pool, the query heads and the index table.
+void check_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& kv_indices,
+                int64_t batch, int64_t heads, int64_t dim) {
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == dim &&
+              k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+              k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+              op, ": k_cache / v_cache must be float32 [pool, kv_heads, D] with unit stride in D");
+  const int64_t kv_heads = k_cache.size(1);
+  TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup && dim % 8 == 0 && dim <= kMaxDim,
+              op, ": needs heads a multiple of kv_heads (at most ", kMaxGroup, " per KV head) and D a multiple of 8 "
+              "up to ", kMaxDim);
+  TORCH_CHECK(kv_indices.dim() == 2 && kv_indices.size(0) == batch && kv_indices.scalar_type() == at::kLong,
+              op, ": kv_indices must be int64 [B, L]");
+}
+
 at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& kv_indices_, const c10::optional<at::Tensor>& mask_,
                             const c10::optional<at::Tensor>& loc_, const c10::optional<at::Tensor>& new_k_,
@@ -74,16 +116,8 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
   const at::Tensor q = q_.contiguous(), kv_indices = kv_indices_.contiguous();
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "decode_attention: q must be float32 [B, H, D]");
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == dim &&
-              k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-              k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "decode_attention: k_cache / v_cache must be float32 [pool, kv_heads, D] with unit stride in D");
+  check_pool("decode_attention", k_cache, v_cache, kv_indices, batch, heads, dim);
   const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads;
-  TORCH_CHECK(heads % kv_heads == 0 && group <= kMaxGroup && dim % 8 == 0 && dim <= kMaxDim,
-              "decode_attention: needs heads a multiple of kv_heads (at most ", kMaxGroup, " per KV head) and D a "
-              "multiple of 8 up to ", kMaxDim);
-  TORCH_CHECK(kv_indices.dim() == 2 && kv_indices.size(0) == batch && kv_indices.scalar_type() == at::kLong,
-              "decode_attention: kv_indices must be int64 [B, L]");
   // The new tokens' K/V, when they are not in the pool yet: all three given, or none.
   at::Tensor loc, new_k, new_v;
   if (loc_.has_value()) {
@@ -103,10 +137,14 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(1) == ctx, "decode_attention: mask must be bool [B, L]");
   }
   at::Tensor out = at::empty({batch, heads, dim}, q.options());
-  const int64_t chunks = std::max<int64_t>(1, (ctx + kChunk - 1) / kChunk);
+  const int64_t chunk = chunk_size(batch, ctx);
+  const int64_t chunks = std::max<int64_t>(1, (ctx + chunk - 1) / chunk);
   const int64_t stride = dim + 2;
-  std::unique_ptr<float[]> partials(new float[static_cast<size_t>(batch * kv_heads * chunks * group * stride)]);
-  const auto partial = [&](int64_t task, int64_t g) { return Partial{partials.get() + (task * group + g) * stride}; };
+  std::unique_ptr<float[]> partials(new float[static_cast<size_t>(batch * chunks * kv_heads * group * stride)]);
+  // A task's partials: (request, chunk) major, then KV head, then query head of the group.
+  const auto partial = [&](int64_t task, int64_t h, int64_t g) {
+    return Partial{partials.get() + ((task * kv_heads + h) * group + g) * stride};
+  };
 
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
@@ -119,16 +157,17 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
   const int64_t k_row = k_cache.stride(0), k_head = k_cache.stride(1);
   const int64_t v_row = v_cache.stride(0), v_head = v_cache.stride(1);
   const int64_t pool = k_cache.size(0);
-  const int64_t vecs = dim / 8;
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * kv_heads * dim;  // the heads of one pool row
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t t0, int64_t t1) {
     alignas(32) float scores[kMaxGroup][kChunk];
+    int64_t rows[kChunk];  // each key's pool row; kMasked, or kNew for the new token's K/V
     const float* keys[kChunk];
     const float* values[kChunk];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (kv_heads * chunks), h = t / chunks % kv_heads, c = t % chunks;
-      const int64_t j0 = c * kChunk, n = std::min(ctx - j0, kChunk), padded = (n + 7) / 8 * 8;
+      const int64_t b = t / chunks, c = t % chunks;
+      const int64_t j0 = c * chunk, n = std::min(ctx - j0, chunk), padded = (n + 7) / 8 * 8;
       // Where each key and value row of the chunk is: the pool, the new token's, or (masked, or past the end of the
       // chunk's last 8) a row of zeros whose score is set to -inf below.
       bool any = false;
@@ -137,56 +176,79 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
         any |= live;
         const int64_t at = live ? idx[b * ctx + j0 + j] : -1;
         if (!live) {
-          keys[j] = values[j] = kZeros;
+          rows[j] = kMasked;
         } else if (locp != nullptr && at == locp[b]) {
-          keys[j] = nkp + (b * kv_heads + h) * dim;
-          values[j] = nvp + (b * kv_heads + h) * dim;
+          rows[j] = kNew;
         } else {
           TORCH_CHECK(at >= 0 && at < pool, "decode_attention: pool index ", at, " out of range [0, ", pool, ")");
-          keys[j] = kp + at * k_row + h * k_head;
-          values[j] = vp + at * v_row + h * v_head;
+          rows[j] = at;
         }
       }
-      for (int g = 0; g < group; ++g) {
-        const Partial p = partial(t, g);
-        if (!any) {  // every key of the chunk masked: nothing to add
-          p.max() = -std::numeric_limits<float>::infinity();
-          p.sum() = 0.f;
-          continue;
+      // Ask for every key and value row of the chunk up front (into L2: 2 x 128 rows of a few hundred bytes):
+      // the rows are scattered as far as the hardware prefetchers know, and one core waiting on one row at a time
+      // read about 4 GB/s where the machine streams over 15.
+      for (int64_t j = 0; j < n; ++j) {
+        if (rows[j] < 0) continue;
+        const char* krow = reinterpret_cast<const char*>(kp + rows[j] * k_row);
+        const char* vrow = reinterpret_cast<const char*>(vp + rows[j] * v_row);
+        for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+          _mm_prefetch(krow + byte, _MM_HINT_T1);
+          _mm_prefetch(vrow + byte, _MM_HINT_T1);
         }
-        const float* qg = qp + (b * heads + h * group + g) * dim;
-        // Scores of 8 keys at a time: 8 independent dot products, then their lanes summed together.
-        __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int64_t j = 0; j < padded; j += 8) {
-          __m256 s[8];
-          for (int u = 0; u < 8; ++u) s[u] = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(keys[j + u]));
-          for (int64_t i = 8; i < dim; i += 8) {
-            const __m256 qi = _mm256_loadu_ps(qg + i);
-            for (int u = 0; u < 8; ++u) s[u] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(keys[j + u] + i), s[u]);
+      }
+      // Every KV head of the chunk in turn: a pool row holds all its heads side by side, so the task reads whole
+      // rows (consecutive tokens: one sequential stream), not every third slice of them.
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        for (int64_t j = 0; j < padded; ++j) {
+          if (rows[j] == kMasked) {
+            keys[j] = values[j] = kZeros;
+          } else if (rows[j] == kNew) {
+            keys[j] = nkp + (b * kv_heads + h) * dim;
+            values[j] = nvp + (b * kv_heads + h) * dim;
+          } else {
+            keys[j] = kp + rows[j] * k_row + h * k_head;
+            values[j] = vp + rows[j] * v_row + h * v_head;
           }
-          __m256 sc = _mm256_mul_ps(lane_sums(s), _mm256_set1_ps(fscale));
-          _mm256_store_ps(scores[g] + j, sc);
-          for (int u = 0; u < 8; ++u)
-            if (keys[j + u] == kZeros) scores[g][j + u] = -std::numeric_limits<float>::infinity();
-          top = _mm256_max_ps(top, _mm256_load_ps(scores[g] + j));
         }
-        const float best = hmax(top);
-        // Weights e^(score - max) and their sum (masked keys: exactly 0), then the weighted sum of the values.
-        __m256 total = _mm256_setzero_ps();
-        for (int64_t j = 0; j < padded; j += 8) {
-          const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(scores[g] + j), _mm256_set1_ps(best)));
-          _mm256_store_ps(scores[g] + j, e);
-          total = _mm256_add_ps(total, e);
+        for (int g = 0; g < group; ++g) {
+          const Partial p = partial(t, h, g);
+          if (!any) {  // every key of the chunk masked: nothing to add
+            p.max() = -std::numeric_limits<float>::infinity();
+            p.sum() = 0.f;
+            continue;
+          }
+          const float* qg = qp + (b * heads + h * group + g) * dim;
+          // Scores of 8 keys at a time: 8 independent dot products, then their lanes summed together.
+          __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+          for (int64_t j = 0; j < padded; j += 8) {
+            __m256 s[8];
+            for (int u = 0; u < 8; ++u) s[u] = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(keys[j + u]));
+            for (int64_t i = 8; i < dim; i += 8) {
+              const __m256 qi = _mm256_loadu_ps(qg + i);
+              for (int u = 0; u < 8; ++u) s[u] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(keys[j + u] + i), s[u]);
+            }
+            __m256 sc = _mm256_mul_ps(lane_sums(s), _mm256_set1_ps(fscale));
+            _mm256_store_ps(scores[g] + j, sc);
+            for (int u = 0; u < 8; ++u)
+              if (keys[j + u] == kZeros) scores[g][j + u] = -std::numeric_limits<float>::infinity();
+            top = _mm256_max_ps(top, _mm256_load_ps(scores[g] + j));
+          }
+          const float best = hmax(top);
+          // Weights e^(score - max) and their sum (masked keys: exactly 0), then the weighted sum of the values.
+          __m256 total = _mm256_setzero_ps();
+          for (int64_t j = 0; j < padded; j += 8) {
+            const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(scores[g] + j), _mm256_set1_ps(best)));
+            _mm256_store_ps(scores[g] + j, e);
+            total = _mm256_add_ps(total, e);
+          }
+          p.max() = best;
+          p.sum() = hsum(total);
+          // Columns of the values in blocks of a fixed width, so each block's accumulators stay in registers.
+          int64_t col = 0;
+          for (; col + 64 <= dim; col += 64) weighted_sum<8>(scores[g], values, n, col, p.acc());
+          for (; col + 32 <= dim; col += 32) weighted_sum<4>(scores[g], values, n, col, p.acc());
+          for (; col < dim; col += 8) weighted_sum<1>(scores[g], values, n, col, p.acc());
         }
-        p.max() = best;
-        p.sum() = hsum(total);
-        __m256 acc[kMaxDim / 8];
-        for (int64_t i = 0; i < vecs; ++i) acc[i] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < n; ++j) {
-          const __m256 w = _mm256_set1_ps(scores[g][j]);
-          for (int64_t i = 0; i < vecs; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values[j] + 8 * i), acc[i]);
-        }
-        for (int64_t i = 0; i < vecs; ++i) _mm256_storeu_ps(p.acc() + 8 * i, acc[i]);
       }
     }
   });
@@ -196,14 +258,13 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
   at::parallel_for(0, batch * heads, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / heads, h = r % heads / group, g = r % group;
-      const int64_t first = (b * kv_heads + h) * chunks;  // the task of chunk 0
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, partial(first + c, g).max());
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, partial(b * chunks + c, h, g).max());
       float* o = op + r * dim;
       std::fill(o, o + dim, 0.f);
       float total = 0.f;
       for (int64_t c = 0; c < chunks; ++c) {
-        const Partial p = partial(first + c, g);
+        const Partial p = partial(b * chunks + c, h, g);
         if (p.sum() == 0.f) continue;  // a chunk with every key masked
         const float w = std::exp(p.max() - top);
         total += w * p.sum();
@@ -217,13 +278,236 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
   return out;
 }
 
+
+// -- extend attention --------------------------------------------------------------------------------------------
+// Several query tokens per request (a prefill chunk, or the new tokens after a cached prefix) against the request's
+// keys read where they sit in the pool, causal or under a bool mask: what gathering the context into a copy and
+// calling SDPA computed, in one pass over each key block per KV head for all the query rows that share it.
+//
+// A task is (request, block of kQueryBlock queries, range of keys); a query block takes all the range unless there
+// are too few tasks to keep every thread busy (a short extend behind a long prefix), and then the key ranges' results
+// are merged as the decode kernel merges its chunks. Within a task, for each block of kKeyBlock keys and each KV
+// head, the scores come out transposed, S[key][row] (a row is one query of the block for one query head of the KV
+// head), so the per-row softmax statistics are vertical vector ops, and the query rows are transposed once per task
+// (Qt[d][row]) where the keys are broadcast straight from their pool rows. Online softmax (running maximum, sum and
+// weighted values per row) carries each row across the key blocks.
+
+constexpr int64_t kQueryBlock = 16;  // queries per task
+constexpr int64_t kKeyBlock = 64;    // keys per block: their scores for every row of a task stay in L1 / L2
+constexpr int64_t kMaxRows = kQueryBlock * kMaxGroup;
+
+// S^T[j][r0 : r0 + 16] for keys j0 .. j0 + 3 = keys[j] . Qt[:, r] (kR keys: 1 .. 4).
+template <int kR>
+inline void score_tile(const float* const* keys, const float* qt, int64_t rows_padded, int64_t dim, int64_t r0,
+                       float* st) {
+  __m256 acc[kR][2];
+  for (int u = 0; u < kR; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; ++d) {
+    const __m256 q0 = _mm256_load_ps(qt + d * rows_padded + r0), q1 = _mm256_load_ps(qt + d * rows_padded + r0 + 8);
+    for (int u = 0; u < kR; ++u) {
+      const __m256 k = _mm256_broadcast_ss(keys[u] + d);
+      acc[u][0] = _mm256_fmadd_ps(k, q0, acc[u][0]);
+      acc[u][1] = _mm256_fmadd_ps(k, q1, acc[u][1]);
+    }
+  }
+  for (int u = 0; u < kR; ++u) {
+    _mm256_store_ps(st + u * rows_padded + r0, acc[u][0]);
+    _mm256_store_ps(st + u * rows_padded + r0 + 8, acc[u][1]);
+  }
+}
+
+// out[col : col + 8 * kVecs] = factor * out[...] + sum over j < n of p[j * p_stride] * values[j][col : ...].
+template <int kVecs>
+inline void weighted_add(const float* p, int64_t p_stride, const float* const* values, int64_t n, int64_t col,
+                         float factor, float* out) {
+  __m256 acc[kVecs];
+  for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(out + col + 8 * i), _mm256_set1_ps(factor));
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 w = _mm256_broadcast_ss(p + j * p_stride);
+    const float* v = values[j] + col;
+    for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < kVecs; ++i) _mm256_storeu_ps(out + col + 8 * i, acc[i]);
+}
+
+at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& kv_indices_, const c10::optional<at::Tensor>& mask_, bool causal,
+                            double scale) {
+  const at::Tensor q = q_.contiguous(), kv_indices = kv_indices_.contiguous();
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat, "extend_attention: q must be float32 [B, Q, H, D]");
+  const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), dim = q.size(3);
+  check_pool("extend_attention", k_cache, v_cache, kv_indices, batch, heads, dim);
+  const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads;
+  const int64_t ctx = kv_indices.size(1);
+  TORCH_CHECK(ctx >= queries, "extend_attention: fewer keys (", ctx, ") than queries (", queries, ")");
+  at::Tensor mask;
+  if (mask_.has_value()) {
+    TORCH_CHECK(!causal, "extend_attention: a mask or causal, not both");
+    mask = mask_->reshape({batch, queries, ctx}).contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "extend_attention: mask must be bool [B, Q, L]");
+  }
+  const int64_t qblocks = (queries + kQueryBlock - 1) / kQueryBlock;
+  const int64_t key_blocks = (ctx + kKeyBlock - 1) / kKeyBlock;
+  // Key ranges per query block: one, unless that leaves threads idle.
+  const int64_t want = 2 * at::get_num_threads();
+  const int64_t splits = std::clamp<int64_t>((want + batch * qblocks - 1) / (batch * qblocks), 1, key_blocks);
+  const int64_t blocks_per_split = (key_blocks + splits - 1) / splits;
+  const int64_t stride = dim + 2;
+  // Each (request, query, head, key range): running maximum, sum and weighted values (Partial's layout).
+  std::unique_ptr<float[]> partials(new float[static_cast<size_t>(batch * queries * heads * splits * stride)]);
+  const auto partial = [&](int64_t b, int64_t i, int64_t head, int64_t sp) {
+    return Partial{partials.get() + (((b * queries + i) * heads + head) * splits + sp) * stride};
+  };
+
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* idx = kv_indices.data_ptr<int64_t>();
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t k_row = k_cache.stride(0), k_head = k_cache.stride(1);
+  const int64_t v_row = v_cache.stride(0), v_head = v_cache.stride(1);
+  const int64_t pool = k_cache.size(0);
+  const float fscale = static_cast<float>(scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t shift = ctx - queries;  // causal: query i attends keys 0 .. i + shift
+
+  at::parallel_for(0, batch * qblocks * splits, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t max_rows_padded = (std::min(queries, kQueryBlock) * group + 15) / 16 * 16;
+    std::unique_ptr<float[]> qt_buf(new float[kv_heads * dim * max_rows_padded + 8]);
+    std::unique_ptr<float[]> st_buf(new float[kKeyBlock * kMaxRows + 8]);
+    float* qt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(qt_buf.get()) + 31) & ~uintptr_t{31});
+    float* st = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(st_buf.get()) + 31) & ~uintptr_t{31});
+    alignas(32) float row_max[kMaxRows];
+    alignas(32) float row_scale[kMaxRows];
+    alignas(32) float row_sum[kMaxRows];
+    alignas(32) float allowed[kKeyBlock][kQueryBlock];  // 0, or -inf where a key is masked for a query
+    const float* keys[kKeyBlock];
+    const float* values[kKeyBlock];
+    int64_t rows_at[kKeyBlock];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (qblocks * splits), qb = t / splits % qblocks, sp = t % splits;
+      const int64_t i0 = qb * kQueryBlock, nq = std::min(queries - i0, kQueryBlock);
+      const int64_t rows = nq * group, rows_padded = (rows + 15) / 16 * 16;
+      int64_t c0 = sp * blocks_per_split * kKeyBlock, c1 = std::min(ctx, c0 + blocks_per_split * kKeyBlock);
+      if (causal) c1 = std::min(c1, i0 + nq + shift);  // no query of the block sees past its last one's position
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t head = 0; head < heads; ++head) {
+          const Partial p = partial(b, i0 + i, head, sp);
+          p.max() = neg_inf;
+          p.sum() = 0.f;
+          std::fill(p.acc(), p.acc() + dim, 0.f);
+        }
+      for (int64_t k0 = c0; k0 < c1; k0 += kKeyBlock) {
+        const int64_t n = std::min(c1 - k0, kKeyBlock), n4 = (n + 3) / 4 * 4;
+        // Which keys each query of the block may see: none masked (the common case), or a table.
+        bool all_allowed = true;
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t i = 0; i < nq; ++i) {
+            const bool ok = causal ? k0 + j <= i0 + i + shift
+                                   : (mp == nullptr || mp[(b * queries + i0 + i) * ctx + k0 + j]);
+            allowed[j][i] = ok ? 0.f : neg_inf;
+            all_allowed &= ok;
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t at = idx[b * ctx + k0 + j];
+          TORCH_CHECK(at >= 0 && at < pool, "extend_attention: pool index ", at, " out of range [0, ", pool, ")");
+          rows_at[j] = at;
+        }
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          for (int64_t j = 0; j < n4; ++j) {
+            keys[j] = j < n ? kp + rows_at[j] * k_row + h * k_head : kZeros;
+            values[j] = j < n ? vp + rows_at[j] * v_row + h * v_head : kZeros;
+          }
+          if (k0 == c0) {  // this KV head's query rows, transposed, once per task: Qt[d][i * group + g]
+            for (int64_t i = 0; i < nq; ++i)
+              for (int64_t g = 0; g < group; ++g) {
+                const float* src = qp + ((b * queries + i0 + i) * heads + h * group + g) * dim;
+                for (int64_t d = 0; d < dim; ++d) qt[(h * dim + d) * rows_padded + i * group + g] = src[d] * fscale;
+              }
+            for (int64_t d = 0; d < dim; ++d)
+              std::fill(qt + (h * dim + d) * rows_padded + rows, qt + (h * dim + d + 1) * rows_padded, 0.f);
+          }
+          const float* qth = qt + h * dim * rows_padded;
+          // Scores S^T[j][r] (the queries carry the scale), masked.
+          for (int64_t j = 0; j < n4; j += 4)
+            for (int64_t r = 0; r < rows_padded; r += 16) score_tile<4>(keys + j, qth, rows_padded, dim, r, st + j * rows_padded);
+          if (!all_allowed)
+            for (int64_t j = 0; j < n; ++j)
+              for (int64_t i = 0; i < nq; ++i)
+                for (int64_t g = 0; g < group; ++g) st[j * rows_padded + i * group + g] += allowed[j][i];
+          // Online softmax: each row's new maximum, the factor its running sum and values are rescaled by, and the
+          // weights e^(s - max) in place of the scores.
+          for (int64_t r = 0; r < rows_padded; ++r)
+            row_max[r] = r < rows ? partial(b, i0 + r / group, h * group + r % group, sp).max() : neg_inf;
+          for (int64_t r = 0; r < rows_padded; r += 8) {
+            const __m256 old = _mm256_load_ps(row_max + r);
+            __m256 top = old;
+            for (int64_t j = 0; j < n; ++j) top = _mm256_max_ps(top, _mm256_load_ps(st + j * rows_padded + r));
+            // A row with every key so far masked keeps a maximum of -inf; subtract 0 from its scores instead.
+            const __m256 safe = _mm256_blendv_ps(top, _mm256_setzero_ps(),
+                                                 _mm256_cmp_ps(top, _mm256_set1_ps(neg_inf), _CMP_EQ_OQ));
+            _mm256_store_ps(row_scale + r, exp_nonpositive(_mm256_sub_ps(old, safe)));
+            _mm256_store_ps(row_max + r, top);
+            __m256 total = _mm256_setzero_ps();
+            for (int64_t j = 0; j < n; ++j) {
+              float* sj = st + j * rows_padded + r;
+              const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(sj), safe));
+              _mm256_store_ps(sj, e);
+              total = _mm256_add_ps(total, e);
+            }
+            _mm256_store_ps(row_sum + r, total);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const Partial p = partial(b, i0 + r / group, h * group + r % group, sp);
+            const float factor = row_scale[r];
+            p.max() = row_max[r];
+            p.sum() = p.sum() * factor + row_sum[r];
+            int64_t col = 0;
+            for (; col + 64 <= dim; col += 64) weighted_add<8>(st + r, rows_padded, values, n, col, factor, p.acc());
+            for (; col + 32 <= dim; col += 32) weighted_add<4>(st + r, rows_padded, values, n, col, factor, p.acc());
+            for (; col < dim; col += 8) weighted_add<1>(st + r, rows_padded, values, n, col, factor, p.acc());
+          }
+        }
+      }
+    }
+  });
+
+  // Merge each row's key ranges (one range: just divide by the sum). A row with every key masked gets zeros.
+  at::Tensor out = at::empty({batch, queries, heads, dim}, q.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch * queries * heads, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (queries * heads), i = r / heads % queries, head = r % heads;
+      float top = neg_inf;
+      for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, partial(b, i, head, sp).max());
+      float* o = op + r * dim;
+      std::fill(o, o + dim, 0.f);
+      float total = 0.f;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const Partial p = partial(b, i, head, sp);
+        if (p.sum() == 0.f) continue;
+        const float w = std::exp(p.max() - top);
+        total += w * p.sum();
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * p.acc()[d];
+      }
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(radixflow_attention, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_indices, Tensor? mask, Tensor? loc, "
         "Tensor? new_k, Tensor? new_v, float scale) -> Tensor");
+  m.def("extend_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_indices, Tensor? mask, bool causal, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(radixflow_attention, CPU, m) {
   m.impl("decode_attention", &decode_attention);
+  m.impl("extend_attention", &extend_attention);
 }

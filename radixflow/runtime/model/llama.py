@@ -255,9 +255,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = Linear(args.hidden_size, vocab_rows)
         self.register_buffer("inv_freq", rope_inv_freq(args).float(), persistent=False)
-        # Decode attention on the paged decode kernel (attention.decode_kernel); load_model turns it on where the
-        # kernel runs (--attention-backend auto).
-        self.paged_decode = False
+        # Attention on the paged kernels (attention.decode_kernel, extend_kernel) for groups without a shared prefix;
+        # load_model turns it on where they run (--attention-backend auto).
+        self.paged_kernels = False
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:

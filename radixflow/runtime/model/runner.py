@@ -55,8 +55,9 @@ class ModelRunner:
         input_ids, positions, out_loc = self._token_inputs(reqs)
         rows, logit_rows = _logit_rows(reqs)
         spans = [QuerySpan(s.req.slot, s.start, s.num_new) for s in reqs]
-        attn = AttentionInputs(self.kv.k, self.kv.v, out_loc, self.attention.plan(spans),
-                               torch.tensor(logit_rows, dtype=torch.int64, device=self.device), self.model.paged_decode)
+        logit_index = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
+        attn = AttentionInputs(self.kv.k, self.kv.v, out_loc, self.attention.plan(spans), logit_index,
+                               self.model.paged_kernels)
         sampling = [s for s in reqs if s.samples_next and not s.draft]
         masks = self.masker.before_forward([s.req for s in sampling])
         if self.compiled is not None and self.compiled.takes(len(input_ids), attn):
