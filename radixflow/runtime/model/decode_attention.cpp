@@ -157,7 +157,6 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
   const int64_t k_row = k_cache.stride(0), k_head = k_cache.stride(1);
   const int64_t v_row = v_cache.stride(0), v_head = v_cache.stride(1);
   const int64_t pool = k_cache.size(0);
-  const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * kv_heads * dim;  // the heads of one pool row
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, batch * chunks, 1, [&](int64_t t0, int64_t t1) {
@@ -182,18 +181,6 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
         } else {
           TORCH_CHECK(at >= 0 && at < pool, "decode_attention: pool index ", at, " out of range [0, ", pool, ")");
           rows[j] = at;
-        }
-      }
-      // Ask for every key and value row of the chunk up front (into L2: 2 x 128 rows of a few hundred bytes):
-      // the rows are scattered as far as the hardware prefetchers know, and one core waiting on one row at a time
-      // read about 4 GB/s where the machine streams over 15.
-      for (int64_t j = 0; j < n; ++j) {
-        if (rows[j] < 0) continue;
-        const char* krow = reinterpret_cast<const char*>(kp + rows[j] * k_row);
-        const char* vrow = reinterpret_cast<const char*>(vp + rows[j] * v_row);
-        for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-          _mm_prefetch(krow + byte, _MM_HINT_T1);
-          _mm_prefetch(vrow + byte, _MM_HINT_T1);
         }
       }
       // Every KV head of the chunk in turn: a pool row holds all its heads side by side, so the task reads whole
