@@ -43,7 +43,7 @@ class ModelConfig:
     attention_backend: str = _help(
         "attention: auto (radixflow's paged decode and extend kernels where they run: x86 CPUs with AVX2, float32; "
         "they read each request's K/V where they sit in the pool), torch_native (gather the K/V, then torch's SDPA: "
-        "always the path for shared-prefix attention)", default="auto")
+        "always the path for shared-prefix attention and long prefill chunks)", default="auto")
     enable_torch_compile: bool = _help(
         "compile pure-decode steps with torch.compile (Inductor: fused C++ loops on CPU, Triton on GPU), which "
         "removes most of a small batch's per-op overhead; compiling at startup takes a minute or more per batch-size "

@@ -102,6 +102,22 @@ def test_mixed_decode_and_extend_batch_with_a_fresh_prompt(paged, monkeypatch):
     assert len(groups) == 2 and any(g.prefixes for g in groups)
 
 
+@NO_KERNEL
+def test_extends_run_on_the_kernel_up_to_its_work_limit(monkeypatch):
+    """Extend groups without a shared prefix go to the extend kernel while a request's queries x keys stay within
+    EXTEND_KERNEL_MAX_WORK, and to gather + SDPA above it; both match the reference."""
+    calls = []
+    kernel = attention_module.extend_kernel
+    monkeypatch.setattr(attention_module, "extend_kernel", lambda q, *args: calls.append(q.shape) or kernel(q, *args))
+    news = [1, 4, 1, 7, 3, 12]
+    for limit, on_kernel in ((attention_module.EXTEND_KERNEL_MAX_WORK, True), (10, False)):
+        calls.clear()
+        monkeypatch.setattr(attention_module, "EXTEND_KERNEL_MAX_WORK", limit)
+        got, want, _ = run(shared_workload(), news, 10**9, monkeypatch, paged=True)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+        assert bool(calls) == on_kernel
+
+
 def test_shared_prefixes_found_by_pool_slots():
     kv = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 2], [5, 6, 3, 4, 0], [7, 6, 7, 8, 9], [7, 6, 7, 8, 0],
                        [11, 12, 13, 14, 15]])

@@ -18,8 +18,8 @@ bench/RESULTS.md) and masks the padding. New K/V are written to the pool before 
 new tokens come back through the same path as its cached prefix.
 
 Groups without a shared prefix skip the gather where the paged kernels run (decode_attention.cpp; `--attention-backend
-auto`): `decode_kernel` for decode groups, `extend_kernel` for extend groups (prefill chunks, new tokens after a cached
-prefix); both read each key and value row where it sits in the pool.
+auto`): `decode_kernel` for decode groups, `extend_kernel` for extend groups (new tokens after a cached prefix, prefill
+chunks up to `EXTEND_KERNEL_MAX_WORK`); both read each key and value row where it sits in the pool.
 
 Shared prefixes: requests that sit under the same radix-tree path have the same pool slots for those tokens.
 Gathering them once per request per layer is what dominated decoding behind a long few-shot prefix. Instead the
@@ -45,6 +45,12 @@ from radixflow.runtime.cache.kv_pool import ReqToTokenPool
 # A request starts a new attention group when the group's longest context exceeds twice its own plus this many
 # tokens; below that, an extra attention call per layer costs more than the padding.
 PAD_SLACK = 256
+
+# The extend kernel runs a request's queries x keys up to this; above it gather + SDPA, whose flash kernel works on
+# larger blocks: on a 2-core Zen 3 the kernel ran a 15-token extend over 1,035 keys 1.36x faster and a causal
+# 512-token chunk 1.3x, tied a 490-token chunk over 1,002 keys, and lost 9% on a whole 1,002-token prompt
+# (`python -m bench.bench_attention`, bench/RESULTS.md).
+EXTEND_KERNEL_MAX_WORK = 512 * 1024
 
 # Shared-prefix attention pays one extra attention call and a merge per prefix and layer; it wins once it saves
 # gathering about a thousand tokens per layer (bench/RESULTS.md, "Shared-prefix attention").
@@ -304,7 +310,8 @@ def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if paged_kernels and not group.prefixes:  # the group's mask, if any, is bool
         if q.shape[1] == 1:
             return decode_kernel(q[:, 0], k_cache, v_cache, group.kv_indices, group.mask)[:, None]
-        return extend_kernel(q, k_cache, v_cache, group.kv_indices, group.mask, group.is_causal)
+        if q.shape[1] * group.kv_indices.shape[1] <= EXTEND_KERNEL_MAX_WORK:
+            return extend_kernel(q, k_cache, v_cache, group.kv_indices, group.mask, group.is_causal)
     keys, values = _gather(k_cache, v_cache, group.kv_indices)
     if not group.prefixes:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=group.mask,
