@@ -126,8 +126,8 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
         else:
             logger.info("4-bit weights dequantized: the block-quant kernels need the CPU and dtype float32")
     model.paged_kernels = (mc.attention_backend == "auto"
-                          and paged_kernels_supported(args.num_heads, args.num_kv_heads, args.head_dim,
-                                                     _DTYPES[mc.dtype], device) and blockq.available())
+                           and paged_kernels_supported(args.num_heads, args.num_kv_heads, args.head_dim,
+                                                       _DTYPES[mc.dtype], device) and blockq.available())
     logger.info("attention: %s", "paged kernels" if model.paged_kernels else "torch SDPA")
     tokenizer = load_tokenizer(source, mc.chat_template)
     return LoadedModel(source, args, model, tokenizer, eos_token_ids(tokenizer, source))

@@ -349,7 +349,7 @@ def extend_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def paged_kernels_supported(q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                           device: torch.device) -> bool:
+                            device: torch.device) -> bool:
     """Whether decode_attention.cpp's kernels take a model of this shape (their limits) on `device`: the CPU in
     float32."""
     return (device.type == "cpu" and dtype == torch.float32 and q_heads % kv_heads == 0

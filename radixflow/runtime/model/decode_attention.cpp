@@ -1,13 +1,13 @@
-// Decode attention straight from the paged KV pool on x86 CPUs (AVX2 and FMA; built beside blockq.cpp, in the same
-// extension). One query token per request; its keys and values are read where they sit in the pool, through the
-// request's row of pool indices, instead of being gathered into a [requests, heads, context, dim] copy first: at a
-// 1,000-token context that copy moved as many bytes per layer as the layer's weights. The query heads that share a
-// KV head are computed together, so each key and value row is read once per KV head.
+// Attention straight from the paged KV pool on x86 CPUs (AVX2 and FMA; built beside blockq.cpp, in the same
+// extension): decode (below) and extend (further down). Keys and values are read where they sit in the pool, through
+// each request's row of pool indices, instead of being gathered into a [requests, heads, context, dim] copy first: at
+// a 1,000-token context that copy moved as many bytes per layer as the layer's weights.
 //
-// Work is split over (request, chunk of up to kChunk keys); a task takes every KV head of its chunk, so it reads whole
-// pool rows. A chunk's scores are computed, exponentiated and summed in one go; chunks of the same (request, KV
-// head) are then merged with their maxima and sums (the
-// FlashAttention rescaling), so the result is softmax(q k^T * scale) v over the whole context, in fp32.
+// Decode: one query token per request. The query heads that share a KV head are computed together, so each key and
+// value row is read once per KV head. Work is split over (request, chunk of up to kChunk keys); a task takes every KV
+// head of its chunk, so it reads whole pool rows. A chunk's scores are computed, exponentiated and summed in one go;
+// chunks of the same (request, KV head) are then merged with their maxima and sums (the FlashAttention rescaling), so
+// the result is softmax(q k^T * scale) v over the whole context, in fp32.
 //
 // Where `loc` is given, the key at pool index loc[b] (the new token, whose K/V the compiled step writes to the pool
 // only after the step) comes from new_k / new_v instead of the pool. See attention.py for where this runs.
@@ -30,8 +30,8 @@ namespace {
 using radixflow::hmax;
 using radixflow::hsum;
 
-constexpr int64_t kChunk = 128;   // keys per task, at most
-constexpr int64_t kMinChunk = 32; // keys per task, at least (unless the context is shorter)
+constexpr int64_t kChunk = 128;    // keys per task, at most
+constexpr int64_t kMinChunk = 32;  // keys per task, at least (unless the context is shorter)
 constexpr int64_t kMasked = -1, kNew = -2;  // a key's row: masked (or padding), or the new token's K/V
 constexpr int kMaxGroup = 16;     // query heads per KV head
 constexpr int64_t kMaxDim = 256;  // head dimension, a multiple of 8
@@ -283,7 +283,7 @@ constexpr int64_t kQueryBlock = 16;  // queries per task
 constexpr int64_t kKeyBlock = 64;    // keys per block: their scores for every row of a task stay in L1 / L2
 constexpr int64_t kMaxRows = kQueryBlock * kMaxGroup;
 
-// S^T[j][r0 : r0 + 16] for keys j0 .. j0 + 3 = keys[j] . Qt[:, r] (kR keys: 1 .. 4).
+// S^T[u][r0 : r0 + 16] = keys[u] . Qt[:, r0 : r0 + 16] for the kR keys u < kR: 2 x kR accumulators in registers.
 template <int kR>
 inline void score_tile(const float* const* keys, const float* qt, int64_t rows_padded, int64_t dim, int64_t r0,
                        float* st) {
