@@ -71,18 +71,31 @@ inline int64_t chunk_size(int64_t batch, int64_t ctx) {
 // The row a masked key (or a key past the end of the context, up to the next multiple of 8) reads.
 alignas(32) constexpr float kZeros[kMaxDim] = {};
 
-// out[col : col + 8 * kVecs] = sum over j < n of w[j] * values[j][col : col + 8 * kVecs]. A fixed width keeps the
-// accumulators in registers (a run-time width kept them in memory: a load, a store and a dependency per value row).
+// out[col : col + 8 * kVecs] = factor * out[...] + sum over j < n of w[j * stride] * values[j][col : ...], with out
+// not read where factor is 0. A fixed width keeps the accumulators in registers (a run-time width kept them in
+// memory: a load, a store and a dependency per value row).
 template <int kVecs>
-inline void weighted_sum(const float* w, const float* const* values, int64_t n, int64_t col, float* out) {
+inline void weighted_block(const float* w, int64_t stride, const float* const* values, int64_t n, int64_t col,
+                           float factor, float* out) {
   __m256 acc[kVecs];
-  for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_setzero_ps();
+  for (int i = 0; i < kVecs; ++i)
+    acc[i] = factor == 0.f ? _mm256_setzero_ps() : _mm256_mul_ps(_mm256_loadu_ps(out + col + 8 * i),
+                                                                 _mm256_set1_ps(factor));
   for (int64_t j = 0; j < n; ++j) {
-    const __m256 wj = _mm256_set1_ps(w[j]);
+    const __m256 wj = _mm256_broadcast_ss(w + j * stride);
     const float* v = values[j] + col;
     for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8 * i), acc[i]);
   }
   for (int i = 0; i < kVecs; ++i) _mm256_storeu_ps(out + col + 8 * i, acc[i]);
+}
+
+// The same over all `dim` columns, in blocks of a fixed width.
+inline void weighted_values(const float* w, int64_t stride, const float* const* values, int64_t n, int64_t dim,
+                            float factor, float* out) {
+  int64_t col = 0;
+  for (; col + 64 <= dim; col += 64) weighted_block<8>(w, stride, values, n, col, factor, out);
+  for (; col + 32 <= dim; col += 32) weighted_block<4>(w, stride, values, n, col, factor, out);
+  for (; col < dim; col += 8) weighted_block<1>(w, stride, values, n, col, factor, out);
 }
 
 // One chunk's partial result per query head, `dim + 2` floats: the scores' maximum, the sum of their exponentials,
@@ -93,6 +106,26 @@ struct Partial {
   float& sum() const { return at[1]; }
   float* acc() const { return at + 2; }
 };
+
+// out[0 : dim] = one query head's attention from its `count` partial results (part(c): the c-th), rescaled to their
+// overall maximum and divided by the sum (the FlashAttention merge). A part with every key masked adds nothing; if
+// every key is masked (the planner builds no such row; SDPA would return NaN), zeros.
+template <typename Part>
+inline void merge_partials(int64_t count, Part part, int64_t dim, float* out) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < count; ++c) top = std::max(top, part(c).max());
+  std::fill(out, out + dim, 0.f);
+  float total = 0.f;
+  for (int64_t c = 0; c < count; ++c) {
+    const Partial p = part(c);
+    if (p.sum() == 0.f) continue;
+    const float w = std::exp(p.max() - top);
+    total += w * p.sum();
+    for (int64_t i = 0; i < dim; ++i) out[i] += w * p.acc()[i];
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t i = 0; i < dim; ++i) out[i] *= inv;
+}
 
 // The checks both kernels make of the pool, the query heads and the index table.
 void check_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& kv_indices,
@@ -230,11 +263,7 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
           }
           p.max() = best;
           p.sum() = hsum(total);
-          // Columns of the values in blocks of a fixed width, so each block's accumulators stay in registers.
-          int64_t col = 0;
-          for (; col + 64 <= dim; col += 64) weighted_sum<8>(scores[g], values, n, col, p.acc());
-          for (; col + 32 <= dim; col += 32) weighted_sum<4>(scores[g], values, n, col, p.acc());
-          for (; col < dim; col += 8) weighted_sum<1>(scores[g], values, n, col, p.acc());
+          weighted_values(scores[g], 1, values, n, dim, 0.f, p.acc());
         }
       }
     }
@@ -245,21 +274,7 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
   at::parallel_for(0, batch * heads, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / heads, h = r % heads / group, g = r % group;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, partial(b * chunks + c, h, g).max());
-      float* o = op + r * dim;
-      std::fill(o, o + dim, 0.f);
-      float total = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const Partial p = partial(b * chunks + c, h, g);
-        if (p.sum() == 0.f) continue;  // a chunk with every key masked
-        const float w = std::exp(p.max() - top);
-        total += w * p.sum();
-        for (int64_t i = 0; i < dim; ++i) o[i] += w * p.acc()[i];
-      }
-      // Every key masked (no row does that here; SDPA would return NaN): zeros.
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t i = 0; i < dim; ++i) o[i] *= inv;
+      merge_partials(chunks, [&](int64_t c) { return partial(b * chunks + c, h, g); }, dim, op + r * dim);
     }
   });
   return out;
@@ -301,20 +316,6 @@ inline void score_tile(const float* const* keys, const float* qt, int64_t rows_p
     _mm256_store_ps(st + u * rows_padded + r0, acc[u][0]);
     _mm256_store_ps(st + u * rows_padded + r0 + 8, acc[u][1]);
   }
-}
-
-// out[col : col + 8 * kVecs] = factor * out[...] + sum over j < n of p[j * p_stride] * values[j][col : ...].
-template <int kVecs>
-inline void weighted_add(const float* p, int64_t p_stride, const float* const* values, int64_t n, int64_t col,
-                         float factor, float* out) {
-  __m256 acc[kVecs];
-  for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(out + col + 8 * i), _mm256_set1_ps(factor));
-  for (int64_t j = 0; j < n; ++j) {
-    const __m256 w = _mm256_broadcast_ss(p + j * p_stride);
-    const float* v = values[j] + col;
-    for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
-  }
-  for (int i = 0; i < kVecs; ++i) _mm256_storeu_ps(out + col + 8 * i, acc[i]);
 }
 
 at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -377,12 +378,12 @@ at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
       const int64_t rows = nq * group, rows_padded = (rows + 15) / 16 * 16;
       int64_t c0 = sp * blocks_per_split * kKeyBlock, c1 = std::min(ctx, c0 + blocks_per_split * kKeyBlock);
       if (causal) c1 = std::min(c1, i0 + nq + shift);  // no query of the block sees past its last one's position
+      // Nothing seen yet. The weighted values need no zeros: a row's first block has factor 0, so it writes them.
       for (int64_t i = 0; i < nq; ++i)
         for (int64_t head = 0; head < heads; ++head) {
           const Partial p = partial(b, i0 + i, head, sp);
           p.max() = neg_inf;
           p.sum() = 0.f;
-          std::fill(p.acc(), p.acc() + dim, 0.f);
         }
       for (int64_t k0 = c0; k0 < c1; k0 += kKeyBlock) {
         const int64_t n = std::min(c1 - k0, kKeyBlock), n4 = (n + 3) / 4 * 4;
@@ -418,7 +419,8 @@ at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
           const float* qth = qt + h * dim * rows_padded;
           // Scores S^T[j][r] (the queries carry the scale), masked.
           for (int64_t j = 0; j < n4; j += 4)
-            for (int64_t r = 0; r < rows_padded; r += 16) score_tile<4>(keys + j, qth, rows_padded, dim, r, st + j * rows_padded);
+            for (int64_t r = 0; r < rows_padded; r += 16)
+              score_tile<4>(keys + j, qth, rows_padded, dim, r, st + j * rows_padded);
           if (!all_allowed)
             for (int64_t j = 0; j < n; ++j)
               for (int64_t i = 0; i < nq; ++i)
@@ -450,36 +452,20 @@ at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
             const float factor = row_scale[r];
             p.max() = row_max[r];
             p.sum() = p.sum() * factor + row_sum[r];
-            int64_t col = 0;
-            for (; col + 64 <= dim; col += 64) weighted_add<8>(st + r, rows_padded, values, n, col, factor, p.acc());
-            for (; col + 32 <= dim; col += 32) weighted_add<4>(st + r, rows_padded, values, n, col, factor, p.acc());
-            for (; col < dim; col += 8) weighted_add<1>(st + r, rows_padded, values, n, col, factor, p.acc());
+            weighted_values(st + r, rows_padded, values, n, dim, factor, p.acc());
           }
         }
       }
     }
   });
 
-  // Merge each row's key ranges (one range: just divide by the sum). A row with every key masked gets zeros.
+  // Merge each row's key ranges (one range: just divide by the sum).
   at::Tensor out = at::empty({batch, queries, heads, dim}, q.options());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, batch * queries * heads, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / (queries * heads), i = r / heads % queries, head = r % heads;
-      float top = neg_inf;
-      for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, partial(b, i, head, sp).max());
-      float* o = op + r * dim;
-      std::fill(o, o + dim, 0.f);
-      float total = 0.f;
-      for (int64_t sp = 0; sp < splits; ++sp) {
-        const Partial p = partial(b, i, head, sp);
-        if (p.sum() == 0.f) continue;
-        const float w = std::exp(p.max() - top);
-        total += w * p.sum();
-        for (int64_t d = 0; d < dim; ++d) o[d] += w * p.acc()[d];
-      }
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+      merge_partials(splits, [&](int64_t sp) { return partial(b, i, head, sp); }, dim, op + r * dim);
     }
   });
   return out;
