@@ -147,14 +147,14 @@ def test_weight_format_is_checked(tiny_model_dir):
 
 
 def test_calls_of_up_to_the_kernels_row_limit_take_the_4bit_weight(tmp_path):
-    """Each kernel serves calls of up to its own `max_rows` (blockq: 16, where it beats oneDNN's fp32 GEMM on whole
+    """Each kernel serves calls of up to its own `max_rows` (blockq: 24, where it beats oneDNN's fp32 GEMM on whole
     steps; torch's int4: 10) and the fp32 weight takes larger ones."""
     path = tmp_path / "tiny.gguf"
     build_tiny_gguf(path, Q.Q4_1, Q.Q8_0)
     with Engine(model_path=str(path), max_total_tokens=2048) as engine:
         linear = engine.core.loaded.model.layers[0].mlp.down_proj
         kernel = linear.int4
-        assert kernel.max_rows == (16 if _kernel("auto") is BlockWeight else 10)
+        assert kernel.max_rows == (blockq.MAX_ROWS if _kernel("auto") is BlockWeight else 10)
         calls = []
         linear.int4 = lambda x: calls.append(x.shape[0]) or kernel(x)
         linear.int4.max_rows = kernel.max_rows

@@ -138,10 +138,20 @@ Quantized quantize(const at::Tensor& x, bool pairs) {
   return out;
 }
 
-// Output features computed together (independent accumulator chains), and input rows per pass over them.
+// Output features per tile (the unit of parallel work and of prefetching), and input rows per pass over a tile's
+// weights (Q8_0; the 4-bit kernel's are kQ4Rows).
 constexpr int kCols = 4;
 constexpr int kRows = 2;
-constexpr int64_t kMaxRows = 16;
+#ifdef RF_VNNI
+constexpr int kQ4Rows = 2;
+#else
+// On AVX2 the 4-bit kernel takes a tile one feature at a time, four rows per pass: a pass's accumulators and
+// unpacked weights fit AVX2's sixteen registers, where four features at once spilled them to the stack. 1.3x faster
+// than two rows by four features at 4 to 16 rows, no slower at one (bench/RESULTS.md, 2026-12-07).
+constexpr int kQ4Rows = 4;
+#endif
+// Rows per call. Whole SmolLM2 decode steps on AVX2: 1.18x oneDNN's fp32 GEMM at 20 rows, 1.11x at 24, 0.98x at 32.
+constexpr int64_t kMaxRows = 24;
 
 // One pair of 4-bit blocks times an input row, in integers: eight int32 lanes, 0-3 summing the first block's
 // products and 4-7 the second's. w1 / w2 are the low / high nibbles of the pair's 32 bytes of codes (GGUF's order);
@@ -159,17 +169,17 @@ inline __m256i pair_dot(__m256i w1, __m256i w2, const int8_t* x, int64_t k) {
 #endif
 }
 
-// Pairs of blocks [p0, p1) of the tile of q4_tile below, at 256 bits, into acc: the whole input on AVX2, the last
-// pair (inputs not a whole number of fours) on AVX512-VNNI.
-template <int R>
+// Pairs of blocks [p0, p1) of C features from n (of the tile of q4_tile below) times R rows, at 256 bits, into acc:
+// the whole input on AVX2, the last pair (inputs not a whole number of fours) on AVX512-VNNI.
+template <int C, int R>
 inline void q4_pairs(const int8_t* xq, const float* xd, const float* xs, int64_t k, const uint8_t* codes,
-                     const uint16_t* dm, int64_t n, int64_t p0, int64_t p1, __m256 acc[kCols][R]) {
+                     const uint16_t* dm, int64_t n, int64_t p0, int64_t p1, __m256 (&acc)[C][R]) {
   const int64_t blocks = k / kBlock;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i spread_d = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
   const __m256i spread_m = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
   for (int64_t p = p0; p < p1; ++p) {
-    for (int c = 0; c < kCols; ++c) {
+    for (int c = 0; c < C; ++c) {
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (n + c) * (k / 2) + p * 32));
       const __m256i w1 = _mm256_and_si256(packed, nibble);
       const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
@@ -234,27 +244,27 @@ inline void q4_quads(const int8_t* xq, const float* xd, const float* xs, int64_t
 template <int R>
 void q4_tile(const int8_t* xq, const float* xd, const float* xs, int64_t k, const uint8_t* codes,
              const uint16_t* dm, int64_t n, float* out, int64_t ldo) {
-  __m256 acc[kCols][R];
-  for (int c = 0; c < kCols; ++c)
-    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
 #ifdef RF_VNNI
   const int64_t quads = k / 128;
   __m512 wide[kCols][R];
-  for (int c = 0; c < kCols; ++c)
-    for (int r = 0; r < R; ++r) wide[c][r] = _mm512_setzero_ps();
-  q4_quads<R>(xq, xd, xs, k, codes, dm, n, quads, wide);
-#else
-  const int64_t quads = 0;
-#endif
-  q4_pairs<R>(xq, xd, xs, k, codes, dm, n, quads * 2, k / 64, acc);
+  __m256 acc[kCols][R];
   for (int c = 0; c < kCols; ++c)
     for (int r = 0; r < R; ++r) {
-#ifdef RF_VNNI
-      out[r * ldo + n + c] = _mm512_reduce_add_ps(wide[c][r]) + hsum(acc[c][r]);
-#else
-      out[r * ldo + n + c] = hsum(acc[c][r]);
-#endif
+      wide[c][r] = _mm512_setzero_ps();
+      acc[c][r] = _mm256_setzero_ps();
     }
+  q4_quads<R>(xq, xd, xs, k, codes, dm, n, quads, wide);
+  q4_pairs<kCols, R>(xq, xd, xs, k, codes, dm, n, quads * 2, k / 64, acc);
+  for (int c = 0; c < kCols; ++c)
+    for (int r = 0; r < R; ++r) out[r * ldo + n + c] = _mm512_reduce_add_ps(wide[c][r]) + hsum(acc[c][r]);
+#else
+  for (int c = 0; c < kCols; ++c) {  // one feature per pass (kQ4Rows)
+    __m256 acc[1][R];
+    for (int r = 0; r < R; ++r) acc[0][r] = _mm256_setzero_ps();
+    q4_pairs<1, R>(xq, xd, xs, k, codes, dm, n + c, 0, k / 64, acc);
+    for (int r = 0; r < R; ++r) out[r * ldo + n + c] = hsum(acc[0][r]);
+  }
+#endif
 }
 
 // Sums of the eight int32 lanes of each of v[0..7], as eight floats in that order.
@@ -353,16 +363,26 @@ inline void prefetch(std::initializer_list<Rows> rows, int64_t n, int64_t count)
 // Tiles of output features fetched ahead of the one being computed.
 constexpr int64_t kAhead = 2;
 
-// Runs `tile<R>(rows r.., features n..)` over all input rows and all output features (a multiple of kCols).
-template <typename Tile>
+// Runs `tile(r, count, n)` over all input rows, at most MaxRows at a time, and all output features (a multiple of
+// kCols) from n.
+template <int MaxRows, typename Tile>
 void for_tiles(int64_t rows, int64_t features, std::initializer_list<Rows> weight, Tile tile) {
   at::parallel_for(0, features / kCols, kGrain / kCols, [&](int64_t t0, int64_t t1) {
     prefetch(weight, t0 * kCols, std::min(kAhead, t1 - t0) * kCols);
     for (int64_t t = t0; t < t1; ++t) {
       if (t + kAhead < t1) prefetch(weight, (t + kAhead) * kCols, kCols);
-      for (int64_t r = 0; r < rows; r += kRows) tile(r, rows - r >= kRows ? kRows : 1, t * kCols);
+      for (int64_t r = 0; r < rows; r += MaxRows) tile(r, std::min<int64_t>(MaxRows, rows - r), t * kCols);
     }
   });
+}
+
+// Calls f(std::integral_constant<int, R>) for R = count, 1 <= count <= Max: a row count as a template argument.
+template <int Max, typename F>
+inline void with_rows(int64_t count, F f) {
+  if constexpr (Max > 1) {
+    if (count < Max) return with_rows<Max - 1>(count, f);
+  }
+  f(std::integral_constant<int, Max>());
 }
 
 at::Tensor q4_mm(const at::Tensor& x_, const at::Tensor& codes, const at::Tensor& dm) {
@@ -379,11 +399,10 @@ at::Tensor q4_mm(const at::Tensor& x_, const at::Tensor& codes, const at::Tensor
   const float* xs = xq.sum.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t lane_stride = xq.scale.size(1);
-  for_tiles(rows, n, {{c, k / 2}, {s, k / kBlock * 4}}, [&](int64_t r, int64_t count, int64_t col) {
-    if (count == kRows)
-      q4_tile<kRows>(q + r * 2 * k, xd + r * lane_stride, xs + r * lane_stride, k, c, s, col, o + r * n, n);
-    else
-      q4_tile<1>(q + r * 2 * k, xd + r * lane_stride, xs + r * lane_stride, k, c, s, col, o + r * n, n);
+  for_tiles<kQ4Rows>(rows, n, {{c, k / 2}, {s, k / kBlock * 4}}, [&](int64_t r, int64_t count, int64_t col) {
+    with_rows<kQ4Rows>(count, [&](auto R) {
+      q4_tile<R>(q + r * 2 * k, xd + r * lane_stride, xs + r * lane_stride, k, c, s, col, o + r * n, n);
+    });
   });
   return out;
 }
@@ -401,11 +420,8 @@ at::Tensor q8_mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& d)
   const float* xd = xq.scale.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t blocks = k / kBlock;
-  for_tiles(rows, n, {{wq, k}, {s, blocks * 2}}, [&](int64_t r, int64_t count, int64_t col) {
-    if (count == kRows)
-      q8_tile<kRows>(q + r * 2 * k, xd + r * blocks, k, wq, s, col, o + r * n, n);
-    else
-      q8_tile<1>(q + r * 2 * k, xd + r * blocks, k, wq, s, col, o + r * n, n);
+  for_tiles<kRows>(rows, n, {{wq, k}, {s, blocks * 2}}, [&](int64_t r, int64_t count, int64_t col) {
+    with_rows<kRows>(count, [&](auto R) { q8_tile<R>(q + r * 2 * k, xd + r * blocks, k, wq, s, col, o + r * n, n); });
   });
   return out;
 }

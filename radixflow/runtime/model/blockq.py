@@ -39,7 +39,7 @@ from radixflow.runtime.model.quant import GROUP, Int4Groups
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS = 16  # blockq.cpp's kMaxRows
+MAX_ROWS = 24  # blockq.cpp's kMaxRows
 _OUT_MULTIPLE = 4  # blockq.cpp's kCols: output features computed together
 # Built into one extension: this kernel, and the paged decode attention (attention.py's decode_kernel), which needs
 # the same instruction sets.
@@ -170,8 +170,9 @@ class BlockWeight:
     """`x @ W^T` for fp32 x of at most MAX_ROWS rows, through blockq.cpp; the same interface as quant.Int4Weight."""
 
     # Up to the kernel's limit, whole SmolLM2 steps run faster on it than on oneDNN's fp32 GEMM, whose weights
-    # stream from memory: 1.4x at 12 rows, 1.25x at 16 on the AVX2 build (bench/RESULTS.md, 2026-12-07). Calls of
-    # 11 to 16 rows: the extend of a short question behind a cached prefix, verify steps, mid-sized batches.
+    # stream from memory: 1.18x at 20 rows, 1.11x at 24, 0.98x at 32 on the AVX2 build (bench/RESULTS.md,
+    # 2026-12-07, night 2). Calls of 11 to 24 rows: the extend of a short question behind a cached prefix, verify
+    # steps, mid-sized batches.
     max_rows = MAX_ROWS
 
     def __init__(self, groups: Int4Groups):
