@@ -58,15 +58,17 @@ class KVPool:
         self.v = list(self.buffer[1])
         self._free = torch.arange(size, dtype=torch.int64)
         self._pending_free: list[torch.Tensor] = []
+        self._pending_count = 0  # tokens in _pending_free (the list can grow long between merges)
 
     def free_count(self) -> int:
-        return len(self._free) + sum(len(t) for t in self._pending_free)
+        return len(self._free) + self._pending_count
 
     def alloc(self, n: int) -> torch.Tensor | None:
         """`n` free indices, or None if fewer are free (the caller evicts or retracts, then retries)."""
         if n > len(self._free) and self._pending_free:
             self._free = torch.cat([self._free, *self._pending_free])
             self._pending_free.clear()
+            self._pending_count = 0
         if n > len(self._free):
             return None
         out, self._free = self._free[:n], self._free[n:]
@@ -81,6 +83,7 @@ class KVPool:
             tensor = torch.tensor(list(indices), dtype=torch.int64)
         if len(tensor):
             self._pending_free.append(tensor)
+            self._pending_count += len(tensor)
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """The K and V of pool `indices` as one contiguous tensor [2, layers, n, kv_heads, head_dim], on this pool's
