@@ -93,9 +93,10 @@ def _sliding_window(cfg: dict, family: str) -> int | None:
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies, with the rope scaling variants Llama 3.x and linear-scaled models use."""
+    """Inverse frequencies, with the rope scaling variants Llama 3.x and linear-scaled models use; on the CPU (under
+    the loader's meta device too: a meta arange imports torch._dynamo, seconds of a server's start)."""
     dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     scaling = args.rope_scaling
     if scaling is None:
         return inv_freq
@@ -250,7 +251,10 @@ class LlamaModel(nn.Module):
         self.tp = tp
         self.vocab_start, vocab_end = tp.vocab_range(args.vocab_size) if tp else (0, args.vocab_size)
         vocab_rows = vocab_end - self.vocab_start
-        self.embed_tokens = nn.Embedding(vocab_rows, args.hidden_size)
+        # `_weight`: no random init (the checkpoint fills it; under the loader's meta device the init would import
+        # torch._dynamo, seconds of a server's start).
+        self.embed_tokens = nn.Embedding(vocab_rows, args.hidden_size,
+                                         _weight=torch.empty(vocab_rows, args.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(args, i, tp) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = Linear(args.hidden_size, vocab_rows)

@@ -1,5 +1,6 @@
-"""Loading a model directory's tokenizer without the model's full config (tokenizer._bare_config): the same class
-and the same token ids as transformers' AutoTokenizer, without importing the model's configuration module."""
+"""What a process pays to load a model, which every server start pays twice (HTTP and scheduler processes): the
+tokenizer of a model directory without the model's full config (tokenizer._bare_config: the same class and token ids
+as transformers' AutoTokenizer), and a model built without importing torch._dynamo (seconds each)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,13 @@ def test_the_same_tokenizer_as_autotokenizer_picks(tiny_model_dir, tmp_path, dec
         (reference.bos_token, reference.eos_token, reference.chat_template)
 
 
-def test_the_models_configuration_module_is_not_imported(tiny_model_dir):
-    code = ("import sys; from radixflow.runtime.model_source import resolve_model; "
-            "from radixflow.runtime.tokenizer import load_tokenizer; "
-            f"load_tokenizer(resolve_model({str(tiny_model_dir)!r})); "
-            "print('transformers.models.llama.configuration_llama' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "False"
+HEAVY = ("transformers.models.llama.configuration_llama", "torch._dynamo")
+
+
+def test_loading_a_model_imports_neither_its_config_module_nor_dynamo(tiny_model_dir):
+    code = ("import sys; from radixflow.runtime.config import EngineConfig; "
+            "from radixflow.runtime.engine_core import EngineCore; "
+            f"EngineCore(EngineConfig.from_kwargs(model_path={str(tiny_model_dir)!r}, max_total_tokens=256)); "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=180)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
