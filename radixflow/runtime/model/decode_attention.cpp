@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -318,6 +319,43 @@ inline void score_tile(const float* const* keys, const float* qt, int64_t rows_p
   }
 }
 
+// The extend kernel's weighted values: out[r] = factor[r] * out[r] + sum over j < n of w[j * stride + r] * values[j]
+// for every row r < rows (a multiple of kPvRows), in tiles of kPvRows rows by 16 columns (8 for a last odd 8), as a
+// GEMM's inner kernel tiles C: each value vector loaded serves kPvRows rows. (Row by row, every row streamed all n
+// value rows again; with the queries and scores beside them they do not fit L1: about 8 loads from L2 per pair.)
+constexpr int kPvRows = 4;
+
+template <int kVecs>
+inline void weighted_rows_tile(const float* w, int64_t stride, const float* const* values, int64_t n, int64_t col,
+                               const float* factor, float* const* out) {
+  __m256 acc[kPvRows][kVecs];
+  for (int i = 0; i < kPvRows; ++i)
+    for (int c = 0; c < kVecs; ++c)
+      acc[i][c] = factor[i] == 0.f ? _mm256_setzero_ps()
+                                   : _mm256_mul_ps(_mm256_loadu_ps(out[i] + col + 8 * c), _mm256_set1_ps(factor[i]));
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 v[kVecs];
+    for (int c = 0; c < kVecs; ++c) v[c] = _mm256_loadu_ps(values[j] + col + 8 * c);
+    for (int i = 0; i < kPvRows; ++i) {
+      const __m256 wi = _mm256_broadcast_ss(w + j * stride + i);
+      for (int c = 0; c < kVecs; ++c) acc[i][c] = _mm256_fmadd_ps(wi, v[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < kPvRows; ++i)
+    for (int c = 0; c < kVecs; ++c) _mm256_storeu_ps(out[i] + col + 8 * c, acc[i][c]);
+}
+
+// Not inlined: inside the extend kernel's loop, beside the exponential's constants, GCC kept the value vectors on
+// the stack and read them back for every FMA (seen in the disassembly), slower than the row-by-row loop it replaced.
+__attribute__((noinline)) void weighted_rows(const float* w, int64_t stride, int64_t rows, const float* const* values,
+                                             int64_t n, int64_t dim, const float* factor, float* const* out) {
+  for (int64_t r = 0; r < rows; r += kPvRows) {
+    int64_t col = 0;
+    for (; col + 16 <= dim; col += 16) weighted_rows_tile<2>(w + r, stride, values, n, col, factor + r, out + r);
+    if (col < dim) weighted_rows_tile<1>(w + r, stride, values, n, col, factor + r, out + r);
+  }
+}
+
 at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& kv_indices_, const c10::optional<at::Tensor>& mask_, bool causal,
                             double scale) {
@@ -359,12 +397,18 @@ at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t shift = ctx - queries;  // causal: query i attends keys 0 .. i + shift
 
-  at::parallel_for(0, batch * qblocks * splits, 1, [&](int64_t t0, int64_t t1) {
+  // Tasks are handed out one at a time, the latest query blocks first: under a causal mask they see the most keys
+  // (the last of a 1,002-token prompt's 63 blocks 63 times the first's), so contiguous shares of the task list, as
+  // parallel_for splits it, left one of two threads a quarter of the work and the other three quarters.
+  const int64_t tasks = batch * qblocks * splits;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     const int64_t max_rows_padded = (std::min(queries, kQueryBlock) * group + 15) / 16 * 16;
     std::unique_ptr<float[]> qt_buf(new float[kv_heads * dim * max_rows_padded + 8]);
     std::unique_ptr<float[]> st_buf(new float[kKeyBlock * kMaxRows + 8]);
     float* qt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(qt_buf.get()) + 31) & ~uintptr_t{31});
     float* st = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(st_buf.get()) + 31) & ~uintptr_t{31});
+    float padding_acc[kMaxDim];
     alignas(32) float row_max[kMaxRows];
     alignas(32) float row_scale[kMaxRows];
     alignas(32) float row_sum[kMaxRows];
@@ -372,8 +416,8 @@ at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
     const float* keys[kKeyBlock];
     const float* values[kKeyBlock];
     int64_t rows_at[kKeyBlock];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (qblocks * splits), qb = t / splits % qblocks, sp = t % splits;
+    for (int64_t t = next_task++; t < tasks; t = next_task++) {
+      const int64_t qb = qblocks - 1 - t / (batch * splits), b = t / splits % batch, sp = t % splits;
       const int64_t i0 = qb * kQueryBlock, nq = std::min(queries - i0, kQueryBlock);
       const int64_t rows = nq * group, rows_padded = (rows + 15) / 16 * 16;
       int64_t c0 = sp * blocks_per_split * kKeyBlock, c1 = std::min(ctx, c0 + blocks_per_split * kKeyBlock);
@@ -385,18 +429,31 @@ at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
           p.max() = neg_inf;
           p.sum() = 0.f;
         }
+      // Each KV head's query rows, transposed: Qt[h][d][i * group + g], scaled, padding rows zero.
+      for (int64_t h = 0; h < kv_heads && c0 < c1; ++h) {
+        for (int64_t i = 0; i < nq; ++i)
+          for (int64_t g = 0; g < group; ++g) {
+            const float* src = qp + ((b * queries + i0 + i) * heads + h * group + g) * dim;
+            for (int64_t d = 0; d < dim; ++d) qt[(h * dim + d) * rows_padded + i * group + g] = src[d] * fscale;
+          }
+        for (int64_t d = 0; d < dim; ++d)
+          std::fill(qt + (h * dim + d) * rows_padded + rows, qt + (h * dim + d + 1) * rows_padded, 0.f);
+      }
       for (int64_t k0 = c0; k0 < c1; k0 += kKeyBlock) {
         const int64_t n = std::min(c1 - k0, kKeyBlock), n4 = (n + 3) / 4 * 4;
-        // Which keys each query of the block may see: none masked (the common case), or a table.
-        bool all_allowed = true;
+        // Which keys each query of the block may see: none masked (the common case), or a table; a block no query
+        // sees (a later chunk's causal mask) is skipped.
+        bool all_allowed = true, any_allowed = false;
         for (int64_t j = 0; j < n; ++j) {
           for (int64_t i = 0; i < nq; ++i) {
             const bool ok = causal ? k0 + j <= i0 + i + shift
                                    : (mp == nullptr || mp[(b * queries + i0 + i) * ctx + k0 + j]);
             allowed[j][i] = ok ? 0.f : neg_inf;
             all_allowed &= ok;
+            any_allowed |= ok;
           }
         }
+        if (!any_allowed) continue;
         for (int64_t j = 0; j < n; ++j) {
           const int64_t at = idx[b * ctx + k0 + j];
           TORCH_CHECK(at >= 0 && at < pool, "extend_attention: pool index ", at, " out of range [0, ", pool, ")");
@@ -407,20 +464,16 @@ at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
             keys[j] = j < n ? kp + rows_at[j] * k_row + h * k_head : kZeros;
             values[j] = j < n ? vp + rows_at[j] * v_row + h * v_head : kZeros;
           }
-          if (k0 == c0) {  // this KV head's query rows, transposed, once per task: Qt[d][i * group + g]
-            for (int64_t i = 0; i < nq; ++i)
-              for (int64_t g = 0; g < group; ++g) {
-                const float* src = qp + ((b * queries + i0 + i) * heads + h * group + g) * dim;
-                for (int64_t d = 0; d < dim; ++d) qt[(h * dim + d) * rows_padded + i * group + g] = src[d] * fscale;
-              }
-            for (int64_t d = 0; d < dim; ++d)
-              std::fill(qt + (h * dim + d) * rows_padded + rows, qt + (h * dim + d + 1) * rows_padded, 0.f);
-          }
           const float* qth = qt + h * dim * rows_padded;
           // Scores S^T[j][r] (the queries carry the scale), masked.
-          for (int64_t j = 0; j < n4; j += 4)
+          // Six keys per tile (12 accumulators: enough FMAs in flight to hide their latency), then the last 2 or 4.
+          int64_t j = 0;
+          for (; j + 6 <= n4; j += 6)
             for (int64_t r = 0; r < rows_padded; r += 16)
-              score_tile<4>(keys + j, qth, rows_padded, dim, r, st + j * rows_padded);
+              score_tile<6>(keys + j, qth, rows_padded, dim, r, st + j * rows_padded);
+          for (; j < n4; j += 2)
+            for (int64_t r = 0; r < rows_padded; r += 16)
+              score_tile<2>(keys + j, qth, rows_padded, dim, r, st + j * rows_padded);
           if (!all_allowed)
             for (int64_t j = 0; j < n; ++j)
               for (int64_t i = 0; i < nq; ++i)
@@ -447,13 +500,20 @@ at::Tensor extend_attention(const at::Tensor& q_, const at::Tensor& k_cache, con
             }
             _mm256_store_ps(row_sum + r, total);
           }
-          for (int64_t r = 0; r < rows; ++r) {
+          // Rows past the last (up to the next multiple of kPvRows) are computed into a scratch row, unread.
+          float* accs[kMaxRows];
+          const int64_t rows_tiled = (rows + kPvRows - 1) / kPvRows * kPvRows;
+          for (int64_t r = 0; r < rows_tiled; ++r) {
+            if (r >= rows) {
+              accs[r] = padding_acc;
+              continue;
+            }
             const Partial p = partial(b, i0 + r / group, h * group + r % group, sp);
-            const float factor = row_scale[r];
             p.max() = row_max[r];
-            p.sum() = p.sum() * factor + row_sum[r];
-            weighted_values(st + r, rows_padded, values, n, dim, factor, p.acc());
+            p.sum() = p.sum() * row_scale[r] + row_sum[r];
+            accs[r] = p.acc();
           }
+          weighted_rows(st, rows_padded, rows_tiled, values, n, dim, row_scale, accs);
         }
       }
     }
