@@ -7,7 +7,8 @@ dimension 64), 30 layers each with its own pool (so K/V come from memory as in a
 Each case times all 30 layers' calls for both sides, taking turns rep by rep; the median is reported with the ratio.
 Cases: decode (one query per request) at batch 1 and 4 over 1,020 keys; a 15-token extend behind a 1,020-token
 prefix (a few-shot question) at batch 1 and 4; a 512-token causal prefill chunk; the second 490-token chunk of a
-1,002-token prompt (masked); a whole 1,002-token causal prompt.
+1,002-token prompt (masked); a whole 1,002-token causal prompt; the last 512-token chunk (masked) of a 2,048- and of
+a 4,096-token prompt.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ CASES = [
     ("prefill: a 512-token chunk, causal", 1, 512, 512, True),
     ("prefill: the 490-token second chunk of 1,002", 1, 490, 1002, False),
     ("prefill: 1,002 tokens, causal", 1, 1002, 1002, True),
+    ("prefill: the last 512-token chunk of 2,048", 1, 512, 2048, False),
+    ("prefill: the last 512-token chunk of 4,096", 1, 512, 4096, False),
 ]
 
 
@@ -79,7 +82,7 @@ def main() -> None:
     if not blockq.available():
         raise SystemExit("the paged kernels need an x86 CPU with AVX2 (and a C++ compiler to build them)")
     torch.set_num_threads(2)
-    pool_rows = 4 * (1035 + 100) + 100
+    pool_rows = max(4 * (1035 + 100), 4096) + 100
     pools = [(torch.randn(pool_rows, KV_HEADS, DIM), torch.randn(pool_rows, KV_HEADS, DIM)) for _ in range(LAYERS)]
     rows = []
     print(f"| case | batch | paged kernels ({LAYERS} layers, ms) | gather + SDPA (ms) | speedup |")

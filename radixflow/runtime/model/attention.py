@@ -47,10 +47,11 @@ from radixflow.runtime.cache.kv_pool import ReqToTokenPool
 PAD_SLACK = 256
 
 # The extend kernel runs a request's queries x keys up to this; above it gather + SDPA, whose flash kernel works on
-# larger blocks: on a 2-core Zen 3 the kernel ran a 15-token extend over 1,035 keys 1.36x faster and a causal
-# 512-token chunk 1.3x, tied a 490-token chunk over 1,002 keys, and lost 9% on a whole 1,002-token prompt
-# (`python -m bench.bench_attention`, bench/RESULTS.md).
-EXTEND_KERNEL_MAX_WORK = 512 * 1024
+# larger blocks and gains on the kernel as the context grows. On a 2-core Zen 3 (2026-12-07, night 3) the kernel ran
+# a 15-token extend over 1,035 keys 1.5x faster, a whole causal 1,002-token prompt 1.3x, and the last 512-token
+# chunk of a 2,048- / 4,096-token prompt 1.18x / 1.09x; longer was not measured (`python -m bench.bench_attention`,
+# bench/RESULTS.md).
+EXTEND_KERNEL_MAX_WORK = 512 * 4096
 
 # Shared-prefix attention pays one extra attention call and a merge per prefix and layer; it wins once it saves
 # gathering about a thousand tokens per layer (bench/RESULTS.md, "Shared-prefix attention").

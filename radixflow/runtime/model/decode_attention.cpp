@@ -326,7 +326,7 @@ inline void score_tile(const float* const* keys, const float* qt, int64_t rows_p
 constexpr int kPvRows = 4;
 
 template <int kVecs>
-inline void weighted_rows_tile(const float* w, int64_t stride, const float* const* values, int64_t n, int64_t col,
+__attribute__((always_inline)) inline void weighted_rows_tile(const float* w, int64_t stride, const float* const* values, int64_t n, int64_t col,
                                const float* factor, float* const* out) {
   __m256 acc[kPvRows][kVecs];
   for (int i = 0; i < kPvRows; ++i)
@@ -345,8 +345,10 @@ inline void weighted_rows_tile(const float* w, int64_t stride, const float* cons
     for (int c = 0; c < kVecs; ++c) _mm256_storeu_ps(out[i] + col + 8 * c, acc[i][c]);
 }
 
-// Not inlined: inside the extend kernel's loop, beside the exponential's constants, GCC kept the value vectors on
-// the stack and read them back for every FMA (seen in the disassembly), slower than the row-by-row loop it replaced.
+// Register allocation, checked in the disassembly (the tile's loop must not touch the stack): inlined into the
+// extend kernel's loop, beside the exponential's constants, GCC kept the value vectors on the stack and read them
+// back for every FMA; the tile as a function of its own stored its accumulators to the stack after every key. Both
+// were slower than the row-by-row loop this replaced.
 __attribute__((noinline)) void weighted_rows(const float* w, int64_t stride, int64_t rows, const float* const* values,
                                              int64_t n, int64_t dim, const float* factor, float* const* out) {
   for (int64_t r = 0; r < rows; r += kPvRows) {
